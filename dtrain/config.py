@@ -1,0 +1,334 @@
+"""The run configuration: one YAML file, parsed into typed, documented sections.
+
+Every field below is a config key (`optim.lr`, `train.max_steps`, ...). `load_config`
+reads the YAML, applies `key=value` overrides from the command line and validates the
+result; any problem raises `ConfigError` naming the key, where it came from (file and
+line, or the override) and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (typos must never be silently ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "tiny-llama",
+        description="Local Hugging Face model directory, or a preset name "
+        "(tiny-llama, tiny-qwen2, llama3-8b, qwen2-7b, mistral-7b, llama3-70b).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory; default: model.path, or the built-in byte tokenizer for presets."
+    )
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="causal_lm (next-token loss) or classification (sequence-classification head)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the weights are loaded in (train.precision controls autocast)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow modelling code shipped inside model.path.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class DataConfig(Section):
+    train: list[str] = Field(
+        default_factory=lambda: ["examples/data/arithmetic_alpaca.jsonl"],
+        description="Training files (.jsonl, .json, .csv, .parquet) or datasets.save_to_disk directories.",
+    )
+    validation: list[str] = Field(
+        default_factory=list, description="Validation files; empty: split val_ratio off the training data."
+    )
+    format: Literal["text", "alpaca", "chat", "classification"] = Field(
+        "alpaca", description="How a row becomes tokens: text, alpaca, chat or classification."
+    )
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Validation fraction when no validation files are given.")
+    max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated to this many tokens.")
+    train_on_prompt: bool = Field(
+        False, description="Also train on prompt tokens (alpaca/chat). Default: loss on the completion only."
+    )
+    add_eos: bool = Field(True, description="Append EOS to every trained completion so the model learns to stop.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="A malformed row fails the run (with file and line) or is skipped and counted."
+    )
+    text_field: str = Field("text", description="Column holding the text (text and classification formats).")
+    instruction_field: str = Field("instruction", description="alpaca: the instruction column.")
+    input_field: str = Field("input", description="alpaca: the optional input column.")
+    output_field: str = Field("output", description="alpaca: the response column.")
+    messages_field: str = Field("messages", description="chat: column with a list of {role, content}.")
+    label_field: str = Field("label", description="classification: the label column.")
+    labels: list[str] | None = Field(None, description="classification: the label set; default: labels seen in train.")
+    shuffle: bool = Field(True, description="Shuffle the training data every epoch (seeded).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("train", "validation"):
+                if isinstance(values.get(key), str):
+                    values = {**values, key: [values[key]]}
+        return values
+
+
+class PeftConfig(Section):
+    method: Literal["none", "lora"] = Field("none", description="none (full fine-tune) or lora.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+
+
+class ParallelConfig(Section):
+    strategy: Literal["single"] = Field(
+        "single", description="How the model is spread over devices. This release: single (one process)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, ge=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    fused: bool | None = Field(None, description="Fused AdamW kernel; default: on where the device supports it.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this; null: off.")
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "linear", "cosine", "step", "exponential"] = Field(
+        "cosine", description="LR decay after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of the total steps.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine: final LR as a fraction of the peak.")
+    step_size: int = Field(100, ge=1, description="step: multiply the LR by gamma every step_size steps.")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step/exponential: decay factor.")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; set this or epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data; set this or max_steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    max_bad_steps: int = Field(
+        3, ge=1, description="Stop after this many consecutive steps with a NaN/inf loss or gradient (skipped)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_length(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            steps, epochs = values.get("max_steps"), values.get("epochs")
+            if steps is not None and epochs is not None:
+                raise ValueError("set only one of train.max_steps and train.epochs")
+            if steps is None and epochs is None:
+                values = {**values, "epochs": 1.0}
+        return values
+
+
+class EarlyStoppingConfig(Section):
+    patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; null: off.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; null: only at the end.")
+    max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation; null: whole split.")
+    batch_size: int | None = Field(None, ge=1, description="Default: train.micro_batch_size.")
+    metric: str = Field("loss", description="Metric for early stopping and the best checkpoint: loss, perplexity, accuracy.")
+    mode: Literal["min", "max"] = Field("min", description="Whether a smaller or a larger metric is better.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps; null: only at the end.")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    resume: str | None = Field(None, description="auto (newest complete checkpoint in output_dir), a checkpoint path, or null.")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard events to output_dir/tensorboard.")
+    wandb: bool = Field(False, description="Log to Weights & Biases (WANDB_MODE=offline works without network).")
+    wandb_project: str = Field("dtrain", description="W&B project.")
+    progress_bar: bool = Field(True, description="Progress bar on the main process.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    seed: int = Field(42, description="Seeds model init, data order and dropout.")
+    output_dir: str = Field("runs/default", description="Run directory: config, metrics, checkpoints, final model.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if (self.data.format == "classification") != (self.model.task == "classification"):
+            raise ValueError(
+                f"data.format={self.data.format!r} does not fit model.task={self.model.task!r}: "
+                "use data.format=classification together with model.task=classification"
+            )
+        allowed = {"loss", "perplexity"} | ({"accuracy"} if self.model.task == "classification" else set())
+        if self.eval.metric not in allowed:
+            raise ValueError(f"eval.metric={self.eval.metric!r} is not reported for this task; allowed: {sorted(allowed)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, dotted overrides, readable errors.
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, key + "."))
+    return keys
+
+
+ALL_KEYS = _all_keys(Config)
+
+
+def _yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of every mapping key, by dotted path."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    lines: dict[str, int] = {}
+
+    def walk(n: Any, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    walk(node, "")
+    return data, lines
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
+    if not close:
+        # Also try matching just the last part against keys in any section.
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in ALL_KEYS if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _format_errors(exc: ValidationError, origin: dict[str, str]) -> str:
+    messages = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        key = ".".join(loc)
+        where = origin.get(key) or next(
+            (origin[k] for k in sorted(origin, key=len, reverse=True) if key.startswith(k + ".")), None
+        )
+        where = f" ({where})" if where else ""
+        if err["type"] == "extra_forbidden":
+            messages.append(f"unknown key `{key}`{where}{_did_you_mean(key)}")
+        elif err["type"] == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            messages.append(f"`{key}`{where}: {err['input']!r} is not allowed; expected {allowed}")
+        elif err["type"] == "value_error" and not key:
+            messages.append(str(err["msg"]).removeprefix("Value error, "))
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            messages.append(f"`{key}`{where}: {msg} (got {err['input']!r})")
+    return "\n  ".join(messages)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded, lines = _yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+        data = loaded
+        origin = {k: f"{path}:{line}" for k, line in lines.items()}
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in ALL_KEYS:
+            raise ConfigError(f"unknown key `{key}` in override {item!r}{_did_you_mean(key)}")
+        _set_dotted(data, key, value)
+        origin[key] = f"override {item!r}"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config {source}:\n  {_format_errors(exc, origin)}") from None

@@ -1,0 +1,149 @@
+"""Turn one row into token ids and labels.
+
+Labels follow Hugging Face's convention: aligned with `input_ids` (the loss shifts them),
+-100 where no loss is taken. Prompts are tokenized separately from completions so the
+boundary between the masked and the trained part is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from transformers import PreTrainedTokenizerBase
+
+from dtrain.config import DataConfig
+from dtrain.data.sources import RowError
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int] | int  # token labels (causal LM) or a class index (classification)
+    truncated: bool = False
+
+
+class TooLong(Exception):
+    """After truncation to max_seq_len no trained token is left: the row is dropped and counted."""
+
+
+def _field(row: dict[str, Any], name: str, where: str, *, required: bool = True, kind: type = str) -> Any:
+    if name not in row or row[name] is None:
+        if required:
+            raise RowError(where, f"missing field {name!r} (present: {sorted(row)})")
+        return None
+    value = row[name]
+    if kind is str and not isinstance(value, str):
+        raise RowError(where, f"field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def alpaca_prompt(instruction: str, input_text: str | None) -> str:
+    if input_text:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+class Encoder:
+    """Encodes rows of one format. Build once per run; call on each (where, row)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None = None):
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.label_index = {name: i for i, name in enumerate(label_names or [])}
+        self._encode: Callable[[dict[str, Any], str], Example] = getattr(self, f"_{cfg.format}")
+
+    def __call__(self, row: dict[str, Any], where: str) -> Example:
+        return self._encode(row, where)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _ids(self, text: str, *, first: bool) -> list[int]:
+        # Only the first piece gets the tokenizer's own special tokens (BOS for Llama-style).
+        return self.tok(text, add_special_tokens=first)["input_ids"]
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        eos = self.tok.eos_token_id
+        if self.cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
+            return ids + [eos]
+        return ids
+
+    def _finish(self, ids: list[int], labels: list[int]) -> Example:
+        limit = self.cfg.max_seq_len
+        truncated = len(ids) > limit
+        ids, labels = ids[:limit], labels[:limit]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            raise TooLong()
+        return Example(ids, labels, truncated)
+
+    def _prompt_completion(self, prompt: str, completion: str) -> Example:
+        prompt_ids = self._ids(prompt, first=True)
+        completion_ids = self._with_eos(self._ids(completion, first=False))
+        prompt_labels = list(prompt_ids) if self.cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+        return self._finish(prompt_ids + completion_ids, prompt_labels + completion_ids)
+
+    # -- formats -----------------------------------------------------------------------
+    def _text(self, row: dict[str, Any], where: str) -> Example:
+        text = _field(row, self.cfg.text_field, where)
+        if not text.strip():
+            raise RowError(where, f"field {self.cfg.text_field!r} is empty")
+        ids = self._with_eos(self._ids(text, first=True))
+        return self._finish(ids, list(ids))
+
+    def _alpaca(self, row: dict[str, Any], where: str) -> Example:
+        instruction = _field(row, self.cfg.instruction_field, where)
+        input_text = _field(row, self.cfg.input_field, where, required=False)
+        output = _field(row, self.cfg.output_field, where)
+        if not output.strip():
+            raise RowError(where, f"field {self.cfg.output_field!r} is empty: nothing to train on")
+        return self._prompt_completion(alpaca_prompt(instruction, input_text), output)
+
+    def _chat(self, row: dict[str, Any], where: str) -> Example:
+        messages = _field(row, self.cfg.messages_field, where, kind=list)
+        if not isinstance(messages, list) or not messages:
+            raise RowError(where, f"field {self.cfg.messages_field!r} must be a non-empty list of messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RowError(where, f"{self.cfg.messages_field}[{i}] must be {{role: str, content: str}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowError(where, "no assistant message: nothing to train on")
+        if self.tok.chat_template is None:
+            raise RowError(where, "the tokenizer has no chat template (set model.tokenizer to one that has)")
+        render = self.tok.apply_chat_template
+        # Trained spans: the tokens each assistant turn adds to the rendered conversation.
+        ids = self._ids(render(messages, tokenize=False), first=False)
+        ids = self._with_eos(ids)
+        trained = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._ids(render(messages[:i], tokenize=False, add_generation_prompt=True), first=False))
+            end = len(self._ids(render(messages[: i + 1], tokenize=False), first=False))
+            trained[start:end] = [True] * (end - start)
+        trained[-1] = trained[-1] or self.cfg.add_eos  # an EOS we appended is trained too
+        labels = [t if (keep or self.cfg.train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, trained)]
+        return self._finish(ids, labels)
+
+    def _classification(self, row: dict[str, Any], where: str) -> Example:
+        text = _field(row, self.cfg.text_field, where)
+        label = row.get(self.cfg.label_field)
+        if label is None:
+            raise RowError(where, f"missing field {self.cfg.label_field!r}")
+        label = str(label)
+        if label not in self.label_index:
+            raise RowError(where, f"field {self.cfg.label_field!r}: label {label!r} is not one of {list(self.label_index)}")
+        ids = self._ids(text, first=True)
+        limit = self.cfg.max_seq_len
+        return Example(ids[:limit], self.label_index[label], truncated=len(ids) > limit)

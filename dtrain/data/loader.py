@@ -1,0 +1,104 @@
+"""Batching with an exactly resumable position.
+
+The order of epoch `e` is a permutation seeded by (seed, e), so the iterator's whole state
+is two integers: the epoch and the index of the next batch in it. Each rank takes its
+slice of every global batch, so the global batch (and the loss curve) does not depend on
+the number of ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from dtrain.data.formats import IGNORE_INDEX, Example
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding has attention 0 and label -100."""
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    token_labels = isinstance(examples[0].labels, list)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[i, :n] = torch.tensor(ex.input_ids)
+        attention_mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(ex.labels)
+    if not token_labels:
+        labels = torch.tensor([ex.labels for ex in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchIterator:
+    """Endless training batches: epoch after epoch, incomplete last global batch dropped."""
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, *, shuffle: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        global_batch = batch_size * world_size
+        if len(examples) < global_batch:
+            raise ValueError(
+                f"{len(examples)} training examples is fewer than one global micro-batch "
+                f"(train.micro_batch_size={batch_size} x {world_size} ranks)"
+            )
+        self.examples = examples
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = len(examples) // global_batch
+        self.epoch = 0
+        self.index = 0  # next batch within the epoch
+        self._order: list[int] | None = None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+                self._order = torch.randperm(len(self.examples), generator=gen).tolist()
+            else:
+                self._order = list(range(len(self.examples)))
+        return self._order
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        global_batch = self.batch_size * self.world_size
+        start = self.index * global_batch + self.rank * self.batch_size
+        ids = self._epoch_order()[start : start + self.batch_size]
+        self.index += 1
+        return collate([self.examples[i] for i in ids], self.pad_id)
+
+    @property
+    def epoch_progress(self) -> float:
+        """Fractional epochs consumed so far."""
+        return self.epoch + self.index / self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["num_examples"] != len(self.examples) or state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's data position is for {state['num_examples']} examples (seed {state['seed']}), "
+                f"this run has {len(self.examples)} (seed {self.seed}): the data or seed changed"
+            )
+        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
+                 max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Every example once, in order; rank r takes every world_size-th batch."""
+    starts = range(rank * batch_size, len(examples), batch_size * world_size)
+    for n, start in enumerate(starts):
+        if max_batches is not None and n >= max_batches:
+            return
+        yield collate(examples[start : start + batch_size], pad_id)

@@ -1,0 +1,66 @@
+"""Optimizer and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from dtrain.config import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: never on norms, biases (1-d tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    fused = cfg.fused
+    if fused is None:
+        # torch's fused AdamW covers CUDA and CPU; other devices use the foreach kernel.
+        device = next(model.parameters()).device.type
+        fused = device in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused
+    )
+
+
+def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
+
+
+def lr_multiplier(step: int, cfg: ScheduleConfig, total_steps: int) -> float:
+    """Factor applied to the peak LR for optimizer step `step` (0-based).
+
+    Warmup rises linearly to 1 over `warmup` steps ((step+1)/warmup, so the first step
+    already learns); then the decay runs over the remaining steps.
+    """
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    after = step - warmup
+    progress = min(1.0, after / max(1, total_steps - warmup))
+    floor = cfg.min_lr_ratio
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    if cfg.name == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.name == "step":
+        return cfg.gamma ** (after // cfg.step_size)
+    if cfg.name == "exponential":
+        return cfg.gamma**after
+    raise ValueError(f"unknown schedule {cfg.name!r}")
+
+
+def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, total_steps))

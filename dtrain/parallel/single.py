@@ -1,0 +1,31 @@
+"""One process, one device: the reference every other strategy must match."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dtrain.config import ParallelConfig
+from dtrain.parallel.base import Strategy
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class SingleDevice(Strategy):
+    name = "single"
+
+    def __init__(self, cfg: ParallelConfig):
+        self.device = pick_device(cfg.device)
+
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
+        model = model.to(self.device)
+        return model, make_optimizer(model)

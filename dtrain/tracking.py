@@ -1,0 +1,85 @@
+"""Where metrics go: metrics.jsonl (always), TensorBoard, W&B, and a progress bar.
+
+Only the main process tracks; other ranks get a tracker that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from dtrain.config import Config
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class Tracker:
+    def __init__(self, cfg: Config, *, enabled: bool, total_steps: int, initial_step: int = 0):
+        self.enabled = enabled
+        self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # Appending keeps the history of a resumed run in one file.
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=initial_step + 1 if initial_step else None)
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, dir=str(out), config=cfg.to_dict(),
+                name=out.name, resume="allow", id=f"{out.name}-{cfg.fingerprint()}",
+            )
+        if cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
+                            file=sys.stderr, disable=None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("step",)}
+        if self.tb is not None:
+            for key, value in numeric.items():
+                self.tb.add_scalar(key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
+
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.jsonl.close()
