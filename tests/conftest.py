@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny local model directory, configs for fast runs, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+ALPACA = EXAMPLES / "data" / "arithmetic_alpaca.jsonl"
+CHAT = EXAMPLES / "data" / "arithmetic_chat.jsonl"
+TEXT = EXAMPLES / "data" / "arithmetic_text.jsonl"
+CLASSIFICATION = EXAMPLES / "data" / "compare_classification.csv"
+
+torch.set_num_threads(1)  # the suite's numbers must not depend on the thread count
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with the byte tokenizer, saved as a Hugging Face directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dtrain.presets import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-2l")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=260, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def base_overrides(model_dir: Path, output_dir: Path) -> list[str]:
+    """Overrides for a fast, quiet run of the tiny model on the shipped alpaca data."""
+    return [
+        f"model.path={model_dir}",
+        f"data.train={ALPACA}",
+        "data.format=alpaca",
+        "data.max_seq_len=320",
+        "train.max_steps=4",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+        f"output_dir={output_dir}",
+    ]
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, tmp_path):
+    """make_config("optim.lr=1e-3", ...) -> a validated Config for a fast run in tmp_path/run."""
+    from dtrain.config import load_config
+
+    def make(*overrides: str, output_dir: Path | None = None):
+        return load_config(None, base_overrides(tiny_model_dir, output_dir or tmp_path / "run") + list(overrides))
+
+    return make
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m dtrain ARGS` as a user would; returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
