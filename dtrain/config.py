@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     # Unknown keys are errors (typos must never be silently ignored).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce numbers to str: `labels: [0, 1]` or `output_dir: 2024` are strings to the user too
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(Section):
@@ -275,11 +276,12 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
+    """The closest valid key: the same leaf in another section first, else a fuzzy match."""
+    parts = key.split(".")
+    close = [k for k in ALL_KEYS if k != key and k.rsplit(".", 1)[-1] == parts[-1]][:1]
     if not close:
-        # Also try matching just the last part against keys in any section.
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in ALL_KEYS if k.rsplit(".", 1)[-1] == leaf][:1]
+        ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
+        close = difflib.get_close_matches(key, [k for k in ALL_KEYS if k not in ancestors], n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 

@@ -124,6 +124,7 @@ class Encoder:
         render = self.tok.apply_chat_template
         # Trained spans: the tokens each assistant turn adds to the rendered conversation.
         ids = self._ids(render(messages, tokenize=False), first=False)
+        n_rendered = len(ids)
         ids = self._with_eos(ids)
         trained = [False] * len(ids)
         for i, m in enumerate(messages):
@@ -132,7 +133,8 @@ class Encoder:
             start = len(self._ids(render(messages[:i], tokenize=False, add_generation_prompt=True), first=False))
             end = len(self._ids(render(messages[: i + 1], tokenize=False), first=False))
             trained[start:end] = [True] * (end - start)
-        trained[-1] = trained[-1] or self.cfg.add_eos  # an EOS we appended is trained too
+        if len(ids) > n_rendered and messages[-1]["role"] == "assistant":
+            trained[-1] = True  # an EOS we appended right after an assistant turn is trained too
         labels = [t if (keep or self.cfg.train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, trained)]
         return self._finish(ids, labels)
 

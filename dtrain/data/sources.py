@@ -62,7 +62,8 @@ def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
         return
     text = _decode(raw, path)
     if kind == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # split on \n only: U+2028 and friends are legal inside JSON strings (\r is JSON whitespace)
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -101,9 +102,8 @@ def _iter_json_array(text: str, path: str) -> Iterator[tuple[str, dict[str, Any]
         try:
             row, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            # The rest of the array cannot be parsed reliably: report and stop.
-            yield f"{path}:{exc.lineno}", RowError(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg})")
-            return
+            # Unlike a JSONL line, the rest of the array cannot be parsed: never skippable.
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         yield where, row if isinstance(row, dict) else RowError(where, "expected a JSON object")
 
 
