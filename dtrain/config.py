@@ -334,3 +334,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid config {source}:\n  {_format_errors(exc, origin)}") from None
+
+
+def reference_markdown() -> str:
+    """The config reference table in README.md, generated from the schema (a test keeps them equal)."""
+
+    def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.extend(rows(ann, f"{prefix}{name}."))
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+            out.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
+        return out
+
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows(Config)])

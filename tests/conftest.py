@@ -72,7 +72,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m dtrain ARGS` as a user would; returns the completed process (text output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
