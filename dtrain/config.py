@@ -48,18 +48,59 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
 
+class SourceConfig(Section):
+    path: str | None = Field(None, description="A file (.jsonl .json .csv .parquet .txt .md .html) or a directory.")
+    url: str | None = Field(None, description="SQLAlchemy database URL (with query), instead of a path.")
+    query: str | None = Field(None, description="SQL query whose rows are the examples (with url).")
+    weight: float = Field(1.0, gt=0.0, description="Mixing weight: >1 repeats the source's rows, <1 samples them.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SourceConfig":
+        if (self.path is None) == (self.url is None):
+            raise ValueError("a data source needs either path or url (+ query)")
+        if (self.url is None) != (self.query is None):
+            raise ValueError("a SQL data source needs both url and query")
+        return self
+
+
+class CleanConfig(Section):
+    unicode: Literal["NFKC", "NFC", "none"] = Field("NFKC", description="Unicode normalisation of every text field.")
+    whitespace: bool = Field(True, description="Collapse runs of spaces, strip, at most one blank line.")
+    exact_dedup: bool = Field(True, description="Drop exact duplicates (after normalisation), within and across splits.")
+    near_dedup: bool = Field(False, description="Drop near-duplicates (MinHash LSH), within and across splits.")
+    near_dedup_threshold: float = Field(0.85, gt=0.0, le=1.0, description="Estimated Jaccard similarity that counts as a near-duplicate.")
+    min_tokens: int = Field(0, ge=0, description="Drop examples with fewer tokens.")
+    max_tokens: int | None = Field(None, ge=1, description="Drop (rather than truncate) examples with more tokens.")
+    boilerplate: Literal["drop", "strip", "off"] = Field(
+        "drop", description="Rows whose response contains a boilerplate phrase: drop them, strip the sentence, or keep.")
+    boilerplate_phrases: list[str] | None = Field(
+        None, description="Phrases that mark boilerplate; default: the 'As an AI language model' family.")
+
+
+class AugmentConfig(Section):
+    copies: int = Field(0, ge=0, description="EDA-augmented copies per training example (train split only); 0: off.")
+    p_replace: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words replaced by a synonym.")
+    p_insert: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words inserted (synonyms of other words).")
+    p_swap: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words swapped.")
+    p_delete: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words deleted (at least one word is kept).")
+    synonyms: str = Field("wordnet", description="wordnet (Debian's wordnet-base via nltk) or a synonym file.")
+    fields: list[str] | None = Field(None, description="Fields to augment; default: the text / instruction field.")
+
+
 class DataConfig(Section):
-    train: list[str] = Field(
-        default_factory=lambda: ["examples/data/arithmetic_alpaca.jsonl"],
-        description="Training files (.jsonl, .json, .csv, .parquet) or datasets.save_to_disk directories.",
+    train: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(path="examples/data/arithmetic_alpaca.jsonl")],
+        description="Training sources: paths, or {path|url+query, weight} mappings.",
     )
-    validation: list[str] = Field(
-        default_factory=list, description="Validation files; empty: split val_ratio off the training data."
+    validation: list[SourceConfig] = Field(
+        default_factory=list, description="Validation sources; empty: split val_ratio off the training data."
     )
+    test: list[SourceConfig] = Field(default_factory=list, description="Test sources; empty: split test_ratio off the training data.")
     format: Literal["text", "alpaca", "chat", "classification"] = Field(
         "alpaca", description="How a row becomes tokens: text, alpaca, chat or classification."
     )
-    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Validation fraction when no validation files are given.")
+    val_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Validation fraction when no validation sources are given.")
+    test_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Test fraction when no test sources are given.")
     max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated to this many tokens.")
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens (alpaca/chat). Default: loss on the completion only."
@@ -75,16 +116,34 @@ class DataConfig(Section):
     messages_field: str = Field("messages", description="chat: column with a list of {role, content}.")
     label_field: str = Field("label", description="classification: the label column.")
     labels: list[str] | None = Field(None, description="classification: the label set; default: labels seen in train.")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    balance: Literal["none", "oversample", "undersample", "class_weights"] = Field(
+        "none", description="classification: balance the training classes, or weight the loss by class.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    packing: bool = Field(False, description="Pack several examples per sequence (attention kept within each).")
+    group_by_length: bool = Field(False, description="Without packing: batch examples of similar length together.")
     shuffle: bool = Field(True, description="Shuffle the training data every epoch (seeded).")
+    cache_dir: str | None = Field(None, description="Prepared-data cache; default: $DTRAIN_CACHE/data or ~/.cache/dtrain/data.")
+    num_proc: int = Field(1, ge=1, description="Processes for cleaning and tokenization.")
 
     @model_validator(mode="before")
     @classmethod
-    def _one_path_is_a_list(cls, values: Any) -> Any:
+    def _sources_from_strings(cls, values: Any) -> Any:
         if isinstance(values, dict):
-            for key in ("train", "validation"):
-                if isinstance(values.get(key), str):
-                    values = {**values, key: [values[key]]}
+            values = dict(values)
+            for key in ("train", "validation", "test"):
+                items = values.get(key)
+                if isinstance(items, (str, dict)):
+                    items = [items]
+                if isinstance(items, list):
+                    values[key] = [{"path": s} if isinstance(s, str) else s for s in items]
         return values
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "DataConfig":
+        if self.val_ratio + self.test_ratio >= 1.0:
+            raise ValueError(f"data.val_ratio + data.test_ratio = {self.val_ratio + self.test_ratio} leaves no training data")
+        return self
 
 
 class PeftConfig(Section):
@@ -157,8 +216,8 @@ class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; null: only at the end.")
     max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation; null: whole split.")
     batch_size: int | None = Field(None, ge=1, description="Default: train.micro_batch_size.")
-    metric: str = Field("loss", description="Metric for early stopping and the best checkpoint: loss, perplexity, accuracy.")
-    mode: Literal["min", "max"] = Field("min", description="Whether a smaller or a larger metric is better.")
+    metric: str = Field("loss", description="Metric for early stopping: loss, perplexity, accuracy.")
+    mode: Literal["min", "max"] | None = Field(None, description="Whether smaller or larger is better; default: max for accuracy, else min.")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
 
@@ -196,6 +255,8 @@ class Config(Section):
                 f"data.format={self.data.format!r} does not fit model.task={self.model.task!r}: "
                 "use data.format=classification together with model.task=classification"
             )
+        if self.eval.mode is None:
+            self.eval.mode = "max" if self.eval.metric == "accuracy" else "min"
         allowed = {"loss", "perplexity"} | ({"accuracy"} if self.model.task == "classification" else set())
         if self.eval.metric not in allowed:
             raise ValueError(f"eval.metric={self.eval.metric!r} is not reported for this task; allowed: {sorted(allowed)}")
@@ -347,6 +408,8 @@ def reference_markdown() -> str:
                 out.extend(rows(ann, f"{prefix}{name}."))
                 continue
             default = field.get_default(call_default_factory=True)
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                default = [d.model_dump(mode="json", exclude_defaults=True) for d in default]
             shown = json.dumps(list(default) if isinstance(default, tuple) else default)
             out.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
         return out

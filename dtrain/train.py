@@ -54,6 +54,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     tokens_seen: int = 0
+    stop_reason: str | None = None  # set when the run ended early (a resumed run then trains no further)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def evaluate(model: nn.Module, data: PreparedData, cfg: Config, strategy: Strate
     totals = strategy.all_reduce_sum(totals.to(strategy.device)).cpu()
     model.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(loss) if loss < 700 else math.inf}
     if cfg.model.task == "classification":
         metrics["eval_accuracy"] = (totals[2] / totals[1].clamp(min=1)).item()
     return metrics
@@ -168,21 +169,24 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_preset_base(model: nn.Module, tokenizer: Any, out: Path) -> Path:
+    """A preset's random base exists nowhere else: save it (before LoRA wraps it) so the
+    adapter in final/ can be reloaded onto it."""
+    base_dir, tmp = out / "base_model", out / ".base_model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, base_dir)
+    return base_dir
+
+
 def save_final_model(model: nn.Module, tokenizer: Any, cfg: Config, out: Path) -> Path:
-    """save_pretrained the full model, or for LoRA the adapter (plus the base when it was a preset)."""
+    """save_pretrained the full model, or for LoRA the adapter (pointing at its base)."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.peft.method != "none":
-        base_path = cfg.model.path
-        if is_preset(cfg.model.path):
-            # A preset base exists nowhere else: save it so the adapter can be reloaded.
-            base_dir, base_tmp = out / "base_model", out / ".base_model.tmp"
-            shutil.rmtree(base_tmp, ignore_errors=True)
-            model.get_base_model().save_pretrained(base_tmp)
-            tokenizer.save_pretrained(base_tmp)
-            _replace_dir(base_tmp, base_dir)
-            base_path = str(base_dir.resolve())
-        model.peft_config["default"].base_model_name_or_path = base_path
+        base = (out / "base_model").resolve() if is_preset(cfg.model.path) else cfg.model.path
+        model.peft_config["default"].base_model_name_or_path = str(base)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, final)
@@ -197,6 +201,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     strategy = build_strategy(cfg.parallel)
     seed_everything(cfg.seed)
     task, tcfg = cfg.model.task, cfg.train
+    resume_path = _resume_path(cfg)
+    out = _prepare_output_dir(cfg, resuming=resume_path is not None) if strategy.is_main else Path(cfg.output_dir)
 
     # Data and model.
     tokenizer = load_tokenizer(cfg.model)
@@ -206,6 +212,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
                           "(give data.validation or a data.val_ratio > 0)")
     num_labels = len(data.label_names) if data.label_names else None
     model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed)
+    if cfg.peft.method != "none" and is_preset(cfg.model.path) and strategy.is_main:
+        save_preset_base(model, tokenizer, out)
     model = apply_peft(model, cfg.peft, task, cfg.model.gradient_checkpointing)
     trainable, total = count_parameters(model)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
@@ -221,8 +229,6 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     seed_everything(cfg.seed + 1 + strategy.rank)
 
     # Resume.
-    resume_path = _resume_path(cfg)
-    out = _prepare_output_dir(cfg, resuming=resume_path is not None) if strategy.is_main else Path(cfg.output_dir)
     if resume_path is not None:
         model_state, optim_state, saved = ckpt.load_checkpoint(resume_path)
         strategy.load_trainable_state_dict(model, model_state)
@@ -248,7 +254,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     eval_metrics: dict[str, float] = {}
     t_last, tokens_since = time.perf_counter(), 0
 
-    while state.step < total_steps:
+    while state.step < total_steps and state.stop_reason is None:
         # One optimizer step: gather its micro-batches first so the loss can be
         # normalised by the number of target tokens in the whole (global) step.
         micro = [_to(next(batches), strategy.device) for _ in range(tcfg.grad_accum_steps)]
@@ -267,9 +273,14 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         step_loss = strategy.all_reduce_sum(step_loss)
         grad_norm = strategy.clip_grad_norm(model, cfg.optim.grad_clip)
 
-        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+        good = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
+        if good:
+            state.consecutive_bad_steps = 0
+            lr = scheduler.get_last_lr()[0]
+            strategy.optimizer_step(optimizer)
+            result.train_losses.append(step_loss.item())
+        else:
             # Skip the update so NaN/inf never reaches the weights; stop if it persists.
-            optimizer.zero_grad(set_to_none=True)
             state.consecutive_bad_steps += 1
             tracker.message(f"step {state.step + 1}: non-finite loss {step_loss.item()} / grad norm "
                             f"{grad_norm.item()}; update skipped ({state.consecutive_bad_steps}/{tcfg.max_bad_steps})")
@@ -280,21 +291,16 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
                     f"{state.step + 1}); stopped without saving. Lower optim.lr, enable optim.grad_clip, or check "
                     "the data; train.max_bad_steps sets the limit. The last good checkpoint is untouched."
                 )
-            scheduler.step()
-            state.step += 1
-            continue
-        state.consecutive_bad_steps = 0
-        strategy.optimizer_step(optimizer)
-        lr = scheduler.get_last_lr()[0]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += step_tokens
-        result.train_losses.append(step_loss.item())
+        if not good and state.step < total_steps:
+            continue  # nothing to log or save for a skipped update, unless the run ends here
 
         # Log, evaluate, stop early, checkpoint.
         last = state.step == total_steps
-        if state.step % tcfg.log_every == 0 or last:
+        if good and (state.step % tcfg.log_every == 0 or last):
             elapsed = time.perf_counter() - t_last
             tps = tokens_since * strategy.world_size / max(elapsed, 1e-9)
             tracker.log(state.step, {"epoch": round(batches.epoch_progress, 4), "loss": step_loss.item(), "lr": lr,
@@ -311,7 +317,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
             tracker.message(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
             stop = _update_early_stopping(state, eval_metrics[f"eval_{cfg.eval.metric}"], cfg)
             if stop:
-                result.stop_reason = "early_stopping"
+                state.stop_reason = "early_stopping"
                 tracker.message(f"early stopping at step {state.step}: eval_{cfg.eval.metric} has not improved for "
                                 f"{state.evals_without_improvement} evaluations (best {state.best_metric:.4f} at step "
                                 f"{state.best_step})")
@@ -328,6 +334,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     tracker.close()
     strategy.barrier()
     result.step, result.final_metrics, result.best_step = state.step, eval_metrics, state.best_step
+    result.stop_reason = state.stop_reason or "max_steps"
     return result
 
 

@@ -206,7 +206,7 @@ def test_overrides_apply_and_parse_types():
         "optim.betas=[0.8,0.95]", "eval.early_stopping.patience=3", "data.labels=[a,b]",
     ])
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 3e-4
-    assert cfg.data.train == ["x.jsonl"]
+    assert [src.path for src in cfg.data.train] == ["x.jsonl"]
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
     assert cfg.train.epochs is None
     assert cfg.logging.wandb is True
@@ -237,8 +237,8 @@ def test_overrides_win_over_yaml_and_keep_other_yaml_values(tmp_path):
     cfg = load_config(path, ["optim.lr=0.01", "data.validation=v.jsonl"])
     assert cfg.optim.lr == 0.01
     assert cfg.optim.weight_decay == 0.1
-    assert cfg.data.train == ["a.jsonl", "b.jsonl"]
-    assert cfg.data.validation == ["v.jsonl"]
+    assert [src.path for src in cfg.data.train] == ["a.jsonl", "b.jsonl"]
+    assert [src.path for src in cfg.data.validation] == ["v.jsonl"]
 
 
 def test_override_into_a_null_section(tmp_path):
@@ -317,7 +317,7 @@ def test_empty_yaml_gives_defaults(tmp_path):
 def test_example_config_loads():
     cfg = load_config(EXAMPLES / "tiny_alpaca.yaml")
     assert cfg.model.path == "tiny-llama"
-    assert cfg.data.train == ["examples/data/arithmetic_alpaca.jsonl"]
+    assert [src.path for src in cfg.data.train] == ["examples/data/arithmetic_alpaca.jsonl"]
     assert cfg.data.val_ratio == 0.05 and cfg.data.max_seq_len == 320
     assert cfg.optim.lr == 3e-3 and cfg.train.max_steps == 200 and cfg.train.epochs is None
     assert cfg.output_dir == "runs/tiny_alpaca"
@@ -336,7 +336,7 @@ def test_cli_config_show_prints_every_section_with_overrides():
     assert shown["optim"]["lr"] == 0.01
     assert shown["optim"]["weight_decay"] == 0.01  # from the file
     assert shown["train"]["max_steps"] == 200 and shown["train"]["epochs"] is None
-    assert shown["data"]["train"] == ["examples/data/arithmetic_alpaca.jsonl"]
+    assert [src["path"] for src in shown["data"]["train"]] == ["examples/data/arithmetic_alpaca.jsonl"]
     assert shown["peft"]["method"] == "none"  # a default, printed too
     assert shown["eval"]["early_stopping"] == {"patience": None, "min_delta": 0.0}
     assert shown == load_config(EXAMPLES / "tiny_alpaca.yaml", ["optim.lr=0.01"]).to_dict()

@@ -748,8 +748,8 @@ def test_prepare_alpaca_example_data_from_config(make_config):
     data = prepare_data(cfg.data, tok, cfg.seed)
     rows = _lines(ALPACA)
     assert data.stats == {"rows": len(rows), "skipped": 0, "too_long": 0, "truncated": 0}
-    assert len(data.validation) == round(len(rows) * cfg.data.val_ratio) == 200
-    assert len(data.train) == len(rows) - 200
+    assert len(data.validation) == round(len(rows) * cfg.data.val_ratio) == 300
+    assert len(data.train) == len(rows) - 300
     expected = {tuple(expected_alpaca({"input": None, **r})[0]): expected_alpaca({"input": None, **r})[1]
                 for r in rows}
     for ex in data.train + data.validation:

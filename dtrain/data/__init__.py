@@ -43,8 +43,8 @@ def check_sources(cfg: DataConfig) -> None:
     if not cfg.train:
         raise DataError("data.train: no training files given")
     for key in ("train", "validation"):
-        for path in getattr(cfg, key):
-            check_source(path, f"data.{key}")
+        for src in getattr(cfg, key):
+            check_source(src.path, f"data.{key}")
 
 
 def _label_names(cfg: DataConfig) -> list[str]:
@@ -52,8 +52,8 @@ def _label_names(cfg: DataConfig) -> list[str]:
     if cfg.labels:
         return list(cfg.labels)
     seen = set()
-    for path in cfg.train:
-        for _, row in iter_rows(path):
+    for src in cfg.train:
+        for _, row in iter_rows(src.path):
             if isinstance(row, dict) and row.get(cfg.label_field) is not None:
                 seen.add(str(row[cfg.label_field]))
     if not seen:
@@ -98,9 +98,9 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     encoder = Encoder(cfg, tokenizer, label_names)
     stats: Counter = Counter(rows=0, skipped=0, too_long=0, truncated=0)
     skipped: list[str] = []
-    train = _encode_files(cfg.train, encoder, cfg, stats, skipped, rows_per_file)
+    train = _encode_files([s.path for s in cfg.train], encoder, cfg, stats, skipped, rows_per_file)
     if cfg.validation:
-        validation = _encode_files(cfg.validation, encoder, cfg, stats, skipped, rows_per_file)
+        validation = _encode_files([s.path for s in cfg.validation], encoder, cfg, stats, skipped, rows_per_file)
     else:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)

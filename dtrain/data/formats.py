@@ -8,7 +8,7 @@ boundary between the masked and the trained part is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -64,10 +64,56 @@ class Encoder:
         self.cfg = cfg
         self.tok = tokenizer
         self.label_index = {name: i for i, name in enumerate(label_names or [])}
-        self._encode: Callable[[dict[str, Any], str], Example] = getattr(self, f"_{cfg.format}")
 
     def __call__(self, row: dict[str, Any], where: str) -> Example:
-        return self._encode(row, where)
+        result = self.encode_many([row], [where])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def encode_many(self, rows: list[dict[str, Any]], wheres: list[str]) -> list[Example | RowError | TooLong]:
+        """Encode a batch of rows; a bad row's entry is its RowError (or TooLong), not an exception.
+
+        Prompt/completion formats tokenize the whole batch in two tokenizer calls, which is
+        what makes preparation as fast as `datasets.map(batched=True)` over the tokenizer.
+        """
+        if self.cfg.format in ("chat", "classification"):
+            encode_one = self._chat if self.cfg.format == "chat" else self._classification
+            out: list[Example | RowError | TooLong] = []
+            for row, where in zip(rows, wheres):
+                try:
+                    out.append(encode_one(row, where))
+                except (RowError, TooLong) as exc:
+                    out.append(exc)
+            return out
+        pairs: list[tuple[str | None, str] | RowError] = []
+        for row, where in zip(rows, wheres):
+            try:
+                pairs.append(self._text_pair(row, where))
+            except RowError as exc:
+                pairs.append(exc)
+        good = [p for p in pairs if not isinstance(p, RowError)]
+        prompts = [p for p, _ in good if p is not None]
+        prompt_ids = iter(self.tok(prompts, add_special_tokens=True)["input_ids"] if prompts else [])
+        completions_plain = [c for p, c in good if p is not None]
+        completions_first = [c for p, c in good if p is None]
+        plain = iter(self.tok(completions_plain, add_special_tokens=False)["input_ids"] if completions_plain else [])
+        first = iter(self.tok(completions_first, add_special_tokens=True)["input_ids"] if completions_first else [])
+        out = []
+        for pair in pairs:
+            if isinstance(pair, RowError):
+                out.append(pair)
+                continue
+            prompt, _ = pair
+            try:
+                if prompt is None:  # text format: every token trained
+                    ids = self._with_eos(next(first))
+                    out.append(self._finish(ids, list(ids)))
+                else:
+                    out.append(self._assemble(next(prompt_ids), next(plain)))
+            except TooLong as exc:
+                out.append(exc)
+        return out
 
     # -- helpers -----------------------------------------------------------------------
     def _ids(self, text: str, *, first: bool) -> list[int]:
@@ -88,27 +134,25 @@ class Encoder:
             raise TooLong()
         return Example(ids, labels, truncated)
 
-    def _prompt_completion(self, prompt: str, completion: str) -> Example:
-        prompt_ids = self._ids(prompt, first=True)
-        completion_ids = self._with_eos(self._ids(completion, first=False))
+    def _assemble(self, prompt_ids: list[int], completion_ids: list[int]) -> Example:
+        completion_ids = self._with_eos(completion_ids)
         prompt_labels = list(prompt_ids) if self.cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
         return self._finish(prompt_ids + completion_ids, prompt_labels + completion_ids)
 
     # -- formats -----------------------------------------------------------------------
-    def _text(self, row: dict[str, Any], where: str) -> Example:
-        text = _field(row, self.cfg.text_field, where)
-        if not text.strip():
-            raise RowError(where, f"field {self.cfg.text_field!r} is empty")
-        ids = self._with_eos(self._ids(text, first=True))
-        return self._finish(ids, list(ids))
-
-    def _alpaca(self, row: dict[str, Any], where: str) -> Example:
+    def _text_pair(self, row: dict[str, Any], where: str) -> tuple[str | None, str]:
+        """(prompt, completion) strings of a text or alpaca row; prompt None: train on all of it."""
+        if self.cfg.format == "text":
+            text = _field(row, self.cfg.text_field, where)
+            if not text.strip():
+                raise RowError(where, f"field {self.cfg.text_field!r} is empty")
+            return None, text
         instruction = _field(row, self.cfg.instruction_field, where)
         input_text = _field(row, self.cfg.input_field, where, required=False)
         output = _field(row, self.cfg.output_field, where)
         if not output.strip():
             raise RowError(where, f"field {self.cfg.output_field!r} is empty: nothing to train on")
-        return self._prompt_completion(alpaca_prompt(instruction, input_text), output)
+        return alpaca_prompt(instruction, input_text), output
 
     def _chat(self, row: dict[str, Any], where: str) -> Example:
         messages = _field(row, self.cfg.messages_field, where, kind=list)
