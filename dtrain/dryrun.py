@@ -85,7 +85,7 @@ def dry_run_config(cfg: Config, model_dir: Path, out_dir: Path, on_cpu: bool) ->
         train_update["precision"] = "fp32"
     update = {
         "model": cfg.model.model_copy(update=model_update),
-        "data": cfg.data.model_copy(update={"max_seq_len": min(cfg.data.max_seq_len, 512)}),
+        "data": cfg.data.model_copy(update={"max_seq_len": min(cfg.data.max_seq_len, 512), "num_proc": 1}),
         "train": t.model_copy(update={
             "max_steps": DRY_STEPS, "epochs": None, "micro_batch_size": min(t.micro_batch_size, 2),
             "grad_accum_steps": min(t.grad_accum_steps, 2), "log_every": 1, **train_update,
@@ -123,6 +123,9 @@ def dry_run(cfg: Config) -> int:
             return None
 
     print(f"dry run: {cfg.model.path}, strategy {cfg.parallel.strategy}, peft {cfg.peft.method}", flush=True)
+    scratch = tempfile.TemporaryDirectory(prefix="dtrain-dry-run-")
+    # Everything the dry run writes, the prepared-data cache included, stays in scratch.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": str(Path(scratch.name) / "cache")})})
     full_config = check("config and model.path", lambda: load_model_config(cfg.model))
     tokenizer = check("tokenizer", lambda: load_tokenizer(cfg.model))
     check("data paths", lambda: check_sources(cfg.data))
@@ -131,7 +134,7 @@ def dry_run(cfg: Config) -> int:
     num_labels = len(sample.label_names) if sample and sample.label_names else None
     counts = check("full-scale parameter count (meta device)", lambda: full_scale_counts(cfg, full_config, num_labels))
 
-    with tempfile.TemporaryDirectory(prefix="dtrain-dry-run-") as tmp:
+    with scratch as tmp:
         model_dir, out_dir = Path(tmp) / "model", Path(tmp) / "run"
 
         def build_small() -> int:

@@ -30,6 +30,7 @@ from dtrain import checkpoint as ckpt
 from dtrain.config import Config, ConfigError, load_config
 from dtrain.data import IGNORE_INDEX, BatchIterator, PreparedData, prepare_data
 from dtrain.data.loader import eval_batches
+from dtrain.data.report import write_report
 from dtrain.model import count_parameters, load_model, load_tokenizer
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import Strategy, build_strategy
@@ -77,22 +78,37 @@ def seed_everything(seed: int) -> None:
 # Loss
 
 
-def loss_and_counts(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int, int]:
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def loss_and_counts(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
+                    class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
     """(summed loss, number of loss targets, number of correct predictions) for one micro-batch.
 
     The loss is a *sum* so that the caller can normalise by the number of targets in the
     whole optimizer step: k micro-batches of any lengths then give exactly the gradient
     of one batch k times larger.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    # Packed batches add position_ids (restarting per example) and a block-diagonal mask.
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits.float()
     labels = batch["labels"]
     if task == "causal_lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     targets = labels != IGNORE_INDEX
+    # Class weights (data.balance=class_weights) scale each example's loss; the sum is
+    # still normalised by the number of examples, so weights near 1 keep the usual scale.
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+                           reduction="sum", weight=class_weights)
     correct = ((logits.argmax(-1) == labels) & targets).sum().item()
     return loss, int(targets.sum().item()), int(correct)
+
+
+def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
+    """Non-padding tokens of a batch (packed batches carry a 4-D mask, so count from the ids)."""
+    mask = batch["attention_mask"]
+    if mask.dim() == 2:
+        return int(mask.sum().item())
+    return int((batch["input_ids"] != pad_id).sum().item())
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
@@ -206,7 +222,15 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
 
     # Data and model.
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.seed, rows_per_file=rows_per_file)
+    # The main rank prepares (or finds) the cached data; the others then read the same cache.
+    if strategy.is_main:
+        data = prepare_data(cfg.data, tokenizer, cfg.seed, rows_per_file=rows_per_file)
+    strategy.barrier()
+    if not strategy.is_main:
+        data = prepare_data(cfg.data, tokenizer, cfg.seed, rows_per_file=rows_per_file)
+    if strategy.is_main:
+        write_report(data, tokenizer, out, batch_size=tcfg.micro_batch_size, max_seq_len=cfg.data.max_seq_len,
+                     seed=cfg.seed)
     if cfg.eval.early_stopping.patience and not data.validation:
         raise ConfigError("eval.early_stopping.patience is set but there is no validation data "
                           "(give data.validation or a data.val_ratio > 0)")
@@ -220,7 +244,10 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     model.train()
 
     batches = BatchIterator(data.train, tcfg.micro_batch_size, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
-                            seed=cfg.seed, rank=strategy.rank, world_size=strategy.world_size)
+                            seed=cfg.seed, rank=strategy.rank, world_size=strategy.world_size,
+                            group_by_length=cfg.data.group_by_length and not data.packed)
+    class_weights = (torch.tensor(data.class_weights, device=strategy.device)
+                     if data.class_weights is not None else None)
     steps_per_epoch = max(1, batches.batches_per_epoch // tcfg.grad_accum_steps)
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches.batches_per_epoch / tcfg.grad_accum_steps))
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
@@ -261,11 +288,11 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         local_targets = sum(count_targets(b, task) for b in micro)
         global_targets = strategy.all_reduce_sum(torch.tensor(float(local_targets), device=strategy.device)).item()
         step_loss = torch.zeros((), device=strategy.device)
-        step_tokens = sum(int(b["attention_mask"].sum().item()) for b in micro)
+        step_tokens = sum(real_tokens(b, tokenizer.pad_token_id) for b in micro)
         tokens_since += step_tokens
         for i, batch in enumerate(micro):
             with strategy.gradient_sync(model, enabled=i == len(micro) - 1), _autocast(cfg, strategy.device):
-                loss_sum, _, _ = loss_and_counts(model, batch, task)
+                loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights)
                 # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
                 loss = loss_sum * (strategy.world_size / max(global_targets, 1.0))
             strategy.backward(loss)

@@ -21,6 +21,12 @@ CLASSIFICATION = EXAMPLES / "data" / "compare_classification.csv"
 torch.set_num_threads(1)  # the suite's numbers must not depend on the thread count
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_cache(tmp_path_factory):
+    """Prepared-data caches go to a temporary directory, never the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["DTRAIN_CACHE"] = str(tmp_path_factory.mktemp("dtrain-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with the byte tokenizer, saved as a Hugging Face directory."""

@@ -87,8 +87,8 @@ def nan_from(monkeypatch, bad_calls):
     calls = {"n": 0}
     original = train_mod.loss_and_counts
 
-    def fake(model, batch, task):
-        loss, n, correct = original(model, batch, task)
+    def fake(model, batch, task, class_weights=None):
+        loss, n, correct = original(model, batch, task, class_weights)
         i = calls["n"]
         calls["n"] += 1
         if i in bad_calls:

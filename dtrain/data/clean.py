@@ -38,6 +38,7 @@ _NEWLINES = re.compile(r"\r\n|[\r\x0b\x0c\x85\u2028\u2029]")
 _INNER_SPACE = re.compile(r"(?<=\S)[^\S\n]+(?=\S)")  # a run of horizontal space between two words
 _TRAILING_SPACE = re.compile(r"[^\S\n]+(?=\n|$)")
 _BLANK_LINES = re.compile(r"\n{3,}")
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _is_invisible(ch: str) -> bool:
@@ -64,9 +65,12 @@ def normalize_text(text: str, unicode_form: str | None = "NFKC", whitespace: boo
       spaces/tabs between words to one space, keep at most one blank line (two \\n in a row).
       Single newlines and leading indentation are kept: they structure lists, poems and code.
     """
-    if unicode_form:
-        text = unicodedata.normalize(unicode_form, text)
-    text = _NEWLINES.sub("\n", text).translate(_invisible_table())
+    if text.isascii():  # fast path: ASCII is NFKC-invariant; its only invisibles are C0 controls and DEL
+        text = _ASCII_CONTROLS.sub("", _NEWLINES.sub("\n", text))
+    else:
+        if unicode_form:
+            text = unicodedata.normalize(unicode_form, text)
+        text = _NEWLINES.sub("\n", text).translate(_invisible_table())
     if whitespace:
         text = _INNER_SPACE.sub(" ", text)
         text = _TRAILING_SPACE.sub("", text)
@@ -106,6 +110,13 @@ def _phrase_pattern(phrase: str) -> str:
 
 
 @lru_cache(maxsize=64)
+def _anchors(phrases: tuple[str, ...]) -> tuple[str, ...]:
+    """The longest plain word of each phrase: a match is impossible unless one of them occurs,
+    which a substring test rules out far faster than the regex for almost every text."""
+    return tuple(max((w for w in p.lower().split() if w.isalnum()), key=len, default=p.lower()) for p in phrases)
+
+
+@lru_cache(maxsize=64)
 def _boilerplate_regex(phrases: tuple[str, ...]) -> tuple[re.Pattern[str] | None, tuple[str, ...]]:
     """One alternation with a group per phrase: one scan of the text finds any of them."""
     phrases = tuple(p for p in phrases if p.strip())
@@ -121,7 +132,10 @@ def find_boilerplate(text: str, phrases: Sequence[str] = DEFAULT_BOILERPLATE) ->
     extra whitespace and of curly apostrophes.
     """
     regex, phrases = _boilerplate_regex(tuple(phrases))
-    match = regex.search(text) if regex is not None else None
+    lowered = text.lower()
+    if regex is None or not any(anchor in lowered for anchor in _anchors(phrases)):
+        return None
+    match = regex.search(text)
     return phrases[match.lastindex - 1] if match is not None else None
 
 

@@ -93,12 +93,9 @@ class Encoder:
             except RowError as exc:
                 pairs.append(exc)
         good = [p for p in pairs if not isinstance(p, RowError)]
-        prompts = [p for p, _ in good if p is not None]
-        prompt_ids = iter(self.tok(prompts, add_special_tokens=True)["input_ids"] if prompts else [])
-        completions_plain = [c for p, c in good if p is not None]
-        completions_first = [c for p, c in good if p is None]
-        plain = iter(self.tok(completions_plain, add_special_tokens=False)["input_ids"] if completions_plain else [])
-        first = iter(self.tok(completions_first, add_special_tokens=True)["input_ids"] if completions_first else [])
+        prompt_ids = iter(self._batch_ids([p for p, _ in good if p is not None], first=True))
+        plain = iter(self._batch_ids([c for p, c in good if p is not None], first=False))
+        first = iter(self._batch_ids([c for p, c in good if p is None], first=True))
         out = []
         for pair in pairs:
             if isinstance(pair, RowError):
@@ -116,6 +113,15 @@ class Encoder:
         return out
 
     # -- helpers -----------------------------------------------------------------------
+    def _batch_ids(self, texts: list[str], *, first: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is not None and backend.padding is None and backend.truncation is None:
+            # the Rust tokenizer directly: same ids, without the wrapper's per-batch overhead
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=first)]
+        return self.tok(texts, add_special_tokens=first)["input_ids"]
+
     def _ids(self, text: str, *, first: bool) -> list[int]:
         # Only the first piece gets the tokenizer's own special tokens (BOS for Llama-style).
         return self.tok(text, add_special_tokens=first)["input_ids"]
@@ -130,7 +136,8 @@ class Encoder:
         limit = self.cfg.max_seq_len
         truncated = len(ids) > limit
         ids, labels = ids[:limit], labels[:limit]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        # Only truncation can remove every trained token (the loss skips position 0's label).
+        if truncated and all(label == IGNORE_INDEX for label in labels[1:]):
             raise TooLong()
         return Example(ids, labels, truncated)
 

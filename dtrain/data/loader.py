@@ -8,11 +8,36 @@ the number of ranks.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from dtrain.data.formats import IGNORE_INDEX, Example
+
+
+def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]]:
+    """Rows `ids` of a list of Examples or of a prepared Arrow dataset.
+
+    A packed row (with `seq_lens`) comes back as the list of Examples it holds."""
+    if isinstance(data, list):
+        return [data[i] for i in ids]
+    cols = data[ids]  # one Arrow take for the whole batch
+    if "seq_lens" in cols:
+        rows = []
+        for ids_, labels, lens in zip(cols["input_ids"], cols["labels"], cols["seq_lens"]):
+            starts = [sum(lens[:k]) for k in range(len(lens))]
+            rows.append([Example(ids_[a : a + n], labels[a : a + n]) for a, n in zip(starts, lens)])
+        return rows
+    labels = cols["labels"] if "labels" in cols else cols["label"]
+    return [Example(i, l) for i, l in zip(cols["input_ids"], labels)]
+
+
+def collate_rows(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
+    if rows and isinstance(rows[0], list):  # packed rows
+        from dtrain.data.packing import collate_packed
+
+        return collate_packed(rows, pad_id)
+    return collate(rows, pad_id)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -36,8 +61,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 class BatchIterator:
     """Endless training batches: epoch after epoch, incomplete last global batch dropped."""
 
-    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, *, shuffle: bool, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, examples: Sequence, batch_size: int, pad_id: int, *, shuffle: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, group_by_length: bool = False):
         global_batch = batch_size * world_size
         if len(examples) < global_batch:
             raise ValueError(
@@ -51,6 +76,8 @@ class BatchIterator:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.group_by_length = group_by_length
+        self._lengths: list[int] | None = None
         self.batches_per_epoch = len(examples) // global_batch
         self.epoch = 0
         self.index = 0  # next batch within the epoch
@@ -58,7 +85,16 @@ class BatchIterator:
 
     def _epoch_order(self) -> list[int]:
         if self._order is None:
-            if self.shuffle:
+            if self.group_by_length:
+                from dtrain.data.packing import length_grouped_order
+
+                if self._lengths is None:
+                    ids = self.examples["input_ids"] if not isinstance(self.examples, list) else [
+                        ex.input_ids for ex in self.examples]
+                    self._lengths = [len(x) for x in ids]
+                global_batch = self.batch_size * self.world_size
+                self._order = length_grouped_order(self._lengths, global_batch, self.seed * 100_003 + self.epoch)
+            elif self.shuffle:
                 gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
                 self._order = torch.randperm(len(self.examples), generator=gen).tolist()
             else:
@@ -75,7 +111,7 @@ class BatchIterator:
         start = self.index * global_batch + self.rank * self.batch_size
         ids = self._epoch_order()[start : start + self.batch_size]
         self.index += 1
-        return collate([self.examples[i] for i in ids], self.pad_id)
+        return collate_rows(take(self.examples, ids), self.pad_id)
 
     @property
     def epoch_progress(self) -> float:
@@ -94,11 +130,11 @@ class BatchIterator:
         self.epoch, self.index, self._order = state["epoch"], state["index"], None
 
 
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
+def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
                  max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Every example once, in order; rank r takes every world_size-th batch."""
     starts = range(rank * batch_size, len(examples), batch_size * world_size)
     for n, start in enumerate(starts):
         if max_batches is not None and n >= max_batches:
             return
-        yield collate(examples[start : start + batch_size], pad_id)
+        yield collate_rows(take(examples, list(range(start, min(start + batch_size, len(examples))))), pad_id)

@@ -1,0 +1,139 @@
+"""`data_report.md` (+ PNGs): what the data stage did, and what the model will see."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from dtrain.data.formats import IGNORE_INDEX
+from dtrain.data.pipeline import PreparedData
+
+
+def padding_fraction(lengths: list[int], batch_size: int) -> float:
+    """Fraction of pad tokens when batches of `batch_size` (in order) are padded to their longest."""
+    padded = real = 0
+    for start in range(0, len(lengths), batch_size):
+        batch = lengths[start : start + batch_size]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def _histogram(path: Path, series: dict[str, list[int]], title: str, xlabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, values in series.items():
+        if values:
+            ax.hist(values, bins=50, alpha=0.6, label=f"{name} (n={len(values)})")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _bars(path: Path, counts: dict[str, list[int]], label_names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(label_names))
+    width = 0.8 / max(1, len(counts))
+    for k, (split, values) in enumerate(counts.items()):
+        total = max(1, sum(values))
+        ax.bar(x + k * width, [v / total for v in values], width, label=split)
+    ax.set_xticks(x + width * (len(counts) - 1) / 2, label_names)
+    ax.set_ylabel("fraction of split")
+    ax.set_title("label distribution per split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_example(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text exactly as tokenized, with trained spans wrapped in ⟦ ⟧ (the rest is context only)."""
+    parts, current, trained = [], [], None
+    for token, label in zip(input_ids, labels):
+        is_trained = label != IGNORE_INDEX
+        if trained is not None and is_trained != trained:
+            parts.append((trained, current))
+            current = []
+        current.append(token)
+        trained = is_trained
+    if current:
+        parts.append((trained, current))
+    text = "".join(
+        ("⟦" + tokenizer.decode(ids) + "⟧") if is_trained else tokenizer.decode(ids) for is_trained, ids in parts
+    )
+    return text
+
+
+def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, batch_size: int,
+                 max_seq_len: int, seed: int, samples: int = 3) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Data report", ""]
+    lines += ["## Steps", "", "| step | rows out | dropped |", "|---|---|---|"]
+    for step, rows, drops in data.steps:
+        dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in drops.items() if n) or "-"
+        lines.append(f"| {step} | {rows} | {dropped} |")
+    lines += ["", f"Splits: {len(data.train)} train {'packed sequences' if data.packed else 'examples'}, "
+              f"{len(data.validation)} validation, {len(data.test)} test.", ""]
+    if data.skipped:
+        lines += ["## Skipped rows", ""] + [f"- {s}" for s in data.skipped[:50]]
+        if len(data.skipped) > 50:
+            lines.append(f"- ... and {len(data.skipped) - 50} more")
+        lines.append("")
+
+    before = data.lengths_before_packing
+    after = [len(x) for x in data.train["input_ids"]] if data.packed else []
+    unpacked_pad = padding_fraction(before, batch_size)
+    lines += ["## Lengths and padding", "",
+              f"- tokens per example: min {min(before)}, median {sorted(before)[len(before) // 2]}, "
+              f"max {max(before)} (max_seq_len {max_seq_len})",
+              f"- padding when batches of {batch_size} are padded to their longest: {100 * unpacked_pad:.1f}% of tokens"]
+    if data.packed:
+        lines.append(f"- after packing into {len(after)} sequences: {100 * padding_fraction(after, batch_size):.1f}% "
+                     f"padding ({len(before)} examples, {sum(before)} tokens)")
+    _histogram(out_dir / "data_lengths.png", {"examples": before, "packed sequences": after},
+               "training tokens per sequence", "tokens")
+    lines += ["", "![lengths](data_lengths.png)", ""]
+
+    if data.label_names:
+        counts = {}
+        for split in ("train", "validation", "test"):
+            c = Counter(getattr(data, split)["label"])
+            counts[split] = [c.get(i, 0) for i in range(len(data.label_names))]
+        lines += ["## Labels", "", "| label | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
+        for i, name in enumerate(data.label_names):
+            lines.append(f"| {name} | " + " | ".join(str(counts[s][i]) for s in counts) + " |")
+        if data.class_weights:
+            lines.append("\nClass weights for the loss: " + ", ".join(
+                f"{n}={w:.3f}" for n, w in zip(data.label_names, data.class_weights)))
+        _bars(out_dir / "data_labels.png", counts, data.label_names)
+        lines += ["", "![labels](data_labels.png)", ""]
+
+    lines += ["## Samples", "", "Exactly as the model sees them; ⟦trained⟧ spans carry the loss.", ""]
+    rng = random.Random(seed)
+    for i in rng.sample(range(len(data.train)), min(samples, len(data.train))):
+        row = data.train[i]
+        if data.label_names:
+            text = f"{tokenizer.decode(row['input_ids'])}  →  label {data.label_names[row['label']]!r}"
+        else:
+            text = render_example(row["input_ids"], row["labels"], tokenizer)
+        lines += [f"### train[{i}]", "", "```", text, "```", ""]
+    path = out_dir / "data_report.md"
+    path.write_text("\n".join(lines))
+    return path
