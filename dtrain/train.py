@@ -274,7 +274,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     )
     tracker.message(data.summary())
     tracker.message(f"{total_steps} steps ({steps_per_epoch} per epoch), global batch "
-                    f"{tcfg.micro_batch_size * tcfg.grad_accum_steps * strategy.world_size} examples"
+                    f"{tcfg.micro_batch_size * tcfg.grad_accum_steps * strategy.world_size} "
+                    f"{'packed sequences' if data.packed else 'examples'}"
                     + (f"; resumed from {resume_path} at step {state.step}" if resume_path else ""))
 
     result = RunResult(str(out), state.step, "max_steps")

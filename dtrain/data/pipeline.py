@@ -265,8 +265,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
     label_names = label_names_of(cfg, rows_per_file) if cfg.format == "classification" else None
     steps: list[tuple[str, int, dict[str, int]]] = []
 
-    raw = _from_generator(_raw_rows, RAW_FEATURES, workdir / "raw",
-                          gen_kwargs={"sources": sources, "rows_per_file": rows_per_file})
+    raw = _write_raw(_raw_rows(sources, rows_per_file), workdir / "raw.arrow")
     if len(raw) == 0:
         raise DataError(f"data: the sources {[_source_name(s) for s, _ in sources]} hold no rows")
     steps.append(("read", len(raw), {}))
@@ -363,6 +362,29 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
     skipped = [m for m in malformed] if cfg.on_error == "skip" else []
     return PreparedData(splits["train"], splits["validation"], splits["test"], label_names, weights_out, packed,
                         steps, skipped, lengths)
+
+
+def _write_raw(rows: Iterator[dict[str, Any]], path: Path, batch_size: int = 2000) -> Dataset:
+    """Stream rows into an Arrow file in record batches, then memory-map it as a Dataset.
+
+    (Dataset.from_generator encodes every row through `Features` one by one, which costs
+    more than parsing the rows; these columns are plain strings and ints.)
+    """
+    import pyarrow as pa
+
+    schema = RAW_FEATURES.arrow_schema
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        batch: dict[str, list] = {name: [] for name in schema.names}
+        for row in rows:
+            for name in schema.names:
+                batch[name].append(row[name])
+            if len(batch["where"]) >= batch_size:
+                writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
+                batch = {name: [] for name in schema.names}
+        if batch["where"]:
+            writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
+    return Dataset.from_file(str(path))
 
 
 def column(ds: Dataset, name: str) -> list:
