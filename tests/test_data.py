@@ -1,13 +1,19 @@
-"""The data stage: sources -> formats (exact token ids and label masks) -> splits -> batches.
+"""The data stage: sources -> clean -> formats (exact token ids and label masks) -> dedup -> splits -> batches.
 
 Token ids are computed independently of the tokenizer where possible: the shipped byte
 tokenizer maps each UTF-8 byte to 4 + (rank of its GPT-2 byte symbol), BOS=1, EOS=2, PAD=0.
+
+`prepare_data` returns Arrow datasets (columns input_ids + labels, or input_ids + label);
+tests that need every row in train, in file order, set val_ratio = test_ratio = 0.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,12 +22,14 @@ import torch
 from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, write_jsonl
 from dtrain.config import DataConfig
 from dtrain.data import IGNORE_INDEX, BatchIterator, DataError, Example, collate, prepare_data
-from dtrain.data.formats import ALPACA_PROMPT, Encoder, alpaca_prompt
+from dtrain.data.formats import ALPACA_PROMPT, Encoder, TooLong, alpaca_prompt
 from dtrain.data.loader import eval_batches
 from dtrain.data.sources import iter_rows
+from dtrain.data.split import assign_splits, unit_hash
 
 PAD, BOS, EOS = 0, 1, 2
 M = IGNORE_INDEX
+SPLITS = ("train", "validation", "test")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -57,10 +65,27 @@ def dcfg(**kw) -> DataConfig:
     return DataConfig.model_validate(kw)
 
 
-def prep(tok, paths, seed: int = 0, **kw):
-    paths = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
+def prep(tok, paths, seed: int = 0, *, rows_per_file: int | None = None, use_cache: bool = True, **kw):
+    """prepare_data on these training sources; everything stays in train unless ratios are given."""
+    paths = [p if isinstance(p, dict) else str(p) for p in (paths if isinstance(paths, list) else [paths])]
     kw.setdefault("val_ratio", 0.0)
-    return prepare_data(dcfg(train=paths, **kw), tok, seed)
+    kw.setdefault("test_ratio", 0.0)
+    return prepare_data(dcfg(train=paths, **kw), tok, seed, rows_per_file=rows_per_file, use_cache=use_cache)
+
+
+def col(ds, name: str) -> list:
+    """A column of a prepared split as a plain list."""
+    return list(ds[name])
+
+
+def examples(ds) -> list[Example]:
+    """The rows of a prepared split as Examples (labels: token list, or class index)."""
+    labels = col(ds, "labels" if "labels" in ds.column_names else "label")
+    return [Example(ids, lab) for ids, lab in zip(col(ds, "input_ids"), labels)]
+
+
+def pairs(ds) -> list[tuple[list[int], list[int] | int]]:
+    return [(ex.input_ids, ex.labels) for ex in examples(ds)]
 
 
 def trained_spans(tok, ex: Example) -> list[str]:
@@ -87,9 +112,35 @@ ROWS = [
 
 
 def expected_alpaca(row: dict) -> tuple[list[int], list[int]]:
-    prompt_ids = [BOS] + byte_ids(alpaca_prompt(row["instruction"], row["input"]))
+    prompt_ids = [BOS] + byte_ids(alpaca_prompt(row["instruction"], row.get("input")))
     completion_ids = byte_ids(row["output"]) + [EOS]
     return prompt_ids + completion_ids, [M] * len(prompt_ids) + completion_ids
+
+
+def alpaca_key(row: dict) -> str:
+    """The content key of an alpaca row (dedup + split): its three text fields joined by U+001F."""
+    return "\x1f".join([row["instruction"], row.get("input") or "", row["output"]])
+
+
+def dedup_first(rows: list, key) -> list:
+    """Rows whose key (casefolded, whitespace collapsed) is seen for the first time, in order."""
+    seen, out = set(), []
+    for r in rows:
+        k = " ".join(key(r).casefold().split())
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def by_split(rows: list, keys: list[str], seed: int, val: float, test: float, labels=None) -> dict[str, list]:
+    """The rows of each split, in file order, as the hash split assigns them."""
+    assigned = assign_splits(keys, seed, val_ratio=val, test_ratio=test, labels=labels)
+    return {s: [r for r, a in zip(rows, assigned) if a == s] for s in SPLITS}
+
+
+NO_DROPS_STEPS = lambda n: [("read", n, {}), ("clean + tokenize", n, {}),  # noqa: E731
+                            ("exact duplicate", n, {"exact_duplicate": 0}), ("split", n, {})]
 
 
 # --------------------------------------------------------------------------------------
@@ -120,33 +171,46 @@ def test_alpaca_prompt_text():
 def test_alpaca_labels_exact(tmp_path, tok):
     path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     data = prep(tok, path)
-    assert data.stats == {"rows": 4, "skipped": 0, "too_long": 0, "truncated": 0}
-    assert len(data.train) == 4 and data.validation == []
-    for row, ex in zip(ROWS, data.train):
+    assert data.stats == {"rows": 4, "exact_duplicate": 0}
+    assert data.steps == NO_DROPS_STEPS(4)
+    assert (len(data.train), len(data.validation), len(data.test)) == (4, 0, 0)
+    assert data.train.column_names == ["input_ids", "labels"] and data.label_names is None
+    assert not data.packed and data.skipped == [] and data.class_weights is None
+    for row, ex in zip(ROWS, examples(data.train)):
         ids, labels = expected_alpaca(row)
         assert ex.input_ids == ids
         assert ex.labels == labels
         assert ex.input_ids[0] == BOS and ex.labels[-1] == EOS and ex.input_ids[-1] == EOS
-        assert ex.truncated is False
+    assert data.lengths_before_packing == [len(expected_alpaca(r)[0]) for r in ROWS]
     # the same ids as the tokenizer's own, row 0 spelled out
     prompt = alpaca_prompt("Add the numbers.", "2 + 3")
     prompt_ids = tok(prompt)["input_ids"]
     completion_ids = tok("5", add_special_tokens=False)["input_ids"]
     assert completion_ids == [ord("5") - 29]
-    assert data.train[0].labels == [M] * len(prompt_ids) + completion_ids + [EOS]
+    assert data.train[0]["labels"] == [M] * len(prompt_ids) + completion_ids + [EOS]
     assert len(prompt_ids) == len(prompt.encode()) + 1
+    assert data.summary() == "data: 4 rows -> 4 train / 0 validation / 0 test examples; dropped: none; 0 truncated to max_seq_len"
+
+
+def test_encoder_alpaca_directly_matches_the_pipeline(tmp_path, tok):
+    cfg = dcfg()
+    got = Encoder(cfg, tok).encode_many([dict(r) for r in ROWS], [f"f:{i}" for i in range(1, 5)])
+    assert [(ex.input_ids, ex.labels, ex.truncated) for ex in got] == [(*expected_alpaca(r), False) for r in ROWS]
+    assert Encoder(cfg, tok)(dict(ROWS[0]), "f:1").input_ids == expected_alpaca(ROWS[0])[0]
 
 
 def test_alpaca_train_on_prompt_labels_equal_ids(tmp_path, tok):
     data = prep(tok, write_jsonl(tmp_path / "a.jsonl", ROWS), train_on_prompt=True)
-    for row, ex in zip(ROWS, data.train):
+    assert len(data.train) == 4
+    for row, ex in zip(ROWS, examples(data.train)):
         ids, _ = expected_alpaca(row)
         assert ex.input_ids == ids and ex.labels == ids
 
 
 def test_alpaca_without_eos(tmp_path, tok):
     data = prep(tok, write_jsonl(tmp_path / "a.jsonl", ROWS), add_eos=False)
-    for row, ex in zip(ROWS, data.train):
+    assert len(data.train) == 4
+    for row, ex in zip(ROWS, examples(data.train)):
         ids, labels = expected_alpaca(row)
         assert ex.input_ids == ids[:-1] and ex.labels == labels[:-1]
         assert EOS not in ex.input_ids
@@ -156,7 +220,7 @@ def test_alpaca_custom_field_names(tmp_path, tok):
     rows = [{"q": r["instruction"], "ctx": r["input"], "a": r["output"]} for r in ROWS]
     data = prep(tok, write_jsonl(tmp_path / "a.jsonl", rows), instruction_field="q", input_field="ctx",
                 output_field="a")
-    assert [(ex.input_ids, ex.labels) for ex in data.train] == [expected_alpaca(r) for r in ROWS]
+    assert pairs(data.train) == [expected_alpaca(r) for r in ROWS]
 
 
 def test_alpaca_missing_or_empty_fields(tmp_path, tok):
@@ -164,14 +228,25 @@ def test_alpaca_missing_or_empty_fields(tmp_path, tok):
                                              {"instruction": 5, "output": "y"}, ROWS[1]])
     with pytest.raises(DataError) as info:
         prep(tok, path)
-    msg = str(info.value)
-    assert msg.startswith(f"{path}:2: missing field 'output'") and "data.on_error=skip" in msg
+    assert str(info.value) == (f"{path}:2: missing field 'output' (present: ['instruction']) (and 2 more); "
+                               "set data.on_error=skip to skip and count such rows")
     data = prep(tok, path, on_error="skip")
-    assert data.stats["skipped"] == 3 and data.stats["rows"] == 5
-    assert [s.split(": ", 1)[0] for s in data.skipped] == [f"{path}:2", f"{path}:3", f"{path}:4"]
-    assert "'output' is empty" in data.skipped[1]
-    assert "'instruction' must be a string, got int" in data.skipped[2]
-    assert [ex.input_ids for ex in data.train] == [expected_alpaca(ROWS[0])[0], expected_alpaca(ROWS[1])[0]]
+    assert data.stats == {"rows": 5, "malformed": 3, "exact_duplicate": 0}
+    assert data.steps[1] == ("clean + tokenize", 2, {"malformed": 3})
+    assert data.skipped == [
+        f"{path}:2: missing field 'output' (present: ['instruction'])",
+        f"{path}:3: field 'output' is empty: nothing to train on",
+        f"{path}:4: field 'instruction' must be a string, got int",
+    ]
+    assert col(data.train, "input_ids") == [expected_alpaca(ROWS[0])[0], expected_alpaca(ROWS[1])[0]]
+
+
+def test_one_malformed_row_message_has_no_count(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", [ROWS[0], ROWS[1], {"instruction": "x"}])
+    with pytest.raises(DataError) as info:
+        prep(tok, path)
+    assert str(info.value) == (f"{path}:3: missing field 'output' (present: ['instruction']); "
+                               "set data.on_error=skip to skip and count such rows")
 
 
 # --------------------------------------------------------------------------------------
@@ -222,6 +297,16 @@ def test_chat_conversation_ending_with_user_turn_trains_only_assistant(tok):
     assert trained_spans(tok, ex) == ["2</s>"]
 
 
+def test_chat_through_the_pipeline_equals_the_encoder(tmp_path, tok):
+    convs = [[SYSTEM, {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "3*3?"}, {"role": "assistant", "content": "9"}]]
+    data = prep(tok, write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs]), format="chat")
+    enc = Encoder(dcfg(format="chat"), tok)
+    assert pairs(data.train) == [(e.input_ids, e.labels) for e in (enc({"messages": m}, "f:1") for m in convs)]
+    assert [trained_spans(tok, ex) for ex in examples(data.train)] == [["2</s>"], ["yo</s>", "9</s>"]]
+
+
 def test_chat_bad_rows(tmp_path, tok):
     rows = [
         {"messages": [{"role": "user", "content": "hi"}]},
@@ -232,12 +317,15 @@ def test_chat_bad_rows(tmp_path, tok):
     ]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     data = prep(tok, path, format="chat", on_error="skip")
-    assert data.stats["skipped"] == 4 and len(data.train) == 1
+    assert data.stats == {"rows": 5, "malformed": 4, "exact_duplicate": 0} and len(data.train) == 1
     assert data.skipped[0] == f"{path}:1: no assistant message: nothing to train on"
     assert data.skipped[1].startswith(f"{path}:2: field 'messages' must be a non-empty list")
     assert data.skipped[2].startswith(f"{path}:3: messages[0] must be")
     assert data.skipped[3].startswith(f"{path}:4: missing field 'messages'")
-    assert trained_spans(tok, data.train[0]) == ["b</s>"]
+    assert len(data.skipped) == 4
+    assert trained_spans(tok, examples(data.train)[0]) == ["b</s>"]
+    with pytest.raises(DataError, match=rf"^{path}:1: no assistant message: nothing to train on \(and 3 more\); "):
+        prep(tok, path, format="chat")
 
 
 # --------------------------------------------------------------------------------------
@@ -247,17 +335,18 @@ def test_chat_bad_rows(tmp_path, tok):
 def test_text_labels_equal_ids_with_bos_and_eos(tmp_path, tok):
     texts = ["28 + 82 = 110", "héllo wörld"]
     data = prep(tok, write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts]), format="text")
-    for text, ex in zip(texts, data.train):
+    assert len(data.train) == 2
+    for text, ex in zip(texts, examples(data.train)):
         assert ex.input_ids == [BOS] + byte_ids(text) + [EOS]
         assert ex.labels == ex.input_ids
     data = prep(tok, write_jsonl(tmp_path / "t2.jsonl", [{"body": texts[0]}]), format="text", text_field="body",
                 add_eos=False)
-    assert data.train[0].input_ids == data.train[0].labels == [BOS] + byte_ids(texts[0])
+    assert col(data.train, "input_ids") == col(data.train, "labels") == [[BOS] + byte_ids(texts[0])]
 
 
 def test_text_empty_is_an_error(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "ok"}, {"text": "   "}])
-    with pytest.raises(DataError, match=rf"^{path}:2: field 'text' is empty"):
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'text' is empty; set data.on_error=skip"):
         prep(tok, path, format="text")
 
 
@@ -278,30 +367,31 @@ def test_classification_label_index_from_sorted_label_set(tmp_path, tok):
                      [["5 vs 3", "first"], ["1 vs 1", "equal"], ["2 vs 9", "second"], ["7 vs 0", "first"]])
     data = prep(tok, path, format="classification")
     assert data.label_names == ["equal", "first", "second"]
-    assert [ex.labels for ex in data.train] == [1, 0, 2, 1]
-    assert data.train[0].input_ids == [BOS] + byte_ids("5 vs 3")  # no EOS for classification
-    assert "train labels: equal=1, first=2, second=1" in data.summary()
+    assert data.train.column_names == ["input_ids", "label"]
+    assert col(data.train, "label") == [1, 0, 2, 1]
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids(t) for t in ("5 vs 3", "1 vs 1", "2 vs 9", "7 vs 0")]
+    assert Counter(col(data.train, "label")) == {0: 1, 1: 2, 2: 1}  # equal=1, first=2, second=1
 
 
 def test_classification_label_order_from_config(tmp_path, tok):
     path = write_csv(tmp_path / "c.csv", ["text", "label"], [["a", "first"], ["b", "equal"], ["c", "second"]])
     data = prep(tok, path, format="classification", labels=["second", "first", "equal", "never"])
     assert data.label_names == ["second", "first", "equal", "never"]
-    assert [ex.labels for ex in data.train] == [1, 2, 0]
+    assert col(data.train, "label") == [1, 2, 0]
 
 
 def test_classification_unknown_label_names_file_line_field(tmp_path, tok):
     path = write_csv(tmp_path / "c.csv", ["text", "label"], [["a", "first"], ["b", "maybe"], ["c", "second"]])
     with pytest.raises(DataError) as info:
         prep(tok, path, format="classification", labels=["first", "second"])
-    msg = str(info.value)
-    assert msg.startswith(f"{path}:3: field 'label': label 'maybe' is not one of ['first', 'second']")
+    assert str(info.value) == (f"{path}:3: field 'label': label 'maybe' is not one of ['first', 'second']; "
+                               "set data.on_error=skip to skip and count such rows")
 
 
 def test_classification_validation_label_unseen_in_train(tmp_path, tok):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "y": "pos"}, {"text": "b", "y": "neg"}])
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "c", "y": "pos"}, {"text": "d", "y": "meh"}])
-    with pytest.raises(DataError, match=rf"^{val}:2: field 'y': label 'meh'"):
+    with pytest.raises(DataError, match=rf"^{val}:2: field 'y': label 'meh' is not one of \['neg', 'pos'\]"):
         prep(tok, train, format="classification", label_field="y", validation=[str(val)])
 
 
@@ -309,9 +399,14 @@ def test_classification_non_string_labels_and_truncation(tmp_path, tok):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "x" * 20, "label": 1}, {"text": "y", "label": 0}])
     data = prep(tok, path, format="classification", max_seq_len=8)
     assert data.label_names == ["0", "1"]
-    assert [ex.labels for ex in data.train] == [1, 0]
-    assert data.train[0].input_ids == [BOS] + byte_ids("x" * 7) and data.train[0].truncated
-    assert data.stats["truncated"] == 1 and data.stats["too_long"] == 0
+    assert col(data.train, "label") == [1, 0]
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids("x" * 7), [BOS, BYTE_ID[ord("y")]]]
+    assert data.stats == {"rows": 2, "exact_duplicate": 0}  # truncated, not dropped
+    # the truncation flag (the encoder's)
+    enc = Encoder(dcfg(format="classification", max_seq_len=8), tok, ["0", "1"])
+    got = enc.encode_many([{"text": "x" * 20, "label": 1}, {"text": "y", "label": 0}], ["f:1", "f:2"])
+    assert [(e.input_ids, e.labels, e.truncated) for e in got] == [
+        ([BOS] + byte_ids("x" * 7), 1, True), ([BOS, BYTE_ID[ord("y")]], 0, False)]
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +438,8 @@ def test_every_source_type_loads_the_same_rows(tmp_path, tok):
     for kind, path in paths.items():
         assert [row for _, row in iter_rows(str(path))] == ROWS, kind
         data = prep(tok, path)
-        assert [(ex.input_ids, ex.labels) for ex in data.train] == expected, kind
-        assert data.stats["rows"] == 4, kind
+        assert pairs(data.train) == expected, kind
+        assert data.stats == {"rows": 4, "exact_duplicate": 0}, kind
 
 
 def test_where_of_each_source(tmp_path):
@@ -366,7 +461,10 @@ def test_json_array_line_numbers_in_errors(tmp_path, tok):
     data = prep(tok, path, on_error="skip")
     assert data.skipped == [f"{path}:4: missing field 'output' (present: ['instruction'])",
                             f"{path}:5: expected a JSON object"]
-    assert [trained_spans(tok, ex) for ex in data.train] == [["b</s>"], ["e</s>"]]
+    assert [trained_spans(tok, ex) for ex in examples(data.train)] == [["b</s>"], ["e</s>"]]
+    with pytest.raises(DataError, match=rf"^{path}:4: missing field 'output' \(present: \['instruction'\]\) "
+                                        r"\(and 1 more\); set data.on_error=skip"):
+        prep(tok, path)
 
 
 def test_json_array_syntax_error_line(tmp_path, tok):
@@ -381,13 +479,24 @@ def test_json_array_syntax_error_line(tmp_path, tok):
 
 def test_source_checks(tmp_path, tok):
     (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(DataError, match="data.train: .*plain_dir is a directory but not a datasets.save_to_disk"):
+    with pytest.raises(DataError, match="^data.train: .*plain_dir is a directory but not a datasets.save_to_disk"):
         prep(tok, tmp_path / "plain_dir")
-    (tmp_path / "d.txt").write_text("hello\n")
-    with pytest.raises(DataError, match=r"data.train: .*d.txt: unsupported file type '.txt'"):
-        prep(tok, tmp_path / "d.txt")
-    with pytest.raises(DataError, match="data.train: no training files given"):
+    (tmp_path / "d.xyz").write_text("hello\n")
+    with pytest.raises(DataError, match=r"^data.train: .*d.xyz: unsupported file type '.xyz'"):
+        prep(tok, tmp_path / "d.xyz")
+    with pytest.raises(DataError, match="^data.train: no training sources given"):
         prepare_data(dcfg(train=[]), tok, 0)
+
+
+def test_txt_source_is_one_text_row_per_paragraph(tmp_path, tok):
+    path = tmp_path / "d.txt"
+    path.write_text("hello\nworld\n\n\nsecond  paragraph\n")
+    data = prep(tok, path, format="text")
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids("hello\nworld") + [EOS],
+                                       [BOS] + byte_ids("second paragraph") + [EOS]]  # whitespace collapsed
+    with pytest.raises(DataError, match=rf"^{path}:1: missing field 'instruction' \(present: \['text'\]\) "
+                                        r"\(and 1 more\)"):
+        prep(tok, path)  # alpaca wants instruction/output
 
 
 # --------------------------------------------------------------------------------------
@@ -399,19 +508,31 @@ def test_truncated_jsonl_line_fails_with_file_line(tmp_path, tok):
     with pytest.raises(DataError) as info:
         prep(tok, path)
     msg = str(info.value)
-    assert msg.startswith(f"{path}:2: not valid JSON")
-    assert "data.on_error=skip" in msg
+    assert msg.startswith(f"{path}:2: not valid JSON (")
+    assert msg.endswith("; set data.on_error=skip to skip and count such rows") and "more)" not in msg
+
+
+def test_truncated_jsonl_line_error_names_the_unterminated_string(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", [ROWS[0], '{"instruction": "Say hi.", "output": "h', ROWS[2]])
+    with pytest.raises(DataError) as info:
+        prep(tok, path)
+    assert str(info.value) == (f"{path}:2: not valid JSON (Unterminated string starting at, column 38); "
+                               "set data.on_error=skip to skip and count such rows")
+    data = prep(tok, path, on_error="skip")
+    assert data.skipped == [f"{path}:2: not valid JSON (Unterminated string starting at, column 38)"]
 
 
 def test_truncated_jsonl_line_skipped_and_counted(tmp_path, tok):
     path = write_jsonl(tmp_path / "a.jsonl", [ROWS[0], '{"instruction": "Say hi.", "output": "h', ROWS[2], "[1, 2]"])
     data = prep(tok, path, on_error="skip")
-    assert data.stats == {"rows": 4, "skipped": 2, "too_long": 0, "truncated": 0}
+    assert data.stats == {"rows": 4, "malformed": 2, "exact_duplicate": 0}
+    assert data.steps == [("read", 4, {}), ("clean + tokenize", 2, {"malformed": 2}),
+                          ("exact duplicate", 2, {"exact_duplicate": 0}), ("split", 2, {})]
     assert len(data.skipped) == 2
-    assert data.skipped[0].startswith(f"{path}:2: not valid JSON (Unterminated string")
+    assert data.skipped[0].startswith(f"{path}:2: not valid JSON (")
     assert data.skipped[1] == f"{path}:4: expected a JSON object per line"
-    assert [ex.input_ids for ex in data.train] == [expected_alpaca(ROWS[0])[0], expected_alpaca(ROWS[2])[0]]
-    assert "2 malformed rows skipped" in data.summary()
+    assert col(data.train, "input_ids") == [expected_alpaca(ROWS[0])[0], expected_alpaca(ROWS[2])[0]]
+    assert data.summary() == "data: 4 rows -> 2 train / 0 validation / 0 test examples; dropped: 2 malformed; 0 truncated to max_seq_len"
 
 
 def test_jsonl_blank_lines_keep_line_numbers(tmp_path, tok):
@@ -427,6 +548,9 @@ def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path, tok):
     path = tmp_path / "u.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert list(iter_rows(str(path))) == [(f"{path}:{i + 1}", r) for i, r in enumerate(rows)]
+    # cleaning turns those separators into \n
+    data = prep(tok, path, format="text")
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids(t) + [EOS] for t in ("a\nb", "c\nd", "e")]
 
 
 def test_csv_missing_cell_names_file_line_field(tmp_path, tok):
@@ -454,8 +578,9 @@ def test_csv_too_many_cells_and_quoted_newlines(tmp_path, tok):
     path.write_text('instruction,output\n"Two\nlines",ok\nA,b,c\nB,d\n')
     data = prep(tok, path, on_error="skip")
     assert data.skipped == [f"{path}:4: 3 cells but 2 columns"]
-    assert [trained_spans(tok, ex) for ex in data.train] == [["ok</s>"], ["d</s>"]]
-    assert data.train[0].input_ids[: len(byte_ids(alpaca_prompt("Two\nlines", None))) + 1] == \
+    exs = examples(data.train)
+    assert [trained_spans(tok, ex) for ex in exs] == [["ok</s>"], ["d</s>"]]
+    assert exs[0].input_ids[: len(byte_ids(alpaca_prompt("Two\nlines", None))) + 1] == \
         [BOS] + byte_ids(alpaca_prompt("Two\nlines", None))
 
 
@@ -483,7 +608,7 @@ def test_utf8_bom_is_accepted(tmp_path, tok):
     path = tmp_path / "a.csv"
     path.write_bytes("\ufeffinstruction,input,output\nAdd the numbers.,2 + 3,5\n".encode())
     data = prep(tok, path)
-    assert [(ex.input_ids, ex.labels) for ex in data.train] == [expected_alpaca(ROWS[0])]
+    assert pairs(data.train) == [expected_alpaca(ROWS[0])]
 
 
 def test_missing_data_files_name_the_key(tmp_path, tok):
@@ -492,11 +617,13 @@ def test_missing_data_files_name_the_key(tmp_path, tok):
     train = write_jsonl(tmp_path / "a.jsonl", ROWS)
     with pytest.raises(DataError, match=r"^data.validation: file not found: .*val.jsonl$"):
         prep(tok, train, validation=[str(tmp_path / "val.jsonl")])
+    with pytest.raises(DataError, match=r"^data.test: file not found: .*test.jsonl$"):
+        prep(tok, train, test=[str(tmp_path / "test.jsonl")])
 
 
 def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path, tok):
     path = write_jsonl(tmp_path / "a.jsonl", ["{", "{"])
-    with pytest.raises(DataError, match=r"^data.train: no usable training examples"):
+    with pytest.raises(DataError, match=r"^data.train: no usable training examples \(\{'malformed': 2\}\)$"):
         prep(tok, path, on_error="skip")
 
 
@@ -511,78 +638,283 @@ def _instruction_for_prompt_len(n_tokens: int) -> str:
     return "x" * (n_tokens - base)
 
 
+L = 200
+TRUNCATION_ROWS = [
+    ROWS[1],  # fits
+    {"instruction": _instruction_for_prompt_len(L), "output": "12345"},  # completion starts at L: dropped
+    {"instruction": _instruction_for_prompt_len(L - 2), "output": "12345"},  # 2 completion tokens kept
+    {"instruction": _instruction_for_prompt_len(L + 30), "output": "1"},  # prompt alone too long
+    {"instruction": _instruction_for_prompt_len(L - 7), "output": "123456"},  # exactly L with EOS: not truncated
+    {"instruction": _instruction_for_prompt_len(L - 1), "output": "9"},  # one trained token, at position L-1
+]
+
+
+def test_encoder_truncation_flags_and_too_long(tok):
+    got = Encoder(dcfg(max_seq_len=L), tok).encode_many([dict(r) for r in TRUNCATION_ROWS],
+                                                         [f"f:{i}" for i in range(1, 7)])
+    assert [type(g).__name__ for g in got] == ["Example", "TooLong", "Example", "TooLong", "Example", "Example"]
+    assert [g.truncated for g in got if isinstance(g, Example)] == [False, True, False, True]
+    with pytest.raises(TooLong):
+        Encoder(dcfg(max_seq_len=L), tok)(dict(TRUNCATION_ROWS[1]), "f:2")
+
+
 def test_truncation_drops_examples_without_trained_tokens(tmp_path, tok):
-    L = 200
-    rows = [
-        ROWS[1],  # fits
-        {"instruction": _instruction_for_prompt_len(L), "output": "12345"},  # completion starts at L: dropped
-        {"instruction": _instruction_for_prompt_len(L - 2), "output": "12345"},  # 2 completion tokens kept
-        {"instruction": _instruction_for_prompt_len(L + 30), "output": "1"},  # prompt alone too long
-        {"instruction": _instruction_for_prompt_len(L - 7), "output": "123456"},  # exactly L with EOS: not truncated
-        {"instruction": _instruction_for_prompt_len(L - 1), "output": "9"},  # one trained token, at position L-1
-    ]
+    rows = TRUNCATION_ROWS
     data = prep(tok, write_jsonl(tmp_path / "a.jsonl", rows), max_seq_len=L)
-    assert data.stats == {"rows": 6, "skipped": 0, "too_long": 2, "truncated": 2}
+    assert data.stats == {"rows": 6, "too_long": 2, "exact_duplicate": 0}
+    assert data.steps[1] == ("clean + tokenize", 4, {"too_long": 2})
     assert len(data.train) == 4
-    fits, partial, exact, last = data.train
-    assert (fits.input_ids, fits.labels) == expected_alpaca({**ROWS[1]}) and not fits.truncated
+    fits, partial, exact, last = examples(data.train)
+    assert (fits.input_ids, fits.labels) == expected_alpaca({**ROWS[1]})
 
-    assert partial.truncated and len(partial.input_ids) == L and len(partial.labels) == L
+    assert len(partial.input_ids) == L and len(partial.labels) == L
     assert partial.labels == [M] * (L - 2) + byte_ids("12")
-    assert partial.input_ids == expected_alpaca({"input": None, **rows[2]})[0][:L]
+    assert partial.input_ids == expected_alpaca(rows[2])[0][:L]
 
-    assert not exact.truncated and len(exact.input_ids) == L
+    assert len(exact.input_ids) == L and exact.input_ids == expected_alpaca(rows[4])[0]
     assert exact.labels[-7:] == byte_ids("123456") + [EOS]
 
-    assert last.truncated and last.labels == [M] * (L - 1) + byte_ids("9")
-    assert "2 dropped (no trained token within max_seq_len), 2 truncated" in data.summary()
+    assert last.labels == [M] * (L - 1) + byte_ids("9")
+    assert data.lengths_before_packing == [len(expected_alpaca(ROWS[1])[0]), L, L, L]
+    assert data.summary() == "data: 6 rows -> 4 train / 0 validation / 0 test examples; dropped: 2 too_long; 2 truncated to max_seq_len"
 
 
 def test_truncation_text_format(tmp_path, tok):
     data = prep(tok, write_jsonl(tmp_path / "t.jsonl", [{"text": "0123456789" * 3}]), format="text",
                 max_seq_len=16)
-    ex = data.train[0]
+    ex = examples(data.train)[0]
     assert ex.input_ids == ex.labels == ([BOS] + byte_ids("0123456789" * 3))[:16]
-    assert ex.truncated and data.stats["truncated"] == 1
+    assert data.stats == {"rows": 1, "exact_duplicate": 0}  # truncated, nothing dropped
 
 
 # --------------------------------------------------------------------------------------
-# Train / validation split
+# Cleaning: normalisation, boilerplate, token-count limits
+
+
+def test_unicode_and_whitespace_normalisation_is_on_by_default(tmp_path, tok):
+    raw = {"instruction": "  Add   the\u00a0numbers.  ", "input": "１２ +\t3", "output": "１５\r\n"}
+    path = write_jsonl(tmp_path / "a.jsonl", [raw])
+    data = prep(tok, path)
+    assert pairs(data.train) == [expected_alpaca({"instruction": "Add the numbers.", "input": "12 + 3",
+                                                  "output": "15"})]
+    # off: only line breaks (and invisible characters) are normalised
+    data = prep(tok, path, clean={"unicode": "none", "whitespace": False})
+    assert pairs(data.train) == [expected_alpaca({**raw, "output": "１５\n"})]
+    # NFC keeps compatibility characters (full-width digits) but whitespace still collapses
+    data = prep(tok, path, clean={"unicode": "NFC"})
+    assert pairs(data.train) == [expected_alpaca({"instruction": "Add the numbers.", "input": "１２ + 3",
+                                                  "output": "１５"})]
+
+
+def test_boilerplate_rows_are_dropped_by_default(tmp_path, tok):
+    rows = [
+        ROWS[0],
+        {"instruction": "Capital of France?", "output": "As an AI language model, I cannot browse. It is Paris."},
+        {"instruction": "As an AI language model, answer: 1+1?", "output": "2"},  # not in the response: kept
+        {"instruction": "Feelings?", "output": "I DON’T have personal   feelings."},  # case, curly ', spaces
+        {"instruction": "Q?", "output": "It has an AI model inside."},  # "has an AI" is not "As an AI"
+    ]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    data = prep(tok, path)
+    assert data.stats == {"rows": 5, "boilerplate": 2, "exact_duplicate": 0}
+    assert data.steps[1] == ("clean + tokenize", 3, {"boilerplate": 2})
+    assert pairs(data.train) == [expected_alpaca(r) for r in (rows[0], rows[2], rows[4])]
+    assert data.skipped == []  # boilerplate is a drop, not a malformed row
+    off = prep(tok, path, clean={"boilerplate": "off"})
+    assert off.stats == {"rows": 5, "exact_duplicate": 0}
+    assert pairs(off.train) == [expected_alpaca({**r, "output": " ".join(r["output"].split())}) for r in rows]
+
+
+def test_boilerplate_strip_removes_the_sentence(tmp_path, tok):
+    rows = [{"instruction": "Capital of France?",
+             "output": "As an AI language model, I can't browse. However, it is Paris."},
+            ROWS[0]]
+    data = prep(tok, write_jsonl(tmp_path / "a.jsonl", rows), clean={"boilerplate": "strip"})
+    assert data.stats == {"rows": 2, "exact_duplicate": 0}
+    assert pairs(data.train) == [expected_alpaca({**rows[0], "output": "However, it is Paris."}),
+                                 expected_alpaca(ROWS[0])]
+
+
+def test_boilerplate_custom_phrases(tmp_path, tok):
+    rows = [{"instruction": "a", "output": "Great question! 4."}, {"instruction": "b", "output": "As an AI model."}]
+    data = prep(tok, write_jsonl(tmp_path / "a.jsonl", rows), clean={"boilerplate_phrases": ["great question"]})
+    assert data.stats == {"rows": 2, "boilerplate": 1, "exact_duplicate": 0}
+    assert pairs(data.train) == [expected_alpaca(rows[1])]
+
+
+def test_boilerplate_strip_of_a_whole_response_drops_the_row(tmp_path, tok):
+    rows = [ROWS[0], {"instruction": "Opinion?", "output": "As an AI language model, I have no opinion."}]
+    data = prep(tok, write_jsonl(tmp_path / "a.jsonl", rows), clean={"boilerplate": "strip"})
+    assert data.stats == {"rows": 2, "boilerplate": 1, "exact_duplicate": 0}
+    assert pairs(data.train) == [expected_alpaca(ROWS[0])]
+
+
+def test_chat_boilerplate_strip_of_a_whole_answer_drops_the_row(tmp_path, tok):
+    convs = [[{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+             [{"role": "user", "content": "Opinion?"},
+              {"role": "assistant", "content": "As an AI language model, I have no opinion."}]]
+    data = prep(tok, write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs]), format="chat",
+                clean={"boilerplate": "strip"})
+    assert data.stats == {"rows": 2, "boilerplate": 1, "exact_duplicate": 0}
+    assert [trained_spans(tok, ex) for ex in examples(data.train)] == [["2</s>"]]
+
+
+def test_chat_boilerplate_only_in_assistant_turns(tmp_path, tok):
+    convs = [
+        [{"role": "user", "content": "As an AI language model, what is 1+1?"}, {"role": "assistant", "content": "2"}],
+        [{"role": "user", "content": "1+2?"},
+         {"role": "assistant", "content": "As an AI language model, I can't see. It is 3."}],
+    ]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
+    data = prep(tok, path, format="chat")
+    assert data.stats == {"rows": 2, "boilerplate": 1, "exact_duplicate": 0}
+    assert [trained_spans(tok, ex) for ex in examples(data.train)] == [["2</s>"]]
+    data = prep(tok, path, format="chat", clean={"boilerplate": "strip"})
+    assert [trained_spans(tok, ex) for ex in examples(data.train)] == [["2</s>"], ["It is 3.</s>"]]
+
+
+def test_min_and_max_tokens_drop_and_count(tmp_path, tok):
+    texts = ["a" * k for k in range(1, 7)]  # BOS + k + EOS: 3..8 tokens
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    data = prep(tok, path, format="text", clean={"min_tokens": 5, "max_tokens": 7})
+    assert data.stats == {"rows": 6, "min_tokens": 2, "max_tokens": 1, "exact_duplicate": 0}
+    assert data.steps[1] == ("clean + tokenize", 3, {"min_tokens": 2, "max_tokens": 1})
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids(t) + [EOS] for t in texts[2:5]]
+    assert col(prep(tok, path, format="text", clean={"min_tokens": 8}).train, "input_ids") == [
+        [BOS] + byte_ids(texts[5]) + [EOS]]
+    # counted after truncation: max_seq_len 8 keeps every row at <= 8 tokens
+    data = prep(tok, path, format="text", max_seq_len=8, clean={"max_tokens": 8})
+    assert data.stats == {"rows": 6, "exact_duplicate": 0}
+
+
+# --------------------------------------------------------------------------------------
+# Exact dedup
+
+
+def test_exact_dedup_within_train_after_normalisation(tmp_path, tok):
+    rows = [ROWS[0], ROWS[1], {**ROWS[0], "input": "2  +  3"}, {**ROWS[1], "instruction": "SAY HI."}, ROWS[2],
+            ROWS[0]]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    data = prep(tok, path)
+    assert data.stats == {"rows": 6, "exact_duplicate": 3}
+    assert data.steps == [("read", 6, {}), ("clean + tokenize", 6, {}), ("exact duplicate", 3, {"exact_duplicate": 3}),
+                          ("split", 3, {})]
+    assert pairs(data.train) == [expected_alpaca(r) for r in (ROWS[0], ROWS[1], ROWS[2])]  # first occurrences
+    assert data.summary() == "data: 6 rows -> 3 train / 0 validation / 0 test examples; dropped: 3 exact_duplicate; 0 truncated to max_seq_len"
+    off = prep(tok, path, clean={"exact_dedup": False})
+    assert off.stats == {"rows": 6} and len(off.steps) == 3
+    assert col(off.train, "input_ids")[2] == expected_alpaca(ROWS[0])[0]  # "2  +  3" normalised to "2 + 3"
+    assert col(off.train, "input_ids")[3] == expected_alpaca({**ROWS[1], "instruction": "SAY HI."})[0]
+
+
+def test_classification_dedup_ignores_the_label(tmp_path, tok):
+    path = write_csv(tmp_path / "c.csv", ["text", "label"],
+                     [["1 vs 2", "second"], ["1 vs 2", "first"], ["3 vs 3", "equal"]])
+    data = prep(tok, path, format="classification")
+    assert data.stats == {"rows": 3, "exact_duplicate": 1}
+    assert data.label_names == ["equal", "first", "second"]
+    assert pairs(data.train) == [([BOS] + byte_ids("1 vs 2"), 2), ([BOS] + byte_ids("3 vs 3"), 0)]
+
+
+def test_exact_dedup_across_splits_keeps_the_eval_rows(tmp_path, tok):
+    u = _unique_rows(10)
+    train = write_jsonl(tmp_path / "train.jsonl", [u[0], u[1], u[7], u[1], {**u[0], "instruction": "ADD."}, u[9], u[2]])
+    val = write_jsonl(tmp_path / "val.jsonl", [u[7], u[7], u[8]])
+    test = write_jsonl(tmp_path / "test.jsonl", [u[9]])
+    # explicit validation and test sources: the ratios are not used
+    data = prep(tok, train, val_ratio=0.5, test_ratio=0.3, validation=[str(val)], test=[str(test)])
+    assert data.stats == {"rows": 11, "exact_duplicate": 4}
+    assert data.steps[2] == ("exact duplicate", 7, {"exact_duplicate": 4})
+    assert col(data.train, "input_ids") == [expected_alpaca(r)[0] for r in (u[0], u[1], u[2])]
+    assert col(data.validation, "input_ids") == [expected_alpaca(r)[0] for r in (u[7], u[7], u[8])]  # kept as given
+    assert col(data.test, "input_ids") == [expected_alpaca(u[9])[0]]
+    off = prep(tok, train, validation=[str(val)], test=[str(test)], clean={"exact_dedup": False})
+    assert (len(off.train), len(off.validation), len(off.test)) == (7, 3, 1)
+
+
+def test_near_dedup_when_enabled(tmp_path, tok):
+    base = "The quick brown fox jumps over the lazy dog near the old river bank today."
+    rows = [{"text": base}, {"text": base.replace("today", "todau")}, {"text": "Something entirely different."}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    data = prep(tok, path, format="text", clean={"near_dedup": True})
+    assert data.stats == {"rows": 3, "exact_duplicate": 0, "near_duplicate": 1}
+    assert data.steps[3] == ("near duplicate", 2, {"near_duplicate": 1})
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids(r["text"]) + [EOS] for r in (rows[0], rows[2])]
+
+
+# --------------------------------------------------------------------------------------
+# Train / validation / test split (by content hash)
 
 
 def _unique_rows(n: int) -> list[dict]:
     return [{"instruction": "Add.", "input": f"{i} + 1", "output": str(i + 1)} for i in range(n)]
 
 
-def _keys(examples) -> list[tuple[int, ...]]:
-    return [tuple(ex.input_ids) for ex in examples]
+def _ids(rows: list[dict]) -> list[list[int]]:
+    return [expected_alpaca(r)[0] for r in rows]
 
 
-def test_split_is_seeded_disjoint_and_sized(tmp_path, tok):
-    rows = _unique_rows(40)
+def test_content_key_is_the_joined_text_fields():
+    from dtrain.data.pipeline import content_key
+
+    assert content_key(dict(ROWS[0]), dcfg()) == alpaca_key(ROWS[0]) == "Add the numbers.\x1f2 + 3\x1f5"
+    assert content_key({"instruction": "a", "output": "b"}, dcfg()) == "a\x1f\x1fb"
+    assert content_key({"text": "t", "label": "x"}, dcfg(format="classification")) == "t"
+
+
+def test_split_follows_the_content_hash(tmp_path, tok):
+    rows = _unique_rows(60)
     path = write_jsonl(tmp_path / "a.jsonl", rows)
-    a = prep(tok, path, seed=0, val_ratio=0.25)
-    b = prep(tok, path, seed=0, val_ratio=0.25)
-    c = prep(tok, path, seed=1, val_ratio=0.25)
-    assert (len(a.train), len(a.validation)) == (30, 10)
-    assert _keys(a.train) == _keys(b.train) and _keys(a.validation) == _keys(b.validation)
-    assert set(_keys(a.validation)) != set(_keys(c.validation))
-    for d in (a, c):
-        assert not set(_keys(d.train)) & set(_keys(d.validation))
-        assert sorted(_keys(d.train) + _keys(d.validation)) == sorted(tuple(expected_alpaca(r)[0]) for r in rows)
-        # both halves keep the file order
-        all_keys = [tuple(expected_alpaca(r)[0]) for r in rows]
-        assert _keys(d.train) == [k for k in all_keys if k in set(_keys(d.train))]
-    assert len(prep(tok, path, val_ratio=0.1).validation) == 4
-    assert len(prep(tok, path, val_ratio=0.0).validation) == 0
+    keys = [alpaca_key(r) for r in rows]
+    for seed in (0, 1):
+        data = prep(tok, path, seed=seed, val_ratio=0.25, test_ratio=0.15)
+        expected = by_split(rows, keys, seed, 0.25, 0.15)
+        assert all(expected[s] for s in SPLITS)
+        for s in SPLITS:  # each split in file order
+            assert col(getattr(data, s), "input_ids") == _ids(expected[s]), (seed, s)
+        # spelled out for one row: the split comes from unit_hash(seed, key) against the ratios
+        h = unit_hash(keys[0], seed)
+        split0 = "test" if h < 0.15 else "validation" if h < 0.40 else "train"
+        assert _ids(rows[:1])[0] in col(getattr(data, split0), "input_ids")
+        assert data.stats == {"rows": 60, "exact_duplicate": 0}
+        assert data.steps[-1] == ("split", 60, {})
+    a = prep(tok, path, seed=0, val_ratio=0.25, test_ratio=0.15, use_cache=False)
+    b = prep(tok, path, seed=1, val_ratio=0.25, test_ratio=0.15)
+    assert col(a.validation, "input_ids") != col(b.validation, "input_ids")
+    # disjoint, and together every row once
+    for d in (a, b):
+        all_ids = col(d.train, "input_ids") + col(d.validation, "input_ids") + col(d.test, "input_ids")
+        assert sorted(all_ids) == sorted(_ids(rows)) and len({tuple(x) for x in all_ids}) == 60
+    assert (len(prep(tok, path, val_ratio=0.25).test), len(prep(tok, path, test_ratio=0.25).validation)) == (0, 0)
 
 
-def test_split_of_small_data_keeps_one_validation_example(tmp_path, tok):
-    path = write_jsonl(tmp_path / "a.jsonl", _unique_rows(3))
-    data = prep(tok, path, val_ratio=0.1)
-    assert (len(data.train), len(data.validation)) == (2, 1)
-    data = prep(tok, write_jsonl(tmp_path / "b.jsonl", _unique_rows(1)), val_ratio=0.1)
-    assert (len(data.train), len(data.validation)) == (1, 0)
+def test_split_sizes_follow_the_ratios_on_2000_rows(tmp_path, tok):
+    rows = _unique_rows(2000)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    data = prepare_data(dcfg(train=[str(path)]), tok, 0)  # the defaults: 0.15 / 0.15
+    sizes = {s: len(getattr(data, s)) for s in SPLITS}
+    expected = by_split(rows, [alpaca_key(r) for r in rows], 0, 0.15, 0.15)
+    assert sizes == {s: len(expected[s]) for s in SPLITS}
+    assert sum(sizes.values()) == 2000
+    assert abs(sizes["validation"] / 2000 - 0.15) < 0.025 and abs(sizes["test"] / 2000 - 0.15) < 0.025
+    assert data.summary() == (f"data: 2000 rows -> {sizes['train']} train / {sizes['validation']} validation / "
+                              f"{sizes['test']} test examples; dropped: none; 0 truncated to max_seq_len")
+
+
+def test_split_is_stable_when_rows_are_appended(tmp_path, tok):
+    rows = _unique_rows(80)
+    small = prep(tok, write_jsonl(tmp_path / "a.jsonl", rows[:50]), val_ratio=0.2, test_ratio=0.2)
+    large = prep(tok, write_jsonl(tmp_path / "b.jsonl", rows), val_ratio=0.2, test_ratio=0.2)
+    first50 = {tuple(x) for x in _ids(rows[:50])}
+    for s in SPLITS:
+        kept = [x for x in col(getattr(large, s), "input_ids") if tuple(x) in first50]
+        assert kept == col(getattr(small, s), "input_ids"), s
+
+
+def test_all_rows_hashed_out_of_train_is_an_error(tmp_path, tok):
+    row = next(r for r in _unique_rows(100) if unit_hash(alpaca_key(r), 0) < 0.15)  # lands in test
+    with pytest.raises(DataError, match=r"^data.train: no usable training examples"):
+        prep(tok, write_jsonl(tmp_path / "a.jsonl", [row]), test_ratio=0.15)
 
 
 def test_explicit_validation_files_are_used_as_given(tmp_path, tok):
@@ -590,9 +922,29 @@ def test_explicit_validation_files_are_used_as_given(tmp_path, tok):
     train = write_jsonl(tmp_path / "train.jsonl", rows[:5])
     val = write_jsonl(tmp_path / "val.jsonl", rows[5:])
     data = prep(tok, train, val_ratio=0.5, validation=[str(val)])
-    assert _keys(data.train) == [tuple(expected_alpaca(r)[0]) for r in rows[:5]]
-    assert _keys(data.validation) == [tuple(expected_alpaca(r)[0]) for r in rows[5:]]
-    assert data.stats["rows"] == 8
+    assert col(data.train, "input_ids") == _ids(rows[:5])
+    assert col(data.validation, "input_ids") == _ids(rows[5:])
+    assert len(data.test) == 0
+    assert data.stats == {"rows": 8, "exact_duplicate": 0}
+
+
+def test_explicit_validation_file_and_test_carved_by_ratio(tmp_path, tok):
+    rows = _unique_rows(60)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:50])
+    val = write_jsonl(tmp_path / "val.jsonl", rows[50:])
+    data = prep(tok, train, val_ratio=0.5, test_ratio=0.3, validation=[str(val)])
+    expected = by_split(rows[:50], [alpaca_key(r) for r in rows[:50]], 0, 0.0, 0.3)
+    assert expected["validation"] == [] and 0 < len(expected["test"]) < 50
+    assert col(data.validation, "input_ids") == _ids(rows[50:])
+    assert col(data.test, "input_ids") == _ids(expected["test"])
+    assert col(data.train, "input_ids") == _ids(expected["train"])
+    # and a test file: test used as given, validation carved by val_ratio
+    test = write_jsonl(tmp_path / "test.jsonl", rows[50:])
+    data = prep(tok, train, val_ratio=0.3, test_ratio=0.5, test=[str(test)])
+    expected = by_split(rows[:50], [alpaca_key(r) for r in rows[:50]], 0, 0.3, 0.0)
+    assert col(data.test, "input_ids") == _ids(rows[50:])
+    assert col(data.validation, "input_ids") == _ids(expected["validation"])
+    assert col(data.train, "input_ids") == _ids(expected["train"])
 
 
 def test_several_train_files_are_concatenated_in_order(tmp_path, tok):
@@ -600,7 +952,204 @@ def test_several_train_files_are_concatenated_in_order(tmp_path, tok):
     a = write_jsonl(tmp_path / "a.jsonl", rows[:2])
     b = write_csv(tmp_path / "b.csv", list(rows[0]), [list(r.values()) for r in rows[2:]])
     data = prep(tok, [a, b])
-    assert _keys(data.train) == [tuple(expected_alpaca(r)[0]) for r in rows]
+    assert col(data.train, "input_ids") == _ids(rows)
+
+
+def test_classification_split_is_stratified(tmp_path, tok):
+    counts = {"a": 40, "b": 20, "c": 100}
+    rows = [{"text": f"{label} {i}", "label": label} for i in range(100) for label in counts if i < counts[label]]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    data = prep(tok, path, format="classification", val_ratio=0.25, test_ratio=0.1)
+    per_split = {s: Counter(col(getattr(data, s), "label")) for s in SPLITS}
+    assert per_split["validation"] == {0: 10, 1: 5, 2: 25}
+    assert per_split["test"] == {0: 4, 1: 2, 2: 10}
+    assert per_split["train"] == {0: 26, 1: 13, 2: 65}
+    expected = by_split(rows, [r["text"] for r in rows], 0, 0.25, 0.1, labels=[r["label"] for r in rows])
+    for s in SPLITS:
+        assert col(getattr(data, s), "input_ids") == [[BOS] + byte_ids(r["text"]) for r in expected[s]], s
+
+
+# --------------------------------------------------------------------------------------
+# Source weights and class balance (train split only)
+
+
+def test_source_weight_two_repeats_the_rows(tmp_path, tok):
+    rows = _unique_rows(10)
+    a = write_jsonl(tmp_path / "a.jsonl", rows[:4])
+    b = write_jsonl(tmp_path / "b.jsonl", rows[4:])
+    data = prep(tok, [{"path": str(a), "weight": 2}, b])
+    assert col(data.train, "input_ids") == _ids(rows[:4]) * 2 + _ids(rows[4:])
+    assert data.steps[-1] == ("mix sources by weight", 14, {})
+    assert data.stats == {"rows": 10, "exact_duplicate": 0}
+    assert "mix sources by weight" not in [s for s, _, _ in prep(tok, [a, b]).steps]
+
+
+def test_source_weight_below_one_samples_the_rows(tmp_path, tok):
+    rows = _unique_rows(10)
+    a = write_jsonl(tmp_path / "a.jsonl", rows[:4])
+    b = write_jsonl(tmp_path / "b.jsonl", rows[4:])
+    data = prep(tok, [a, {"path": str(b), "weight": 0.5}])
+    got = col(data.train, "input_ids")
+    assert len(got) == 4 + 3 and got[:4] == _ids(rows[:4])
+    assert len({tuple(x) for x in got[4:]}) == 3 and all(x in _ids(rows[4:]) for x in got[4:])
+    assert data.steps[-1] == ("mix sources by weight", 7, {})
+    again = prep(tok, [a, {"path": str(b), "weight": 0.5}], use_cache=False)
+    assert col(again.train, "input_ids") == got  # seeded
+    # 1.5: every row once plus half of them again
+    data = prep(tok, [{"path": str(a), "weight": 1.5}, b])
+    got = col(data.train, "input_ids")
+    assert len(got) == 4 + 2 + 6 and got[:4] == _ids(rows[:4]) and got[6:] == _ids(rows[4:])
+    assert len({tuple(x) for x in got[4:6]}) == 2 and all(x in _ids(rows[:4]) for x in got[4:6])
+
+
+def test_source_weights_leave_validation_and_test_alone(tmp_path, tok):
+    rows = _unique_rows(40)
+    a = write_jsonl(tmp_path / "a.jsonl", rows[:20])
+    b = write_jsonl(tmp_path / "b.jsonl", rows[20:])
+    plain = prep(tok, [a, b], val_ratio=0.2, test_ratio=0.2)
+    weighted = prep(tok, [{"path": str(a), "weight": 2}, b], val_ratio=0.2, test_ratio=0.2)
+    assert col(weighted.validation, "input_ids") == col(plain.validation, "input_ids")
+    assert col(weighted.test, "input_ids") == col(plain.test, "input_ids")
+    train_a = [x for x in col(plain.train, "input_ids") if x in _ids(rows[:20])]
+    train_b = [x for x in col(plain.train, "input_ids") if x in _ids(rows[20:])]
+    assert col(weighted.train, "input_ids") == train_a * 2 + train_b
+
+
+def _balance_file(tmp_path: Path) -> tuple[Path, list[tuple[list[int], int]]]:
+    labels = ["a"] * 6 + ["b"] * 2 + ["c"] * 4
+    rows = [{"text": f"row {i}", "label": lab} for i, lab in enumerate(labels)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    return path, [([BOS] + byte_ids(r["text"]), "abc".index(r["label"])) for r in rows]
+
+
+def test_balance_oversample(tmp_path, tok):
+    path, originals = _balance_file(tmp_path)
+    data = prep(tok, path, format="classification", balance="oversample")
+    got = pairs(data.train)
+    assert Counter(lab for _, lab in got) == {0: 6, 1: 6, 2: 6}
+    assert all(p in originals for p in got) and all(p in got for p in originals)  # every row survives
+    assert data.steps[-1] == ("oversample", 18, {}) and data.class_weights is None
+
+
+def test_balance_undersample(tmp_path, tok):
+    path, originals = _balance_file(tmp_path)
+    data = prep(tok, path, format="classification", balance="undersample")
+    got = pairs(data.train)
+    assert Counter(lab for _, lab in got) == {0: 2, 1: 2, 2: 2}
+    assert all(p in originals for p in got) and len({tuple(ids) for ids, _ in got}) == 6
+    assert [p for p in originals if p[1] == 1] == sorted((p for p in got if p[1] == 1), key=originals.index)
+    assert data.steps[-1] == ("undersample", 6, {})
+
+
+def test_balance_class_weights(tmp_path, tok):
+    path, originals = _balance_file(tmp_path)
+    data = prep(tok, path, format="classification", balance="class_weights")
+    assert pairs(data.train) == originals  # the data is unchanged
+    assert data.class_weights == pytest.approx([12 / (3 * 6), 12 / (3 * 2), 12 / (3 * 4)])
+    assert data.steps[-1] == ("split", 12, {})
+    cached = prep(tok, path, format="classification", balance="class_weights")
+    assert cached.from_cache and cached.class_weights == data.class_weights
+
+
+# --------------------------------------------------------------------------------------
+# The cache
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_cache_reuses_an_unchanged_build(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS + ['{"bad'])
+    cache = tmp_path / "cache"
+    kw = dict(on_error="skip", cache_dir=str(cache), val_ratio=0.25)
+    a = prep(tok, path, **kw)
+    assert not a.from_cache and Path(a.cache_path).parent == cache and _entries(cache) == [Path(a.cache_path).name]
+    b = prep(tok, path, **kw)
+    assert b.from_cache and b.cache_path == a.cache_path and _entries(cache) == [Path(a.cache_path).name]
+    for s in SPLITS:
+        assert pairs(getattr(b, s)) == pairs(getattr(a, s)), s
+    assert sum(len(getattr(b, s)) for s in SPLITS) == 4
+    assert b.steps == a.steps and b.stats == a.stats == {"rows": 5, "malformed": 1, "exact_duplicate": 0}
+    assert b.skipped == a.skipped and len(a.skipped) == 1 and a.skipped[0].startswith(f"{path}:5: not valid JSON")
+    assert b.label_names is None and b.packed is False and b.lengths_before_packing == a.lengths_before_packing
+    assert b.summary() == a.summary() + f" (cached: {a.cache_path})"
+    # options that do not change the prepared data share the entry
+    for extra in ({"num_proc": 2}, {"shuffle": False}):
+        assert prep(tok, path, **kw, **extra).from_cache, extra
+
+
+def test_cache_default_location_is_under_dtrain_cache(tmp_path, tok):
+    data = prep(tok, write_jsonl(tmp_path / "a.jsonl", ROWS[:2]))
+    assert Path(data.cache_path).parent == Path(os.environ["DTRAIN_CACHE"]) / "data"
+
+
+def test_cache_key_changes_with_content_and_options(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    cache = tmp_path / "cache"
+    first = prep(tok, path, cache_dir=str(cache))
+    assert not first.from_cache
+    # one byte of the file: "5" -> "6"
+    original = path.read_bytes()
+    path.write_bytes(original.replace(b'"output": "5"', b'"output": "6"', 1))
+    assert len(path.read_bytes()) == len(original)
+    changed = prep(tok, path, cache_dir=str(cache))
+    assert not changed.from_cache and changed.cache_path != first.cache_path
+    assert col(changed.train, "input_ids")[0] == expected_alpaca({**ROWS[0], "output": "6"})[0]
+    # an option, the seed, the sample size: each a new entry
+    paths = {first.cache_path, changed.cache_path}
+    for kw in ({"max_seq_len": 300}, {"seed": 1}, {"rows_per_file": 2}, {"clean": {"exact_dedup": False}},
+               {"on_error": "skip"}):
+        other = prep(tok, path, cache_dir=str(cache), **kw)
+        assert not other.from_cache and other.cache_path not in paths, kw
+        paths.add(other.cache_path)
+    assert len(_entries(cache)) == len(paths) == 7
+    # the original content again: its entry is found
+    path.write_bytes(original)
+    again = prep(tok, path, cache_dir=str(cache))
+    assert again.from_cache and again.cache_path == first.cache_path
+
+
+def test_use_cache_false_rebuilds(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    cache = tmp_path / "cache"
+    a = prep(tok, path, cache_dir=str(cache))
+    b = prep(tok, path, cache_dir=str(cache), use_cache=False)
+    assert not b.from_cache and b.cache_path == a.cache_path and pairs(b.train) == pairs(a.train)
+    assert _entries(cache) == [Path(a.cache_path).name]  # no temporary directory left behind
+    assert prep(tok, path, cache_dir=str(cache)).from_cache
+
+
+def test_use_cache_false_sees_a_changed_database(tmp_path, tok):
+    db = tmp_path / "q.sqlite"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE t (text TEXT)")
+        con.executemany("INSERT INTO t VALUES (?)", [("one",), ("two",)])
+    con.close()
+    spec = f"sql:sqlite:///{db}::SELECT text FROM t ORDER BY rowid"
+    kw = dict(format="text", cache_dir=str(tmp_path / "cache"))
+    assert col(prep(tok, spec, **kw).train, "input_ids") == [[BOS] + byte_ids(t) + [EOS] for t in ("one", "two")]
+    with sqlite3.connect(db) as con:
+        con.execute("INSERT INTO t VALUES ('three')")
+    con.close()
+    assert prep(tok, spec, **kw).from_cache  # a database is not hashed: the entry is reused
+    fresh = prep(tok, spec, use_cache=False, **kw)
+    assert col(fresh.train, "input_ids") == [[BOS] + byte_ids(t) + [EOS] for t in ("one", "two", "three")]
+    assert col(prep(tok, spec, **kw).train, "input_ids") == col(fresh.train, "input_ids")
+
+
+def test_num_proc_gives_the_same_data(tmp_path, tok):
+    rows = _unique_rows(300)
+    path = write_jsonl(tmp_path / "a.jsonl", rows[:150] + ['{"bad'] + rows[150:])
+    kw = dict(on_error="skip", val_ratio=0.2, test_ratio=0.1)
+    one = prep(tok, path, cache_dir=str(tmp_path / "c1"), **kw)
+    two = prep(tok, path, cache_dir=str(tmp_path / "c2"), num_proc=2, **kw)
+    assert not two.from_cache
+    for s in SPLITS:
+        assert pairs(getattr(two, s)) == pairs(getattr(one, s)), s
+    assert two.skipped == one.skipped and len(one.skipped) == 1
+    assert one.skipped[0].startswith(f"{path}:151: not valid JSON (")
+    assert two.steps == one.steps
 
 
 # --------------------------------------------------------------------------------------
@@ -731,6 +1280,33 @@ def test_eval_batches_cover_every_example_in_order():
     assert r0 == [[0, 1, 2], [6, 7, 8]] and r1 == [[3, 4, 5], [9]]
 
 
+def test_batch_iterator_over_a_prepared_dataset_equals_over_examples(tmp_path, tok):
+    data = prep(tok, write_jsonl(tmp_path / "a.jsonl", _unique_rows(11)))
+    as_list = examples(data.train)
+    for shuffle in (False, True):
+        a = BatchIterator(data.train, batch_size=4, pad_id=PAD, shuffle=shuffle, seed=3)
+        b = BatchIterator(as_list, batch_size=4, pad_id=PAD, shuffle=shuffle, seed=3)
+        assert a.batches_per_epoch == b.batches_per_epoch == 2
+        for _ in range(5):
+            x, y = next(a), next(b)
+            for key in ("input_ids", "attention_mask", "labels"):
+                assert torch.equal(x[key], y[key]), (shuffle, key)
+    got = list(eval_batches(data.train, 4, PAD))
+    want = list(eval_batches(as_list, 4, PAD))
+    assert len(got) == 3 and all(torch.equal(g["labels"], w["labels"]) for g, w in zip(got, want))
+    first = collate(as_list[:4], PAD)
+    assert torch.equal(got[0]["input_ids"], first["input_ids"])
+
+
+def test_batch_iterator_over_a_classification_dataset(tmp_path, tok):
+    path, originals = _balance_file(tmp_path)
+    data = prep(tok, path, format="classification")
+    batch = next(BatchIterator(data.train, batch_size=3, pad_id=PAD, shuffle=False, seed=0))
+    assert batch["labels"].tolist() == [lab for _, lab in originals[:3]]
+    width = max(len(ids) for ids, _ in originals[:3])
+    assert batch["input_ids"].tolist() == [ids + [PAD] * (width - len(ids)) for ids, _ in originals[:3]]
+
+
 # --------------------------------------------------------------------------------------
 # prepare_data with full configs and the shipped example data
 
@@ -745,30 +1321,33 @@ def test_prepare_alpaca_example_data_from_config(make_config):
     cfg = make_config()
     tok = load_tokenizer(cfg.model)
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (PAD, BOS, EOS)
+    assert (cfg.data.val_ratio, cfg.data.test_ratio) == (0.15, 0.15)
     data = prepare_data(cfg.data, tok, cfg.seed)
     rows = _lines(ALPACA)
-    assert data.stats == {"rows": len(rows), "skipped": 0, "too_long": 0, "truncated": 0}
-    assert len(data.validation) == round(len(rows) * cfg.data.val_ratio) == 300
-    assert len(data.train) == len(rows) - 300
-    expected = {tuple(expected_alpaca({"input": None, **r})[0]): expected_alpaca({"input": None, **r})[1]
-                for r in rows}
-    for ex in data.train + data.validation:
-        assert expected[tuple(ex.input_ids)] == ex.labels
+    unique = dedup_first(rows, alpaca_key)
+    assert (len(rows), len(unique)) == (2000, 1860)
+    assert data.stats == {"rows": 2000, "exact_duplicate": 140}
+    expected = by_split(unique, [alpaca_key(r) for r in unique], cfg.seed, 0.15, 0.15)
+    for s in SPLITS:
+        assert pairs(getattr(data, s)) == [expected_alpaca(r) for r in expected[s]], s
+    assert abs(len(data.validation) / 1860 - 0.15) < 0.03 and abs(len(data.test) / 1860 - 0.15) < 0.03
     again = prepare_data(cfg.data, tok, cfg.seed)
-    assert _keys(again.validation) == _keys(data.validation)
+    assert again.from_cache and col(again.validation, "input_ids") == col(data.validation, "input_ids")
     other = prepare_data(cfg.data, tok, cfg.seed + 1)
-    assert _keys(other.validation) != _keys(data.validation)
+    assert col(other.validation, "input_ids") != col(data.validation, "input_ids")
+    assert len(other.train) + len(other.validation) + len(other.test) == 1860
 
 
 def test_prepare_chat_example_data_from_config(make_config):
     from dtrain.model import load_tokenizer
 
-    cfg = make_config("data.format=chat", f"data.train={CHAT}", "data.val_ratio=0")
+    cfg = make_config("data.format=chat", f"data.train={CHAT}", "data.val_ratio=0", "data.test_ratio=0")
     tok = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tok, cfg.seed)
-    rows = _lines(CHAT)
-    assert len(data.train) == len(rows) and data.validation == []
-    for row, ex in zip(rows, data.train):
+    rows = dedup_first(_lines(CHAT), lambda r: json.dumps(r["messages"]))
+    assert data.stats == {"rows": 1000, "exact_duplicate": 1000 - len(rows)} and len(rows) == 957
+    assert len(data.train) == len(rows) and len(data.validation) == len(data.test) == 0
+    for row, ex in zip(rows, examples(data.train)):
         answers = [m["content"] + "</s>" for m in row["messages"] if m["role"] == "assistant"]
         assert trained_spans(tok, ex) == answers
         assert ex.labels[-1] == EOS
@@ -777,34 +1356,51 @@ def test_prepare_chat_example_data_from_config(make_config):
 def test_prepare_text_example_data_from_config(make_config):
     from dtrain.model import load_tokenizer
 
-    cfg = make_config("data.format=text", f"data.train={TEXT}", "data.val_ratio=0", "data.add_eos=false")
+    cfg = make_config("data.format=text", f"data.train={TEXT}", "data.val_ratio=0", "data.test_ratio=0",
+                      "data.add_eos=false")
     tok = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tok, cfg.seed)
-    rows = _lines(TEXT)
-    assert [ex.input_ids for ex in data.train] == [[BOS] + byte_ids(r["text"]) for r in rows]
-    assert all(ex.labels == ex.input_ids for ex in data.train)
+    rows = dedup_first(_lines(TEXT), lambda r: r["text"])
+    assert data.stats == {"rows": 1000, "exact_duplicate": 42} and len(rows) == 958
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids(r["text"]) for r in rows]
+    assert col(data.train, "labels") == col(data.train, "input_ids")
 
 
 def test_prepare_classification_example_data_from_config(make_config):
     from dtrain.model import load_tokenizer
 
     cfg = make_config("data.format=classification", "model.task=classification", f"data.train={CLASSIFICATION}",
-                      "data.val_ratio=0")
+                      "data.val_ratio=0", "data.test_ratio=0")
     tok = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tok, cfg.seed)
     with open(CLASSIFICATION, newline="") as f:
-        rows = list(csv.DictReader(f))
-    names = sorted({r["label"] for r in rows})
+        all_rows = list(csv.DictReader(f))
+    rows = dedup_first(all_rows, lambda r: r["text"])
+    assert data.stats == {"rows": 1000, "exact_duplicate": 65} and len(rows) == 935
+    names = sorted({r["label"] for r in all_rows})
     assert data.label_names == names == ["equal", "first", "second"]
-    assert [ex.labels for ex in data.train] == [names.index(r["label"]) for r in rows]
-    assert [ex.input_ids for ex in data.train] == [[BOS] + byte_ids(r["text"]) for r in rows]
+    assert col(data.train, "label") == [names.index(r["label"]) for r in rows]
+    assert col(data.train, "input_ids") == [[BOS] + byte_ids(r["text"]) for r in rows]
+
+
+def test_prepare_classification_example_data_stratified(make_config):
+    from dtrain.model import load_tokenizer
+
+    cfg = make_config("data.format=classification", "model.task=classification", f"data.train={CLASSIFICATION}")
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    with open(CLASSIFICATION, newline="") as f:
+        rows = dedup_first(list(csv.DictReader(f)), lambda r: r["text"])
+    total = Counter(r["label"] for r in rows)
+    for s in ("validation", "test"):
+        got = Counter(data.label_names[i] for i in col(getattr(data, s), "label"))
+        assert got == {name: round(n * 0.15) for name, n in total.items()}, s
 
 
 def test_prepare_rows_per_file_reads_a_sample(make_config):
     from dtrain.model import load_tokenizer
 
-    cfg = make_config("data.val_ratio=0")
+    cfg = make_config("data.val_ratio=0", "data.test_ratio=0")
     data = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.seed, rows_per_file=7)
-    assert data.stats["rows"] == 7 and len(data.train) == 7
+    assert data.stats == {"rows": 7, "exact_duplicate": 0} and len(data.train) == 7
     rows = _lines(ALPACA)[:7]
-    assert [ex.input_ids for ex in data.train] == [expected_alpaca({"input": None, **r})[0] for r in rows]
+    assert col(data.train, "input_ids") == [expected_alpaca(r)[0] for r in rows]

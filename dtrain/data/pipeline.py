@@ -57,6 +57,7 @@ class PreparedData:
     steps: list[tuple[str, int, dict[str, int]]] = field(default_factory=list)  # (step, rows out, drops by reason)
     skipped: list[str] = field(default_factory=list)  # "file:line: reason" of skipped malformed rows
     lengths_before_packing: list[int] = field(default_factory=list)
+    truncated: int = 0  # kept examples cut to max_seq_len
     cache_path: str | None = None
     from_cache: bool = False
 
@@ -70,7 +71,8 @@ class PreparedData:
     def summary(self) -> str:
         drops = ", ".join(f"{n} {reason}" for reason, n in self.stats.items() if reason != "rows" and n) or "none"
         text = (f"data: {self.stats['rows']} rows -> {len(self.train)} train / {len(self.validation)} validation / "
-                f"{len(self.test)} test {'packed sequences' if self.packed else 'examples'}; dropped: {drops}")
+                f"{len(self.test)} test {'packed sequences' if self.packed else 'examples'}; dropped: {drops}; "
+                f"{self.truncated} truncated to max_seq_len")
         if self.from_cache:
             text += f" (cached: {self.cache_path})"
         return text
@@ -158,6 +160,8 @@ def _clean_row(row: dict[str, Any], cfg: DataConfig, phrases: tuple[str, ...]) -
                             if c.boilerplate == "drop":
                                 return "boilerplate"
                             m["content"] = clean.strip_boilerplate(m["content"], phrases)
+                            if not m["content"]:  # the whole answer was boilerplate
+                                return "boilerplate"
         return None
     fields, completion_fields = _text_fields(cfg)
     for name in fields:
@@ -170,6 +174,8 @@ def _clean_row(row: dict[str, Any], cfg: DataConfig, phrases: tuple[str, ...]) -
                 if c.boilerplate == "drop":
                     return "boilerplate"
                 row[name] = clean.strip_boilerplate(text, phrases)
+                if not row[name]:  # the whole response was boilerplate
+                    return "boilerplate"
     return None
 
 
@@ -284,6 +290,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         raise DataError(f"{malformed[0]}{more}; set data.on_error=skip to skip and count such rows")
     reasons = Counter("malformed" if d.startswith("malformed:") else d for d in drops if d)
     alive = [i for i, d in enumerate(drops) if d is None]
+    truncated = sum(1 for i, t in enumerate(column(encoded, "truncated")) if t and drops[i] is None)
     steps.append(("clean + tokenize", len(alive), dict(reasons)))
 
     # Dedup within and across splits: rows of explicit validation/test sources win, so a
@@ -361,7 +368,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         steps.append(("pack", len(splits["train"]), {}))
     skipped = [m for m in malformed] if cfg.on_error == "skip" else []
     return PreparedData(splits["train"], splits["validation"], splits["test"], label_names, weights_out, packed,
-                        steps, skipped, lengths)
+                        steps, skipped, lengths, truncated)
 
 
 def _write_raw(rows: Iterator[dict[str, Any]], path: Path, batch_size: int = 2000) -> Dataset:
@@ -516,12 +523,17 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
             getattr(data, name).save_to_disk(str(tmp / name))
         meta = {"features": {n: getattr(data, n).features.to_dict() for n in ("train", "validation", "test")},
                 "sizes": {n: len(getattr(data, n)) for n in ("train", "validation", "test")},"label_names": data.label_names, "class_weights": data.class_weights, "packed": data.packed,
-                "steps": data.steps, "skipped": data.skipped, "lengths_before_packing": data.lengths_before_packing}
+                "steps": data.steps, "skipped": data.skipped, "lengths_before_packing": data.lengths_before_packing,
+                "truncated": data.truncated}
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(tmp / "work", ignore_errors=True)
-        if final.exists():  # another process finished first; theirs is identical
+        if final.exists() and use_cache:  # another process finished first; theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
         else:
+            if final.exists():  # use_cache=False: this fresh build replaces the old entry
+                stale = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=root))
+                os.rename(final, stale / "entry")
+                shutil.rmtree(stale, ignore_errors=True)
             os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -540,5 +552,5 @@ def _load_cached(path: Path) -> PreparedData:
     return PreparedData(
         splits["train"], splits["validation"], splits["test"], meta["label_names"], meta["class_weights"],
         meta["packed"], [tuple(s) for s in meta["steps"]], meta["skipped"], meta["lengths_before_packing"],
-        cache_path=str(path), from_cache=True,
+        meta["truncated"], cache_path=str(path), from_cache=True,
     )

@@ -102,7 +102,7 @@ def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir
     unpacked_pad = padding_fraction(before, batch_size)
     lines += ["## Lengths and padding", "",
               f"- tokens per example: min {min(before)}, median {sorted(before)[len(before) // 2]}, "
-              f"max {max(before)} (max_seq_len {max_seq_len})",
+              f"max {max(before)} (max_seq_len {max_seq_len}); {data.truncated} examples truncated to max_seq_len",
               f"- padding when batches of {batch_size} are padded to their longest: {100 * unpacked_pad:.1f}% of tokens"]
     if data.packed:
         lines.append(f"- after packing into {len(after)} sequences: {100 * padding_fraction(after, batch_size):.1f}% "

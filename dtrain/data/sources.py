@@ -202,7 +202,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
                 raw = raw[len(codecs.BOM_UTF8):]
             any_content = any_content or bool(raw.strip())
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")  # the line break is not part of the JSON text
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
                                 "re-encode the file as UTF-8") from None
