@@ -26,6 +26,7 @@ from dtrain.data.formats import ALPACA_PROMPT, Encoder, TooLong, alpaca_prompt
 from dtrain.data.loader import eval_batches
 from dtrain.data.sources import iter_rows
 from dtrain.data.split import assign_splits, unit_hash
+from dtrain.presets import byte_tokenizer
 
 PAD, BOS, EOS = 0, 1, 2
 M = IGNORE_INDEX
@@ -1404,3 +1405,20 @@ def test_prepare_rows_per_file_reads_a_sample(make_config):
     assert data.stats == {"rows": 7, "exact_duplicate": 0} and len(data.train) == 7
     rows = _lines(ALPACA)[:7]
     assert col(data.train, "input_ids") == [expected_alpaca(r)[0] for r in rows]
+
+
+def test_an_unreadable_cache_entry_is_rebuilt(tmp_path):
+    """An entry written by another dtrain version (or damaged) is rebuilt, never fatal."""
+    import json as _json
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i}"} for i in range(6)])
+    cfg = DataConfig(train=[str(path)], format="text", val_ratio=0, test_ratio=0, cache_dir=str(tmp_path / "c"))
+    first = prepare_data(cfg, byte_tokenizer(), 0)
+    meta_path = Path(first.cache_path) / "meta.json"
+    meta = _json.loads(meta_path.read_text())
+    del meta["truncated"]
+    meta_path.write_text(_json.dumps(meta))
+    again = prepare_data(cfg, byte_tokenizer(), 0)
+    assert not again.from_cache and again.cache_path == first.cache_path
+    assert col(again.train, "input_ids") == col(first.train, "input_ids")
+    assert prepare_data(cfg, byte_tokenizer(), 0).from_cache  # the rebuilt entry is readable

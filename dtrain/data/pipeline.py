@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,7 +32,9 @@ from dtrain.data.balance import class_weights, resample_indices
 from dtrain.data.formats import Encoder, Example, RowError, TooLong
 from dtrain.data.sources import DataError, check_source, iter_rows
 
-PIPELINE_VERSION = "1"  # bump when the pipeline's output changes for the same inputs
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = "2"  # bump when the pipeline's output or cache layout changes for the same inputs
 
 RAW_FEATURES = Features({
     "row": Value("string"), "where": Value("string"), "source": Value("int32"),
@@ -514,7 +517,11 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     key = cache_key(cfg, tokenizer, seed, rows_per_file)
     final = root / key
     if use_cache and (final / "meta.json").is_file():
-        return _load_cached(final)
+        try:
+            return _load_cached(final)
+        except (KeyError, ValueError, OSError) as exc:  # written by another dtrain version, or damaged
+            log.warning("data cache entry %s is unreadable (%s); rebuilding it", final, exc)
+            use_cache = False
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
     try:
