@@ -369,7 +369,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         splits["train"] = _materialise_bins(splits["train"], bins, workdir)
         packed = True
         steps.append(("pack", len(splits["train"]), {}))
-    skipped = [m for m in malformed] if cfg.on_error == "skip" else []
+    skipped = list(malformed) if cfg.on_error == "skip" else []
     return PreparedData(splits["train"], splits["validation"], splits["test"], label_names, weights_out, packed,
                         steps, skipped, lengths, truncated)
 
