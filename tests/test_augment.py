@@ -292,3 +292,29 @@ def test_augment_examples_is_stable_across_processes(wordnet):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == augment_examples(texts, seed=7, n_aug=2,
                                                                                  synonyms=wordnet)
+
+
+def test_prepare_data_adds_augmented_copies_to_train_only(tmp_path):
+    from dtrain.config import DataConfig
+    from dtrain.data import prepare_data
+    from dtrain.presets import byte_tokenizer
+
+    words = ["quick", "happy", "large", "small", "bright", "quiet", "strong", "gentle", "clever", "brave"]
+    rows = [{"text": f"the {w} dog runs across the big green field", "label": "a" if i % 2 else "b"}
+            for i, w in enumerate(words * 2)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    syn = tmp_path / "syn.txt"
+    syn.write_text("dog, hound\nruns, sprints\nbig, huge\nfield, meadow\n")
+    base = DataConfig(train=[str(path)], format="classification", val_ratio=0.2, test_ratio=0.0,
+                      cache_dir=str(tmp_path / "c"), clean={"exact_dedup": False})
+    plain = prepare_data(base, byte_tokenizer(), seed=0)
+    aug = prepare_data(base.model_copy(update={"augment": base.augment.model_copy(
+        update={"copies": 2, "synonyms": str(syn), "p_replace": 0.3, "p_insert": 0, "p_swap": 0, "p_delete": 0})}),
+        byte_tokenizer(), seed=0)
+    assert len(aug.train) == 3 * len(plain.train)
+    assert len(aug.validation) == len(plain.validation)
+    tok = byte_tokenizer()
+    texts = [tok.decode(ids, skip_special_tokens=True) for ids in aug.train[:]["input_ids"]]
+    changed = [t for t in texts[len(plain.train):] if any(w in t for w in ("hound", "sprints", "huge", "meadow"))]
+    assert len(changed) == 2 * len(plain.train)  # every copy got a synonym from the file

@@ -16,6 +16,10 @@ from dtrain.data.report import padding_fraction
 from dtrain.presets import byte_tokenizer
 
 
+def lengths_of(examples):
+    return [len(ex.input_ids) for ex in examples]
+
+
 def token_losses(logits, labels):
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
@@ -48,7 +52,7 @@ def random_examples(n, seed=0):
 @pytest.mark.parametrize("examples", [alpaca_examples(10), alpaca_examples(10, train_on_prompt=True),
                                       random_examples(25)], ids=["alpaca", "alpaca-all-tokens", "random"])
 def test_packed_loss_equals_one_by_one(model, examples):
-    bins = pack_examples(examples, 512)
+    bins = pack_examples(lengths_of(examples), 512)
     assert len(bins) < len(examples)  # several examples share a row
     alone = torch.cat([token_losses(model(input_ids=torch.tensor([examples[i].input_ids])).logits,
                                     torch.tensor([examples[i].labels])) for b in bins for i in b])
@@ -72,7 +76,7 @@ def test_packed_gradients_equal_one_by_one(tiny_model_dir):
     m2 = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     sum(token_losses(m1(input_ids=torch.tensor([ex.input_ids])).logits, torch.tensor([ex.labels])).sum()
         for ex in examples).backward()
-    batch = collate_packed([[examples[i] for i in b] for b in pack_examples(examples, 256)], pad_id=0)
+    batch = collate_packed([[examples[i] for i in b] for b in pack_examples(lengths_of(examples), 256)], pad_id=0)
     token_losses(m2(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"]).logits, batch["labels"]).sum().backward()
     for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
@@ -92,12 +96,12 @@ def test_collate_packed_layout():
 
 def test_pack_examples_fits_every_example_once_and_is_deterministic():
     examples = random_examples(300, seed=1)
-    bins = pack_examples(examples, 128, shuffle_seed=0)
+    bins = pack_examples(lengths_of(examples), 128, shuffle_seed=0)
     assert sorted(i for b in bins for i in b) == list(range(300))
     assert all(sum(len(examples[i].input_ids) for i in b) <= 128 for b in bins)
-    assert bins == pack_examples(examples, 128, shuffle_seed=0)
+    assert bins == pack_examples(lengths_of(examples), 128, shuffle_seed=0)
     with pytest.raises(ValueError, match="longer than max_seq_len"):
-        pack_examples([Example([1] * 10, [1] * 10)], 8)
+        pack_examples([10], 8)
 
 
 def alpaca_like_lengths(n=2000, seed=0):
@@ -108,8 +112,7 @@ def alpaca_like_lengths(n=2000, seed=0):
 
 def test_packing_cuts_padding_below_5_percent_on_alpaca_like_lengths(capsys):
     lengths = alpaca_like_lengths()
-    examples = [Example([1] * n, [1] * n) for n in lengths]
-    bins = pack_examples(examples, 1024, shuffle_seed=0)
+    bins = pack_examples(lengths, 1024, shuffle_seed=0)
     packed_lengths = [sum(lengths[i] for i in b) for b in bins]
     padded = padding_fraction(lengths, 8)
     packed = padding_fraction(packed_lengths, 8)
@@ -126,3 +129,25 @@ def test_length_grouped_order_reduces_padding():
     grouped = padding_fraction([lengths[i] for i in order], 8)
     assert grouped < padding_fraction(lengths, 8) / 3
     assert order != length_grouped_order(lengths, 8, seed=1)
+
+
+def test_prepare_data_packs_every_training_token_once(tmp_path):
+    from dtrain.data import prepare_data
+
+    cfg = DataConfig(train=[str(ALPACA)], format="alpaca", max_seq_len=1024, val_ratio=0.1, test_ratio=0.0,
+                     cache_dir=str(tmp_path / "cache"))
+    plain = prepare_data(cfg, byte_tokenizer(), seed=0)
+    packed = prepare_data(cfg.model_copy(update={"packing": True}), byte_tokenizer(), seed=0)
+    assert packed.packed and len(packed.train) < len(plain.train) / 3
+    rows = packed.train[:]
+    assert all(sum(lens) == len(ids) <= 1024 for lens, ids in zip(rows["seq_lens"], rows["input_ids"]))
+    assert sum(sum(lens) for lens in rows["seq_lens"]) == sum(plain.lengths_before_packing)
+    assert sorted(n for lens in rows["seq_lens"] for n in lens) == sorted(plain.lengths_before_packing)
+    assert len(packed.validation) == len(plain.validation)  # evaluation data is never packed
+
+
+def test_training_on_packed_data(make_config):
+    from dtrain.train import train
+
+    result = train(make_config("data.packing=true", "data.max_seq_len=1024", "train.max_steps=3"))
+    assert len(result.train_losses) == 3 and all(0 < x < 10 for x in result.train_losses)

@@ -19,20 +19,20 @@ import torch
 from dtrain.data.formats import IGNORE_INDEX, Example
 
 
-def pack_examples(examples: Sequence[Example], max_seq_len: int, *, shuffle_seed: int | None = None) -> list[list[int]]:
-    """Indices of the examples in each packed row (best-fit decreasing; deterministic).
+def pack_examples(lengths: Sequence[int], max_seq_len: int, *, shuffle_seed: int | None = None) -> list[list[int]]:
+    """Indices of the examples (given by their token counts) in each packed row
+    (best-fit decreasing; deterministic).
 
     Each example goes to the fullest row that still has room for it, longest examples first,
     which leaves almost no gaps on long-tailed length distributions. With a seed, the order
     of the rows is shuffled so that a row's length does not follow its position.
     """
-    lengths = [len(ex.input_ids) for ex in examples]
     too_long = [i for i, n in enumerate(lengths) if n > max_seq_len]
     if too_long:
         raise ValueError(f"{len(too_long)} examples are longer than max_seq_len={max_seq_len} (truncate first)")
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, bin index), sorted
-    for i in sorted(range(len(examples)), key=lambda i: (-lengths[i], i)):
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         pos = bisect.bisect_left(free, (lengths[i], -1))
         if pos < len(free):
             room, b = free.pop(pos)

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from dtrain.config import DataConfig, SourceConfig
 from dtrain.data import clean
 from dtrain.data.balance import class_weights, resample_indices
-from dtrain.data.formats import Encoder, Example, RowError, TooLong
+from dtrain.data.formats import Encoder, RowError, TooLong
 from dtrain.data.sources import DataError, check_source, iter_rows
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         weights_out = class_weights(column(train, "label"), len(label_names))
 
     if cfg.augment.copies > 0:
-        train = _augment(train, encoded, raw, train_idx, cfg, tokenizer, label_names, seed, workdir)
+        train = _augment(train, raw, train_idx, cfg, tokenizer, label_names, seed, workdir)
         steps.append(("augment (EDA)", len(train), {}))
 
     columns = ["input_ids", "labels"] if not label_names else ["input_ids", "label"]
@@ -364,8 +364,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
     if cfg.packing and not label_names:
         from dtrain.data.packing import pack_examples
 
-        bins = pack_examples([Example([0] * n, []) for n in lengths], cfg.max_seq_len,
-                             shuffle_seed=seed)
+        bins = pack_examples(lengths, cfg.max_seq_len, shuffle_seed=seed)
         splits["train"] = _materialise_bins(splits["train"], bins, workdir)
         packed = True
         steps.append(("pack", len(splits["train"]), {}))
@@ -433,7 +432,7 @@ def _materialise_bins(train: Dataset, bins: list[list[int]], workdir: Path) -> D
     return _from_generator(rows, features, workdir / "packed")
 
 
-def _augment(train: Dataset, encoded: Dataset, raw: Dataset, train_idx: list[int], cfg: DataConfig,
+def _augment(train: Dataset, raw: Dataset, train_idx: list[int], cfg: DataConfig,
              tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None, seed: int, workdir: Path) -> Dataset:
     """EDA copies of the training rows' text fields (train split only), encoded like the originals."""
     from datasets import concatenate_datasets
