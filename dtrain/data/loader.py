@@ -8,6 +8,7 @@ the number of ranks.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -25,7 +26,7 @@ def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]]:
     if "seq_lens" in cols:
         rows = []
         for ids_, labels, lens in zip(cols["input_ids"], cols["labels"], cols["seq_lens"]):
-            starts = [sum(lens[:k]) for k in range(len(lens))]
+            starts = accumulate(lens[:-1], initial=0)  # offset of each example in the row
             rows.append([Example(ids_[a : a + n], labels[a : a + n]) for a, n in zip(starts, lens)])
         return rows
     labels = cols["labels"] if "labels" in cols else cols["label"]
