@@ -1,16 +1,20 @@
-"""Resumable checkpoints, written atomically.
+"""Resumable, sharded checkpoints, written atomically.
 
     output_dir/checkpoints/
         step_00000100/
-            model.safetensors   trainable parameters (frozen ones come from model.path)
-            optimizer.pt        optimizer state (tensors and numbers only: loaded weights_only)
-            trainer_state.pt    step, scheduler, data position, early stopping, RNG states
-            manifest.json       size and sha256 of each file above, written last
+            dcp/                trainable parameters + optimizer state (torch.distributed.checkpoint):
+                                each rank writes its own shard; loads at any world size (single, ddp, fsdp)
+            deepspeed/          or: the DeepSpeed engine's checkpoint (ZeRO partitions)
+            trainer_state.pt    step, scheduler, data position, early stopping (tensors and numbers only)
+            rng/rank_00000.pt   each rank's RNG states (Python, NumPy, torch, CUDA)
+            manifest.json       size and sha256 of every file above, step, world size, strategy
+                                and the run's config; written last
         latest                  name of the newest complete checkpoint, replaced last
 
-A checkpoint is built in a hidden temporary directory and renamed into place only when
-every file and the manifest are on disk, so a crash at any moment leaves the previous
-checkpoints untouched; a directory whose manifest does not match is never resumed from.
+Every rank writes into one hidden temporary directory; once all have finished, the main
+rank writes the manifest and renames the directory into place, then replaces `latest`.
+A crash at any moment therefore leaves the previous checkpoints untouched, and a
+directory whose files do not match its manifest is never resumed from.
 """
 
 from __future__ import annotations
@@ -22,18 +26,23 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+
+    from dtrain.config import Config
+    from dtrain.parallel import Strategy
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE = (
-    "model.safetensors", "optimizer.pt", "trainer_state.pt", "manifest.json",
-)
+STATE_FILE, MANIFEST_FILE, RNG_DIR = "trainer_state.pt", "manifest.json", "rng"
 PREFIX = "step_"
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +51,10 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
 
 
 def _sha256(path: Path) -> str:
@@ -67,6 +80,15 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
+# --------------------------------------------------------------------------------------
+# RNG
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -87,48 +109,91 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
-    trainer_state: dict[str, Any], keep_last: int,
-) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"{PREFIX}{step:08d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    # contiguous copies: safetensors refuses views that share storage
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
-    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
-    files = {}
-    for fname in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-        _fsync(tmp / fname)
-        files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
-    _write_json_atomic(tmp / MANIFEST_FILE, {"step": step, "files": files})
-    _fsync(tmp)
-    if final.exists():  # same step saved again (e.g. after a resume): swap it out safely
-        stale = root / f".stale-{name}-{os.getpid()}"
-        os.rename(final, stale)
-        os.rename(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    _write_json_atomic(root / "latest", {"checkpoint": name, "step": step})
-    _prune(root, keep_last)
+# --------------------------------------------------------------------------------------
+# Compatibility: what a checkpoint must agree on with the run that resumes it
+
+
+def compatibility(cfg: "Config") -> dict[str, Any]:
+    """Config values that make a checkpoint's tensors mean something: the model and its adapters.
+    (LR, steps, batch size and the like may change on resume; the data position checks the data.)"""
+    return {"model.path": cfg.model.path, "model.task": cfg.model.task, "model.dtype": cfg.model.dtype,
+            **{f"peft.{k}": v for k, v in cfg.peft.model_dump(mode="json").items()},
+            "deepspeed": cfg.parallel.strategy == "deepspeed"}
+
+
+def check_compatible(path: Path, manifest: dict[str, Any], cfg: "Config") -> None:
+    saved, current = manifest.get("compatibility", {}), compatibility(cfg)
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if not differ:
+        return
+    if differ == ["deepspeed"]:
+        saved_kind = "a DeepSpeed engine checkpoint" if saved.get("deepspeed") else "a torch.distributed checkpoint"
+        raise CheckpointError(
+            f"checkpoint {path} is {saved_kind}, which parallel.strategy={cfg.parallel.strategy} cannot resume; "
+            f"resume with the strategy family it was written by, or turn it into a model with "
+            f"`dtrain checkpoint consolidate {path}` and start from that")
+    details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}" for k in differ)
+    raise CheckpointError(f"checkpoint {path} belongs to a different model or adapter ({details}); "
+                          "resume it with the config it was written with, or start a new output_dir")
+
+
+# --------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
+                    trainer_state: dict[str, Any], cfg: "Config", keep_last: int) -> Path:
+    """Write checkpoint `step` under `root` atomically (collective: every rank calls it)."""
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / f".tmp-{name}"
+    if strategy.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save of the same step
+        (tmp / RNG_DIR).mkdir(parents=True)
+    strategy.barrier()
+
+    strategy.save_checkpoint(model, optimizer, tmp)  # each rank writes its shard
+    _torch_save(rng_state(), tmp / RNG_DIR / f"rank_{strategy.rank:05d}.pt")
+    if strategy.is_main:
+        _torch_save({**trainer_state, "step": step}, tmp / STATE_FILE)
+    strategy.barrier()
+
+    # Checksums in parallel: rank r hashes every world_size-th file.
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+            for f in files[strategy.rank::strategy.world_size]}
+    hashed = {f: meta for part in strategy.all_gather_object(mine) for f, meta in part.items()}
+
+    if strategy.is_main:
+        manifest = {"format": FORMAT_VERSION, "step": step, "world_size": strategy.world_size,
+                    "strategy": strategy.name, "compatibility": compatibility(cfg), "config": cfg.to_dict(),
+                    "files": {f: hashed[f] for f in files}}
+        _write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        _fsync(tmp)
+        if final.exists():  # same step saved again (e.g. after a resume): swap it out safely
+            stale = root / f".stale-{name}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.rename(tmp, final)
+        _fsync(root)
+        _write_json_atomic(root / "latest", {"checkpoint": name, "step": step})
+        _prune(root, keep_last)
+    strategy.barrier()
     return final
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = list_checkpoints(root)
-    for path in complete[:-keep_last]:
+    for path in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
-    for leftover in root.glob(".tmp-*"):  # from a crashed save of an earlier process
-        if not leftover.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in list(root.glob(".tmp-*")) + list(root.glob(".stale-*")):  # from crashed saves
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Find, verify, load
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -139,15 +204,26 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def verify(path: Path, checksums: bool = True) -> str | None:
-    """None if the checkpoint at `path` is complete, else what is wrong."""
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return "no manifest (incomplete save)"
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest; CheckpointError with the reason when there is no usable one."""
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError("no manifest (incomplete save)") from None
     except json.JSONDecodeError:
-        return "manifest is not valid JSON"
+        raise CheckpointError("manifest is not valid JSON") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"written by another dtrain version (format {manifest.get('format', 1)}, "
+                              f"this one reads {FORMAT_VERSION})")
+    return manifest
+
+
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        return str(exc)
     for fname, meta in manifest["files"].items():
         f = path / fname
         if not f.is_file():
@@ -165,17 +241,59 @@ def find_resumable(output_dir: str | Path) -> Path | None:
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("skipping checkpoint %s: %s", path, problem)
+        log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
     return None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
-    """(model state, optimizer state, trainer state); refuses an incomplete checkpoint."""
-    path = Path(path)
-    problem = verify(path)
+def load_checkpoint(path: Path, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
+                    cfg: "Config") -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from `path` (collective); returns the
+    trainer state (scheduler, data position, loop state). Refuses a damaged or foreign checkpoint."""
+    problem = verify(path) if strategy.is_main else None
+    problem = strategy.broadcast_object(problem)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
-    model_state = load_file(path / MODEL_FILE)
-    optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True)
+    manifest = read_manifest(path)
+    check_compatible(path, manifest, cfg)
+    strategy.load_checkpoint(model, optimizer, path)
     trainer_state = torch.load(path / STATE_FILE, weights_only=True)
-    return model_state, optimizer_state, trainer_state
+    rng_file = path / RNG_DIR / f"rank_{strategy.rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # a rank the saving run did not have (resumed at a larger world size)
+        log.warning("checkpoint %s has no RNG state for rank %d (saved at world size %d): seeding it afresh",
+                    path, strategy.rank, manifest["world_size"])
+    trainer_state["world_size"] = manifest["world_size"]
+    return trainer_state
+
+
+def read_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint holds, as full fp32 CPU tensors keyed by parameter
+    name, from either format (torch.distributed or DeepSpeed ZeRO), in one process."""
+    if (path / "dcp").is_dir():
+        return read_state(path)["model"]
+    engine_dir = path / "deepspeed"
+    if not engine_dir.is_dir():
+        raise CheckpointError(f"{path} is not a dtrain checkpoint (no dcp/ or deepspeed/ inside)")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # Reassembles the fp32 master partitions of every rank (DeepSpeed's zero_to_fp32).
+    frozen_excluded = read_manifest(path)["compatibility"].get("peft.method", "none") != "none"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="state",
+                                                     exclude_frozen_parameters=frozen_excluded)
+    return {name: tensor.float() for name, tensor in state.items()}
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A torch.distributed checkpoint read whole into this process, as plain CPU tensors:
+    {"model": {name: tensor}, "optimizer": {"state": {name: {...}}, "param_groups": [...]}}.
+    For inspection and `dtrain checkpoint consolidate`; resuming goes through load_checkpoint."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not (path / "dcp").is_dir():
+        raise CheckpointError(f"checkpoint {path} holds no torch.distributed checkpoint (dcp/)")
+    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent here
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        return _load_state_dict_from_keys(checkpoint_id=str(path / "dcp"))

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dtrain.config import ConfigError, load_config
-from dtrain.train import add_train_arguments, run_from_args
+from dtrain.train import add_train_arguments, parse_with_overrides, run_from_args
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse_with_overrides(parser, argv)
     return args.func(args)
 
 

@@ -44,8 +44,10 @@ class ModelConfig(Section):
         "float32", description="Dtype the weights are loaded in (train.precision controls autocast)."
     )
     trust_remote_code: bool = Field(False, description="Allow modelling code shipped inside model.path.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa.")
+    gradient_checkpointing: bool = Field(False, description="Activation checkpointing: recompute activations in backward.")
+    compile: bool = Field(False, description="torch.compile each transformer block (torch strategies).")
 
 
 class SourceConfig(Section):
@@ -147,24 +149,42 @@ class DataConfig(Section):
 
 
 class PeftConfig(Section):
-    method: Literal["none", "lora"] = Field("none", description="none (full fine-tune) or lora.")
+    method: Literal["none", "lora", "dora", "qlora"] = Field(
+        "none", description="none (full fine-tune), lora, dora (weight-decomposed LoRA), or qlora (LoRA on a 4-bit base).")
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear."
     )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="qlora: dtype of the de-quantised matmuls; auto: bfloat16 with train.precision=bf16, else float32.")
+
+
+class FsdpConfig(Section):
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered parameters after forward (ZeRO-3 like); false keeps them until backward.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimizer state in CPU memory.")
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the gradient reduce-scatter (parameters use bf16 with train.precision=bf16).")
 
 
 class ParallelConfig(Section):
-    strategy: Literal["single"] = Field(
-        "single", description="How the model is spread over devices. This release: single (one process)."
-    )
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = Field(
+        "single", description="single (one process), ddp, fsdp (FSDP2), or deepspeed (ZeRO-1/2/3, see deepspeed_config).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto: nccl on CUDA, gloo on CPU.")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    deepspeed_config: str | dict[str, Any] | None = Field(
+        None, description="deepspeed: a JSON file (ds_configs/zero3.json, ...) or an inline mapping; batch size, "
+        "accumulation, clipping and precision come from train.* / optim.* (\"auto\" or equal values only).")
 
 
 class OptimConfig(Section):
-    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch), or bitsandbytes' 8-bit / paged AdamW (single and ddp).")
     lr: float = Field(3e-4, ge=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -260,7 +280,37 @@ class Config(Section):
         allowed = {"loss", "perplexity"} | ({"accuracy"} if self.model.task == "classification" else set())
         if self.eval.metric not in allowed:
             raise ValueError(f"eval.metric={self.eval.metric!r} is not reported for this task; allowed: {sorted(allowed)}")
+        self._check_parallel_combinations()
         return self
+
+    def _check_parallel_combinations(self) -> None:
+        """Strategy x peft x optimizer x device combinations that cannot work, refused up front."""
+        strategy, peft, optim = self.parallel.strategy, self.peft.method, self.optim.name
+        if peft == "qlora" and strategy in ("fsdp", "deepspeed"):
+            raise ValueError(
+                f"peft.method=qlora with parallel.strategy={strategy} is not supported: bitsandbytes' 4-bit weights "
+                f"cannot be sharded by {'FSDP2' if strategy == 'fsdp' else 'DeepSpeed ZeRO'} in this release. Use "
+                f"parallel.strategy=ddp (or single) for QLoRA, or keep {strategy} with peft.method=lora")
+        if optim != "adamw" and strategy in ("fsdp", "deepspeed"):
+            raise ValueError(
+                f"optim.name={optim} (bitsandbytes) with parallel.strategy={strategy} is not supported: its state "
+                f"cannot be sharded; use optim.name=adamw with {strategy}, or {optim} with single or ddp")
+        if strategy == "deepspeed":
+            if self.parallel.deepspeed_config is None:
+                raise ValueError("parallel.strategy=deepspeed needs parallel.deepspeed_config: a JSON file such as "
+                                 "ds_configs/zero2.json, or an inline mapping with zero_optimization.stage")
+            if self.model.compile:
+                raise ValueError("model.compile=true is not supported with parallel.strategy=deepspeed; "
+                                 "use ddp or fsdp to compile, or set model.compile=false")
+            from dtrain.parallel.deepspeed import resolve_deepspeed_config
+
+            resolve_deepspeed_config(self, world_size=None)  # conflicts with train.* / optim.* are errors now
+        elif self.parallel.deepspeed_config is not None:
+            raise ValueError(f"parallel.deepspeed_config is only used with parallel.strategy=deepspeed "
+                             f"(strategy is {strategy}); remove it or set parallel.strategy=deepspeed")
+        if self.model.attn_implementation == "flash_attention_2" and self.parallel.device == "cpu":
+            raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA device (parallel.device=cpu); "
+                             "use sdpa or auto")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

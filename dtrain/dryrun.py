@@ -26,7 +26,7 @@ from dtrain import checkpoint as ckpt
 from dtrain.config import Config
 from dtrain.data import check_sources
 from dtrain.model import count_parameters, load_model_config, load_tokenizer
-from dtrain.parallel import build_strategy
+from dtrain.parallel.single import pick_device
 from dtrain.peft import apply_peft
 
 DRY_STEPS = 3
@@ -149,7 +149,7 @@ def dry_run(cfg: Config) -> int:
             return count_parameters(model)[1]
 
         small_params = check("build shrunk model (2 layers, head_dim 16, same vocab and attention layout)", build_small)
-        on_cpu = build_strategy(cfg.parallel).device.type == "cpu"
+        on_cpu = pick_device(cfg.parallel.device).type == "cpu"
         if on_cpu and (cfg.train.precision != "fp32" or cfg.model.dtype != "float32"):
             lines.append("  [note] on CPU the dry run trains in fp32 (CPU bf16 kernels are too slow to be useful here)")
         small_cfg = dry_run_config(cfg, model_dir, out_dir, on_cpu) if ok else None
@@ -161,7 +161,9 @@ def dry_run(cfg: Config) -> int:
             saved = ckpt.find_resumable(out_dir)
             if saved is None:
                 raise RuntimeError("no complete checkpoint was written")
-            ckpt.load_checkpoint(saved)
+            problem = ckpt.verify(saved)
+            if problem is not None:
+                raise RuntimeError(f"checkpoint {saved}: {problem}")
             resumed = small_cfg.model_copy(update={
                 "train": small_cfg.train.model_copy(update={"max_steps": DRY_STEPS + 1}),
                 "checkpoint": small_cfg.checkpoint.model_copy(update={"resume": "auto"}),

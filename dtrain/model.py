@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from transformers import (
 )
 
 from dtrain import presets
-from dtrain.config import ConfigError, ModelConfig
+from dtrain.config import ConfigError, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,29 +59,60 @@ def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     return AutoConfig.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
 
 
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """`auto`: flash-attention 2 (variable-length kernels, used for packed batches) on CUDA
+    when the flash-attn package is installed, else PyTorch SDPA."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and device.type != "cuda":
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; use sdpa or auto")
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+
+
+def quantization_config(peft: PeftConfig, precision: str) -> Any:
+    """bitsandbytes 4-bit settings for QLoRA."""
+    from transformers import BitsAndBytesConfig
+
+    compute = peft.compute_dtype if peft.compute_dtype != "auto" else (
+        "bfloat16" if precision == "bf16" else "float32")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft.quant_type,
+                              bnb_4bit_use_double_quant=peft.double_quant, bnb_4bit_compute_dtype=DTYPES[compute])
+
+
 def load_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, num_labels: int | None = None, seed: int = 0
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, num_labels: int | None = None, seed: int = 0,
+    device: torch.device = torch.device("cpu"), path: str | None = None, quantization: Any = None,
 ) -> nn.Module:
-    """Build a preset with random weights or `from_pretrained` a local directory.
+    """Build a preset with random weights or `from_pretrained` a local directory
+    (`path` overrides cfg.path: a preset's saved base, for QLoRA).
 
     The seed is set right before construction so that randomly initialised weights
     (a preset, a new classification head) are the same in every run and on every rank.
+    With `quantization` (QLoRA) the linear weights are quantised to 4 bits on `device`.
     """
     check_model_path(cfg)
     torch.manual_seed(seed)
     model_cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
     extra = {"num_labels": num_labels} if cfg.task == "classification" else {}
-    if presets.is_preset(cfg.path):
-        config = presets.preset_config(cfg.path)
+    attn = attention_implementation(cfg.attn_implementation, device)
+    path = path or cfg.path
+    if presets.is_preset(path):
+        if quantization is not None:
+            raise ValueError("a preset is quantised from its saved base directory (pass path=)")
+        config = presets.preset_config(path)
         for key, value in extra.items():
             setattr(config, key, value)
-        config._attn_implementation = cfg.attn_implementation
-        model = model_cls.from_config(config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
+        config._attn_implementation = attn
+        model = model_cls.from_config(config, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
     else:
+        if quantization is not None:
+            extra.update(quantization_config=quantization, device_map={"": device})
         model = model_cls.from_pretrained(
-            cfg.path,
+            path,
             dtype=DTYPES[cfg.dtype],
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attn,
             local_files_only=True,
             trust_remote_code=cfg.trust_remote_code,
             **extra,
@@ -91,6 +123,25 @@ def load_model(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (the classes it lists in `_no_split_modules`)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no _no_split_modules); "
+                         "fsdp and model.compile need a Hugging Face transformer model")
+    return blocks
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (as torchtitan does): one compiled
+    graph reused by every layer, and the wrappers around the blocks stay plain modules."""
+    for block in transformer_blocks(model):
+        block.compile()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

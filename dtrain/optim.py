@@ -22,15 +22,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name in BNB_OPTIMIZERS:
+        # 8-bit states (a quarter of AdamW's memory) and paged states that spill to CPU
+        # memory instead of failing on a CUDA out-of-memory spike.
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.name])(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     fused = cfg.fused
     if fused is None:
         # torch's fused AdamW covers CUDA and CPU; other devices use the foreach kernel.
         device = next(model.parameters()).device.type
         fused = device in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:

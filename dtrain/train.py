@@ -1,8 +1,11 @@
 """The training recipe: config -> data -> model (+ peft) -> strategy -> loop -> checkpoints.
 
     python -m dtrain.train CONFIG [key=value ...] [--resume auto|PATH] [--dry-run]
+    torchrun --nproc_per_node N -m dtrain.train CONFIG ...     # N processes
+    dtrain train CONFIG --nproc N ...                          # the same, torchrun started for you
 
-is the same command as `dtrain train`. `train(cfg)` is the whole recipe, top to bottom.
+`train(cfg)` is the whole recipe, top to bottom; the strategy (parallel.strategy) is the
+only part that knows how many processes there are.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dtrain.config import Config, ConfigError, load_config
 from dtrain.data import IGNORE_INDEX, BatchIterator, PreparedData, prepare_data
 from dtrain.data.loader import eval_batches
 from dtrain.data.report import write_report
-from dtrain.model import count_parameters, load_model, load_tokenizer
+from dtrain.model import compile_blocks, count_parameters, load_model, load_tokenizer, quantization_config
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import Strategy, build_strategy
 from dtrain.peft import apply_peft
@@ -66,6 +69,7 @@ class RunResult:
     train_losses: list[float] = field(default_factory=list)  # per optimizer step, this process only
     final_metrics: dict[str, float] = field(default_factory=dict)
     best_step: int | None = None
+    state_bytes: dict[str, int] = field(default_factory=dict)  # this rank's parameter / optimizer memory
 
 
 def seed_everything(seed: int) -> None:
@@ -196,17 +200,45 @@ def save_preset_base(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     return base_dir
 
 
-def save_final_model(model: nn.Module, tokenizer: Any, cfg: Config, out: Path) -> Path:
-    """save_pretrained the full model, or for LoRA the adapter (pointing at its base)."""
+def save_final_model(model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: Any, cfg: Config,
+                     out: Path) -> Path:
+    """save_pretrained the full model, or for LoRA the adapter (pointing at its base).
+
+    `state_dict` holds the full tensors gathered by the strategy (sharded strategies keep
+    only a piece of each parameter in `model` itself)."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.peft.method != "none":
         base = (out / "base_model").resolve() if is_preset(cfg.model.path) else cfg.model.path
         model.peft_config["default"].base_model_name_or_path = str(base)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, final)
     return final
+
+
+def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: Strategy, out: Path) -> nn.Module:
+    """The plain model with its adapters (not yet moved, sharded or wrapped).
+
+    Every rank builds the same weights (same seed, or the same files). A preset with
+    adapters has its random base saved first, so that the adapter can be reloaded onto it;
+    QLoRA then loads that base (or model.path) quantised to 4 bits."""
+    quantized = cfg.peft.method == "qlora"
+    base: str | Path = cfg.model.path
+    if not quantized or is_preset(cfg.model.path):
+        model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, device=strategy.device)
+        if cfg.peft.method != "none" and is_preset(cfg.model.path):
+            if strategy.is_main:
+                save_preset_base(model, tokenizer, out)
+            strategy.barrier()
+            base = out / "base_model"
+    if quantized:
+        model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, device=strategy.device,
+                           path=str(base), quantization=quantization_config(cfg.peft, cfg.train.precision))
+    model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
+    if cfg.model.compile:
+        compile_blocks(model)
+    return model
 
 
 # --------------------------------------------------------------------------------------
@@ -214,10 +246,11 @@ def save_final_model(model: nn.Module, tokenizer: Any, cfg: Config, out: Path) -
 
 
 def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
-    strategy = build_strategy(cfg.parallel)
+    strategy = build_strategy(cfg)
     seed_everything(cfg.seed)
     task, tcfg = cfg.model.task, cfg.train
-    resume_path = _resume_path(cfg)
+    # The main rank looks for the checkpoint (verifying checksums) and tells the others.
+    resume_path = strategy.broadcast_object(_resume_path(cfg) if strategy.is_main else None)
     out = _prepare_output_dir(cfg, resuming=resume_path is not None) if strategy.is_main else Path(cfg.output_dir)
 
     # Data and model.
@@ -235,10 +268,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         raise ConfigError("eval.early_stopping.patience is set but there is no validation data "
                           "(give data.validation or a data.val_ratio > 0)")
     num_labels = len(data.label_names) if data.label_names else None
-    model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed)
-    if cfg.peft.method != "none" and is_preset(cfg.model.path) and strategy.is_main:
-        save_preset_base(model, tokenizer, out)
-    model = apply_peft(model, cfg.peft, task, cfg.model.gradient_checkpointing)
+    model = build_model(cfg, tokenizer, num_labels, strategy, out)
     trainable, total = count_parameters(model)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     model.train()
@@ -255,15 +285,12 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     # Dropout and other run-time randomness: distinct per rank, reproducible per seed.
     seed_everything(cfg.seed + 1 + strategy.rank)
 
-    # Resume.
+    # Resume: model, optimizer and this rank's RNG come back inside load_checkpoint.
     if resume_path is not None:
-        model_state, optim_state, saved = ckpt.load_checkpoint(resume_path)
-        strategy.load_trainable_state_dict(model, model_state)
-        strategy.load_optimizer_state_dict(model, optimizer, optim_state)
+        saved = ckpt.load_checkpoint(resume_path, strategy=strategy, model=model, optimizer=optimizer, cfg=cfg)
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["data"])
         state = TrainState(**saved["train_state"])
-        ckpt.set_rng_state(saved["rng"][strategy.rank])
         if strategy.is_main:
             _truncate_metrics(out, state.step)
 
@@ -292,26 +319,25 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         step_tokens = sum(real_tokens(b, tokenizer.pad_token_id) for b in micro)
         tokens_since += step_tokens
         for i, batch in enumerate(micro):
-            with strategy.gradient_sync(model, enabled=i == len(micro) - 1), _autocast(cfg, strategy.device):
-                loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights)
-                # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
-                loss = loss_sum * (strategy.world_size / max(global_targets, 1.0))
-            strategy.backward(loss)
+            with strategy.gradient_sync(model, enabled=i == len(micro) - 1):
+                with _autocast(cfg, strategy.device):
+                    loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights)
+                    # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
+                    loss = loss_sum * (strategy.world_size / max(global_targets, 1.0))
+                strategy.backward(model, loss)
             step_loss += loss.detach() / strategy.world_size
         step_loss = strategy.all_reduce_sum(step_loss)
-        grad_norm = strategy.clip_grad_norm(model, cfg.optim.grad_clip)
-
-        good = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        # Clip and step; an update whose loss or gradient is NaN/inf is skipped, never applied.
+        grad_norm, good = strategy.optimizer_step(model, optimizer, cfg.optim.grad_clip,
+                                                  skip=not bool(torch.isfinite(step_loss)))
         if good:
             state.consecutive_bad_steps = 0
-            lr = scheduler.get_last_lr()[0]
-            strategy.optimizer_step(optimizer)
             result.train_losses.append(step_loss.item())
         else:
-            # Skip the update so NaN/inf never reaches the weights; stop if it persists.
             state.consecutive_bad_steps += 1
             tracker.message(f"step {state.step + 1}: non-finite loss {step_loss.item()} / grad norm "
-                            f"{grad_norm.item()}; update skipped ({state.consecutive_bad_steps}/{tcfg.max_bad_steps})")
+                            f"{grad_norm}; update skipped ({state.consecutive_bad_steps}/{tcfg.max_bad_steps})")
             if state.consecutive_bad_steps >= tcfg.max_bad_steps:
                 tracker.close()
                 raise NonFiniteLossError(
@@ -320,7 +346,6 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
                     "the data; train.max_bad_steps sets the limit. The last good checkpoint is untouched."
                 )
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += step_tokens
         if not good and state.step < total_steps:
@@ -330,9 +355,10 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         last = state.step == total_steps
         if good and (state.step % tcfg.log_every == 0 or last):
             elapsed = time.perf_counter() - t_last
-            tps = tokens_since * strategy.world_size / max(elapsed, 1e-9)
+            tokens = strategy.all_reduce_sum(torch.tensor(float(tokens_since), device=strategy.device)).item()
+            tps = tokens / max(elapsed, 1e-9)
             tracker.log(state.step, {"epoch": round(batches.epoch_progress, 4), "loss": step_loss.item(), "lr": lr,
-                                     "grad_norm": grad_norm.item(), "tokens_per_s": tps})
+                                     "grad_norm": grad_norm, "tokens_per_s": tps})
             tracker.progress(state.step, step_loss.item(), lr, tps)
             t_last, tokens_since = time.perf_counter(), 0
         elif strategy.is_main and tracker.bar is not None:
@@ -356,13 +382,15 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         if stop:
             break
 
+    final_state = strategy.full_state_dict(model)  # collective: gathers shards onto the main rank
     if strategy.is_main:
-        final = save_final_model(strategy.unwrap(model), tokenizer, cfg, out)
+        final = save_final_model(strategy.unwrap(model), final_state, tokenizer, cfg, out)
         tracker.message(f"final model saved to {final}")
     tracker.close()
     strategy.barrier()
     result.step, result.final_metrics, result.best_step = state.step, eval_metrics, state.best_step
     result.stop_reason = state.stop_reason or "max_steps"
+    result.state_bytes = strategy.state_bytes(model, optimizer)
     return result
 
 
@@ -393,17 +421,12 @@ def _resume_path(cfg: Config) -> Path | None:
 
 def save_training_checkpoint(cfg: Config, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
                              scheduler: Any, batches: BatchIterator, state: TrainState) -> None:
-    model_state = strategy.trainable_state_dict(model)
-    optim_state = strategy.optimizer_state_dict(model, optimizer)
-    rng = [ckpt.rng_state()]  # one entry per rank (gathered by distributed strategies)
-    if strategy.is_main:
-        ckpt.save_checkpoint(
-            ckpt.checkpoint_root(cfg.output_dir), state.step, model_state=model_state, optimizer_state=optim_state,
-            trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict(),
-                           "train_state": asdict(state), "rng": rng, "config_fingerprint": cfg.fingerprint()},
-            keep_last=cfg.checkpoint.keep_last,
-        )
-    strategy.barrier()
+    ckpt.save_checkpoint(
+        ckpt.checkpoint_root(cfg.output_dir), state.step, strategy=strategy, model=model, optimizer=optimizer,
+        trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict(),
+                       "train_state": asdict(state)},
+        cfg=cfg, keep_last=cfg.checkpoint.keep_last,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -416,10 +439,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="auto|PATH", help="resume from the newest checkpoint (auto) or PATH")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, build a shrunk model, run a few steps, save and reload a checkpoint")
+    launch = parser.add_argument_group("multi-process launch (dtrain starts torchrun for you)")
+    launch.add_argument("--nproc", type=int, metavar="N", help="processes (devices) per node")
+    launch.add_argument("--nnodes", default="1", metavar="M", help="number of nodes (default 1)")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="multi-node: the c10d rendezvous address, the same on every node")
+    launch.add_argument("--rdzv-id", default="dtrain", help="multi-node: a job id shared by the nodes")
+
+
+def _rank_prefix() -> str:
+    """Which rank speaks, in a multi-process run (torchrun sets RANK and WORLD_SIZE)."""
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "nproc", None):
+        if args.dry_run:
+            print("error: --dry-run runs one process; drop --nproc", file=sys.stderr)
+            return 2
+        from dtrain.launch import launch_training
+
+        return launch_training(args)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed; say CPU is meant
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format=f"{_rank_prefix()}%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
@@ -431,18 +476,37 @@ def run_from_args(args: argparse.Namespace) -> int:
             return dry_run(cfg)
         result = train(cfg)
     except (ConfigError, NonFiniteLossError, ckpt.CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    summary = {"step": result.step, "stop_reason": result.stop_reason, **result.final_metrics}
-    print("done: " + json.dumps(summary))
+    from dtrain.parallel.distributed import destroy_process_group
+
+    destroy_process_group()
+    if main_rank:
+        summary = {"step": result.step, "stop_reason": result.stop_reason, **result.final_metrics}
+        print("done: " + json.dumps(summary))
     return 0
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, also taking `key=value` overrides written after an option
+    (`CONFIG --nproc 2 optim.lr=1e-3`), which argparse alone leaves unparsed."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dtrain.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return run_from_args(parse_with_overrides(parser, argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # record: an unexpected exception on any rank reaches torchrun's summary with its rank.
+    sys.exit(record(main)())

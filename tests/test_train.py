@@ -71,12 +71,12 @@ def final_spy(monkeypatch):
     seen: dict[str, torch.Tensor] = {}
     original = train_mod.save_final_model
 
-    def spy(model, tokenizer, cfg, out):
+    def spy(model, state_dict, tokenizer, cfg, out):
         model.eval()
         with torch.no_grad():
             seen["logits"] = model(input_ids=probe_ids()).logits.float().clone()
         model.train()
-        return original(model, tokenizer, cfg, out)
+        return original(model, state_dict, tokenizer, cfg, out)
 
     monkeypatch.setattr(train_mod, "save_final_model", spy)
     return seen
@@ -303,9 +303,10 @@ def test_early_stopping_without_validation_data_is_a_config_error(make_config, t
 
 
 def _all_finite(path: Path) -> bool:
+    """Every tensor of a safetensors file, or of a checkpoint's trainable weights, is finite."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    tensors = ckpt.read_state(path)["model"] if path.is_dir() else load_file(path)
     assert tensors
     return all(torch.isfinite(t).all() for t in tensors.values())
 
@@ -320,7 +321,7 @@ def test_persistent_nan_stops_after_max_bad_steps(make_config, tmp_path, monkeyp
     assert not (out / "final").exists() and not (out / ".final.tmp").exists()
     assert [p.name for p in ckpt.list_checkpoints(ckpt.checkpoint_root(out))] == ["step_00000002"]
     assert ckpt.find_resumable(out).name == "step_00000002"
-    assert _all_finite(ckpt.find_resumable(out) / ckpt.MODEL_FILE)
+    assert _all_finite(ckpt.find_resumable(out))
     assert [r["step"] for r in train_lines(out)] == [1, 2]  # bad steps are never logged as losses
 
 
@@ -332,10 +333,10 @@ def test_a_single_bad_step_is_skipped_and_training_continues(make_config, tmp_pa
     assert len(result.train_losses) == 3 and all(math.isfinite(x) for x in result.train_losses)
     assert [r["step"] for r in train_lines(out)] == [1, 3, 4]
     last = ckpt.find_resumable(out)
-    optim_state = torch.load(last / ckpt.OPTIMIZER_FILE, weights_only=True)
+    optim_state = ckpt.read_state(last)["optimizer"]
     # AdamW took 3 updates, not 4: the NaN step never reached the weights
     assert {float(s["step"]) for s in optim_state["state"].values()} == {3.0}
-    assert _all_finite(last / ckpt.MODEL_FILE)
+    assert _all_finite(last)
     assert _all_finite(out / "final" / "model.safetensors")
 
 
@@ -360,7 +361,7 @@ def test_huge_lr_raises_and_leaves_finite_checkpoints(make_config, tmp_path):
     assert found, "the good first step was checkpointed"
     for path in found:
         assert ckpt.verify(path) is None
-        assert _all_finite(path / ckpt.MODEL_FILE)
+        assert _all_finite(path)
 
 
 @pytest.mark.slow
@@ -381,12 +382,25 @@ def test_cli_reports_non_finite_loss_with_exit_code_1(make_config, tmp_path):
 # Atomic checkpoints
 
 
-def _small_states():
-    model = torch.nn.Linear(3, 2)
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2)
+
+
+def _small_run(tmp_path, make_config):
+    """A model, a stepped optimizer, the single strategy and a config: what save_checkpoint takes."""
+    torch.manual_seed(0)
+    model = _Linear()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(4, 3)).sum().backward()
+    model.proj(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    return dict(model.named_parameters()), optimizer.state_dict()
+    return model, optimizer, SingleDevice(ParallelConfig(device="cpu")), make_config()
+
+
+def _save(root, step, model, optimizer, strategy, cfg, marker, keep_last=3):
+    return ckpt.save_checkpoint(root, step, strategy=strategy, model=model, optimizer=optimizer,
+                                trainer_state={"marker": marker}, cfg=cfg, keep_last=keep_last)
 
 
 def _crash_partway(real):
@@ -401,79 +415,84 @@ def _crash_partway(real):
     return fake
 
 
-@pytest.mark.parametrize("victim", ["save_file", "torch.save", "_write_json_atomic"])
-def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, victim):
+@pytest.mark.parametrize("victim", ["shards", "trainer_state", "manifest"])
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, victim, make_config):
     out = tmp_path / "run"
     root = ckpt.checkpoint_root(out)
-    model_state, optim_state = _small_states()
-    first = ckpt.save_checkpoint(root, 1, model_state=model_state, optimizer_state=optim_state,
-                                 trainer_state={"marker": 1}, keep_last=3)
-    if victim == "save_file":
-        monkeypatch.setattr(ckpt, "save_file", _crash_partway(ckpt.save_file))
-    elif victim == "torch.save":
-        monkeypatch.setattr(ckpt.torch, "save", _crash_partway(torch.save))
-    else:  # the manifest: every data file is complete, the save dies writing the manifest
+    model, optimizer, strategy, cfg = _small_run(tmp_path, make_config)
+    saved_weight = model.proj.weight.detach().clone()
+    first = _save(root, 1, model, optimizer, strategy, cfg, marker=1)
+    if victim == "shards":  # the sharded writer dies halfway through its file
+        real = SingleDevice.save_checkpoint
+
+        def shard_crash(self, model, optimizer, path):
+            real(self, model, optimizer, path)
+            shard = next((path / "dcp").glob("*.distcp"))
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(SingleDevice, "save_checkpoint", shard_crash)
+    elif victim == "trainer_state":
+        monkeypatch.setattr(ckpt, "_torch_save", _crash_partway(ckpt._torch_save))
+    else:  # every data file is complete, the save dies writing the manifest
 
         def json_crash(path, data):
             Path(path).write_text(json.dumps(data)[:10])
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(ckpt, "_write_json_atomic", json_crash)
-    changed = {k: v.detach() + 1 for k, v in model_state.items()}
+    with torch.no_grad():
+        model.proj.weight += 1
     with pytest.raises(OSError, match="No space"):
-        ckpt.save_checkpoint(root, 2, model_state=changed, optimizer_state=optim_state,
-                             trainer_state={"marker": 2}, keep_last=3)
+        _save(root, 2, model, optimizer, strategy, cfg, marker=2)
     monkeypatch.undo()
 
     leftovers = [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
-    assert len(leftovers) == 1 and "step_00000002" in leftovers[0]  # the crashed save's debris ...
+    assert leftovers == [".tmp-step_00000002"]  # the crashed save's debris ...
     assert ckpt.list_checkpoints(root) == [first]  # ... is not a checkpoint
     assert ckpt.find_resumable(out) == first
     assert json.loads((root / "latest").read_text())["step"] == 1
-    loaded_model, loaded_optim, trainer_state = ckpt.load_checkpoint(first)
+    fresh_model, fresh_optimizer, _, _ = _small_run(tmp_path, make_config)
+    trainer_state = ckpt.load_checkpoint(first, strategy=strategy, model=fresh_model, optimizer=fresh_optimizer,
+                                         cfg=cfg)
     assert trainer_state["marker"] == 1 and trainer_state["step"] == 1
-    for name, tensor in model_state.items():
-        assert torch.equal(loaded_model[name], tensor.detach())
-    assert loaded_optim["state"][0]["exp_avg"].shape == (2, 3)
+    assert torch.equal(fresh_model.proj.weight, saved_weight)
+    assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].shape == (2, 3)
 
-    # The next successful save of that step clears the debris; a stale one of another process goes too.
-    stale = root / ".tmp-step_00000007-999999999"
-    stale.mkdir()
-    (stale / ckpt.MODEL_FILE).write_bytes(b"partial")
-    second = ckpt.save_checkpoint(root, 2, model_state=changed, optimizer_state=optim_state,
-                                  trainer_state={"marker": 2}, keep_last=3)
+    # The next successful save of that step replaces the debris.
+    second = _save(root, 2, model, optimizer, strategy, cfg, marker=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
     assert ckpt.find_resumable(out) == second
-    assert torch.equal(ckpt.load_checkpoint(second)[0]["weight"], changed["weight"])
+    assert torch.equal(ckpt.read_state(second)["model"]["proj.weight"], model.proj.weight.detach())
 
 
-def test_truncated_or_corrupted_checkpoint_is_skipped(tmp_path):
+def test_truncated_or_corrupted_checkpoint_is_skipped(tmp_path, make_config):
     out = tmp_path / "run"
     root = ckpt.checkpoint_root(out)
-    model_state, optim_state = _small_states()
-    paths = [ckpt.save_checkpoint(root, s, model_state=model_state, optimizer_state=optim_state,
-                                  trainer_state={"marker": s}, keep_last=5) for s in (1, 2, 3)]
+    model, optimizer, strategy, cfg = _small_run(tmp_path, make_config)
+    paths = [_save(root, s, model, optimizer, strategy, cfg, marker=s, keep_last=5) for s in (1, 2, 3)]
     assert ckpt.find_resumable(out) == paths[2]
 
-    # step 3: truncated model file
-    model_file = paths[2] / ckpt.MODEL_FILE
-    size = model_file.stat().st_size
-    model_file.write_bytes(model_file.read_bytes()[: size // 2])
+    # step 3: truncated shard
+    shard = paths[2] / "dcp" / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
     problem = ckpt.verify(paths[2])
-    assert problem == f"model.safetensors has {size // 2} bytes, manifest says {size}"
+    assert problem == f"dcp/__0_0.distcp has {size // 2} bytes, manifest says {size}"
     assert ckpt.find_resumable(out) == paths[1]
     with pytest.raises(ckpt.CheckpointError, match="not usable"):
-        ckpt.load_checkpoint(paths[2])
+        ckpt.load_checkpoint(paths[2], strategy=strategy, model=model, optimizer=optimizer, cfg=cfg)
 
     # step 2: same size, one byte flipped
-    optim_file = paths[1] / ckpt.OPTIMIZER_FILE
-    data = bytearray(optim_file.read_bytes())
+    state_file = paths[1] / ckpt.STATE_FILE
+    data = bytearray(state_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    optim_file.write_bytes(bytes(data))
-    assert ckpt.verify(paths[1]) == "optimizer.pt checksum mismatch"
+    state_file.write_bytes(bytes(data))
+    assert ckpt.verify(paths[1]) == "trainer_state.pt checksum mismatch"
     assert ckpt.verify(paths[1], checksums=False) is None
     assert ckpt.find_resumable(out) == paths[0]
-    assert ckpt.load_checkpoint(paths[0])[2]["marker"] == 1
+    loaded = ckpt.load_checkpoint(paths[0], strategy=strategy, model=model, optimizer=optimizer, cfg=cfg)
+    assert loaded["marker"] == 1
 
     # step 1: no manifest -> nothing resumable
     (paths[0] / ckpt.MANIFEST_FILE).unlink()
@@ -489,15 +508,15 @@ def test_crash_in_a_training_checkpoint_then_resume_auto(make_config, tmp_path, 
 
     out = tmp_path / "run"
     calls = {"n": 0}
-    real_save = torch.save
+    real_save = ckpt._torch_save
 
     def save_then_crash(obj, path, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # the first torch.save of the second checkpoint (2 per checkpoint)
+        if calls["n"] == 3:  # the first small file of the second checkpoint (RNG + trainer state per checkpoint)
             _crash_partway(real_save)(obj, path, *args, **kwargs)
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt.torch, "save", save_then_crash)
+    monkeypatch.setattr(ckpt, "_torch_save", save_then_crash)
     with pytest.raises(OSError):
         run(make_config, *common, output_dir=out)
     monkeypatch.undo()
@@ -576,7 +595,7 @@ def test_exact_resume_with_lora_dropout(make_config, tmp_path):
     assert result_b.train_losses == pytest.approx(result_a.train_losses[N:], abs=1e-6, rel=0)
     assert result_b.final_metrics["eval_loss"] == pytest.approx(result_a.final_metrics["eval_loss"], abs=1e-6)
     # the adapter is what trains, and the resumed one ends where the uninterrupted one did
-    state = ckpt.load_checkpoint(ckpt.find_resumable(a))[0]
+    state = ckpt.read_state(ckpt.find_resumable(a))["model"]
     assert state and all("lora_" in k for k in state)
 
 
@@ -646,8 +665,8 @@ def test_lora_final_adapter_reloads_on_the_local_base(make_config, tmp_path, fin
     # The trained adapter is also what the last checkpoint holds.
     fresh = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                        make_config("peft.method=lora", output_dir=out).peft, "causal_lm")
-    SingleDevice(ParallelConfig(device="cpu")).load_trainable_state_dict(
-        fresh, ckpt.load_checkpoint(ckpt.find_resumable(out))[0])
+    loaded = fresh.load_state_dict(ckpt.read_state(ckpt.find_resumable(out))["model"], strict=False)
+    assert not loaded.unexpected_keys and all("lora_" not in k for k in loaded.missing_keys)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, logits, atol=1e-5, rtol=0)
 

@@ -133,9 +133,19 @@ class BatchIterator:
 
 def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
                  max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Every example once, in order; rank r takes every world_size-th batch."""
-    starts = range(rank * batch_size, len(examples), batch_size * world_size)
-    for n, start in enumerate(starts):
-        if max_batches is not None and n >= max_batches:
-            return
-        yield collate_rows(take(examples, list(range(start, min(start + batch_size, len(examples))))), pad_id)
+    """Every example once, in order; rank r takes every world_size-th batch.
+
+    Every rank yields the same number of batches, because a sharded model's forward is a
+    collective: a rank with no batch left repeats one with all its labels ignored (it adds
+    nothing to the loss or the counts)."""
+    starts = list(range(0, len(examples), batch_size))
+    per_rank = -(-len(starts) // world_size)
+    if max_batches is not None:
+        per_rank = min(per_rank, max_batches)
+    for n in range(per_rank):
+        index = n * world_size + rank
+        start = starts[index] if index < len(starts) else 0
+        batch = collate_rows(take(examples, list(range(start, min(start + batch_size, len(examples))))), pad_id)
+        if index >= len(starts):
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        yield batch

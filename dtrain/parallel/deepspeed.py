@@ -1,0 +1,176 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 (optionally with CPU offload), driven by a JSON config.
+
+The JSON (a file in ds_configs/ or an inline mapping) says how to shard: ZeRO stage,
+offload, buckets. What dtrain's config already says (micro-batch size, accumulation,
+clipping, precision) is filled in from it: a JSON value of "auto" (or none) takes dtrain's,
+an equal value is fine, and a different one is a configuration error naming both, so
+the two can never disagree. dtrain builds the optimizer and the LR schedule itself.
+
+The engine owns the optimizer step (clipping, overflow check, zeroing the gradients) and
+its own checkpoint format; the loop drives it through the same interface as the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dtrain.parallel.distributed import Distributed
+
+if TYPE_CHECKING:
+    from dtrain.config import Config
+
+ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"
+
+
+def _read_json(spec: str | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec), "inline parallel.deepspeed_config"
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"parallel.deepspeed_config: {spec} is not a file (see ds_configs/ for examples)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"parallel.deepspeed_config: {spec}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"parallel.deepspeed_config: {spec} must hold a JSON object")
+    return data, str(spec)
+
+
+def resolve_deepspeed_config(cfg: "Config", world_size: int | None, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for this run, with dtrain's values filled in and conflicts refused.
+
+    `world_size` and `hidden_size` are known only at run time; without them (config
+    validation) the checks that need them are left for later."""
+    ds, origin = _read_json(cfg.parallel.deepspeed_config)
+    where = f"parallel.deepspeed_config ({origin})"
+    problems = []
+    for section, dtrain_keys in (("optimizer", "optim.*"), ("scheduler", "schedule.*")):
+        if section in ds:
+            problems.append(f"remove its `{section}` section: dtrain builds the {section} from {dtrain_keys}")
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") not in (1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 1, 2 or 3 (got {zero.get('stage')!r}); "
+                        "for plain data parallelism use parallel.strategy=ddp")
+
+    def fill(key: str, value: Any, dtrain_key: str, dtrain_value: Any, node: dict = ds) -> None:
+        current = node.get(key, "auto")
+        if current == "auto":
+            node[key] = value
+        elif current != value:
+            problems.append(f"{key}={json.dumps(current)} conflicts with {dtrain_key}={dtrain_value}")
+
+    t = cfg.train
+    fill("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", t.micro_batch_size)
+    fill("gradient_accumulation_steps", t.grad_accum_steps, "train.grad_accum_steps", t.grad_accum_steps)
+    if world_size is not None:
+        fill("train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size,
+             "train.micro_batch_size x train.grad_accum_steps x world size",
+             f"{t.micro_batch_size} x {t.grad_accum_steps} x {world_size}")
+    fill("gradient_clipping", cfg.optim.grad_clip or 0.0, "optim.grad_clip", cfg.optim.grad_clip)
+    bf16 = ds.setdefault("bf16", {})
+    fill("enabled", t.precision == "bf16", "train.precision", t.precision, node=bf16)
+    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        problems.append(f"fp16.enabled=true conflicts with train.precision={t.precision} (dtrain trains in fp32 or bf16)")
+    ds.setdefault("fp16", {})["enabled"] = False
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems)
+                         + '. Write "auto" in the JSON to take dtrain\'s value, or make the two equal.')
+
+    if hidden_size is not None:  # the buckets Hugging Face's integration derives from the width
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    if any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")):
+        ds["zero_force_ds_cpu_optimizer"] = False  # dtrain's torch AdamW steps the offloaded fp32 state
+    ds.setdefault("steps_per_print", 1 << 30)  # dtrain logs; keep DeepSpeed's own step log quiet
+    return ds
+
+
+class DeepSpeed(Distributed):
+    name = "deepspeed"
+
+    def __init__(self, cfg: "Config"):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu"
+                              else "cpu")
+        super().__init__(cfg.parallel)
+        self.cfg = cfg
+        self.stage = 0
+        # DeepSpeed calls collectives torch has renamed, once per step: not the user's concern.
+        for old in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+            warnings.filterwarnings("ignore", message=rf".*`torch\.distributed\.{old}` is deprecated", category=FutureWarning)
+
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
+        import deepspeed
+
+        ds_config = resolve_deepspeed_config(self.cfg, self.world_size, getattr(model.config, "hidden_size", None))
+        self.stage = ds_config["zero_optimization"]["stage"]
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
+        # Build the model normally and let initialize() partition it: building inside
+        # zero.Init would initialise the weights differently from every other strategy.
+        optimizer = make_optimizer(model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        return engine, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
+        model.set_gradient_accumulation_boundary(enabled)
+        return contextlib.nullcontext()
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        # The loop already normalises the loss over the whole accumulation step.
+        model.backward(loss, scale_wrt_gas=False)
+
+    def optimizer_step(self, model: nn.Module, optimizer: Optimizer, max_norm: float | None,
+                       skip: bool = False) -> tuple[float, bool]:
+        # The engine clips (gradient_clipping), skips the update on an inf/NaN gradient
+        # (a NaN loss gives NaN gradients) and zeroes the gradients.
+        model.step()
+        norm = model.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, bool(model.was_step_applied()) and not skip
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            # Gathers the partitions module by module onto rank 0 (what HF's integration uses).
+            state = model._zero3_consolidated_16bit_state_dict()
+            return {k: v.cpu() for k, v in state.items()} if self.is_main else {}
+        return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()} if self.is_main else {}
+
+    def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
+        model.save_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, client_state={}, save_latest=False,
+                              exclude_frozen_parameters=self.has_frozen)
+
+    def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
+        loaded, _ = model.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False, load_module_strict=not self.has_frozen)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the engine checkpoint in {path / ENGINE_DIR}")
+
+    def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
+        params = list(model.module.parameters())
+        # ZeRO-3 keeps only this rank's partition (ds_tensor); the full tensor is a placeholder.
+        local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
+        zero = model.optimizer
+        # The fp32 master partitions (stage 3 swaps them into the inner optimizer's
+        # param_groups only while it steps), plus the inner optimizer's state.
+        masters = (getattr(zero, "fp32_partitioned_groups_flat", None)
+                   or getattr(zero, "single_partition_of_fp32_groups", None) or [])
+        state = [t for per_param in zero.optimizer.state.values() for t in per_param.values()
+                 if torch.is_tensor(t) and t.dim() > 0]
+        return {"parameters": sum(t.numel() * t.element_size() for t in local),
+                "optimizer": sum(t.numel() * t.element_size() for t in masters + state)}
