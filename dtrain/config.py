@@ -161,6 +161,9 @@ class PeftConfig(Section):
     double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="qlora: dtype of the de-quantised matmuls; auto: bfloat16 with train.precision=bf16, else float32.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="qlora: dtype the packed 4-bit weights are stored as; auto: bfloat16 for sharding "
+        "strategies (what lets FSDP2 shard them), uint8 otherwise.")
 
 
 class FsdpConfig(Section):
@@ -286,11 +289,11 @@ class Config(Section):
     def _check_parallel_combinations(self) -> None:
         """Strategy x peft x optimizer x device combinations that cannot work, refused up front."""
         strategy, peft, optim = self.parallel.strategy, self.peft.method, self.optim.name
-        if peft == "qlora" and strategy in ("fsdp", "deepspeed"):
+        if peft == "qlora" and strategy == "deepspeed":
             raise ValueError(
-                f"peft.method=qlora with parallel.strategy={strategy} is not supported: bitsandbytes' 4-bit weights "
-                f"cannot be sharded by {'FSDP2' if strategy == 'fsdp' else 'DeepSpeed ZeRO'} in this release. Use "
-                f"parallel.strategy=ddp (or single) for QLoRA, or keep {strategy} with peft.method=lora")
+                "peft.method=qlora with parallel.strategy=deepspeed is not supported: DeepSpeed's engine "
+                "checkpoint cannot serialise bitsandbytes' 4-bit weights. For QLoRA use parallel.strategy=fsdp "
+                "(shards the 4-bit base), ddp or single; or keep deepspeed with peft.method=lora")
         if optim != "adamw" and strategy in ("fsdp", "deepspeed"):
             raise ValueError(
                 f"optim.name={optim} (bitsandbytes) with parallel.strategy={strategy} is not supported: its state "
@@ -422,7 +425,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML config, apply `key=value` overrides, validate. Raises ConfigError."""
     data: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    source = "defaults"
+    source = "from the command line"
     if path is not None:
         path = Path(path)
         source = str(path)

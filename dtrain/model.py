@@ -71,14 +71,19 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
 
 
-def quantization_config(peft: PeftConfig, precision: str) -> Any:
+def quantization_config(peft: PeftConfig, precision: str, strategy: str) -> Any:
     """bitsandbytes 4-bit settings for QLoRA."""
     from transformers import BitsAndBytesConfig
 
     compute = peft.compute_dtype if peft.compute_dtype != "auto" else (
         "bfloat16" if precision == "bf16" else "float32")
+    # Sharding flattens and splits parameters by dtype: packed 4-bit data stored as bf16
+    # shards like any other weight (its quantisation constants stay on the module).
+    storage = peft.quant_storage if peft.quant_storage != "auto" else (
+        "bfloat16" if strategy in ("fsdp", "deepspeed") else "uint8")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft.quant_type,
-                              bnb_4bit_use_double_quant=peft.double_quant, bnb_4bit_compute_dtype=DTYPES[compute])
+                              bnb_4bit_use_double_quant=peft.double_quant, bnb_4bit_compute_dtype=DTYPES[compute],
+                              bnb_4bit_quant_storage=DTYPES.get(storage, torch.uint8))
 
 
 def load_model(
@@ -117,12 +122,26 @@ def load_model(
             trust_remote_code=cfg.trust_remote_code,
             **extra,
         )
+    if quantization is not None:
+        keep_4bit_training_kernel(model)
     if cfg.task == "classification":
         # Sequence-classification heads pool the last non-pad token: they must know the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def keep_4bit_training_kernel(model: nn.Module) -> None:
+    """Make bitsandbytes' 4-bit layers compute with one kernel, in training and evaluation.
+
+    On CPUs with avx512-bf16, a 4-bit layer's first inference forward re-lays out its weight
+    for a faster bf16 kernel, and every later forward, training included, then computes
+    differently (~1e-3 on the logits). Evaluation would no longer measure the function being
+    trained, and a resumed run would not match an uninterrupted one."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

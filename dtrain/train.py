@@ -234,7 +234,7 @@ def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: S
             base = out / "base_model"
     if quantized:
         model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, device=strategy.device,
-                           path=str(base), quantization=quantization_config(cfg.peft, cfg.train.precision))
+                           path=str(base), quantization=quantization_config(cfg.peft, cfg.train.precision, cfg.parallel.strategy))
     model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
     if cfg.model.compile:
         compile_blocks(model)
@@ -382,7 +382,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
         if stop:
             break
 
-    final_state = strategy.full_state_dict(model)  # collective: gathers shards onto the main rank
+    # Collective: gathers shards onto the main rank (for an adapter, only what it saves).
+    final_state = strategy.full_state_dict(model, trainable_only=cfg.peft.method != "none")
     if strategy.is_main:
         final = save_final_model(strategy.unwrap(model), final_state, tokenizer, cfg, out)
         tracker.message(f"final model saved to {final}")
@@ -456,6 +457,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", None):
         if args.dry_run:
             print("error: --dry-run runs one process; drop --nproc", file=sys.stderr)
+            return 2
+        try:  # a bad config fails here, before any process starts
+            load_config(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
         from dtrain.launch import launch_training
 

@@ -85,3 +85,28 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Co
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def probe_ids():
+    from dtrain.presets import byte_tokenizer
+
+    return byte_tokenizer()("Add the numbers.\n12 + 30\n", return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture
+def final_spy(monkeypatch):
+    """Logits of the trained model on probe_ids(), taken just before save_final_model writes it."""
+    import dtrain.train as train_mod
+
+    seen: dict[str, torch.Tensor] = {}
+    original = train_mod.save_final_model
+
+    def spy(model, state_dict, tokenizer, cfg, out):
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=probe_ids()).logits.float().clone()
+        model.train()
+        return original(model, state_dict, tokenizer, cfg, out)
+
+    monkeypatch.setattr(train_mod, "save_final_model", spy)
+    return seen

@@ -8,6 +8,7 @@ check the saved adapters, the per-rank memory and that only the main rank built 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,3 +148,79 @@ def test_data_is_prepared_once_by_the_main_rank(strategy_runs):
     assert all(r[name]["data_builds"] == 0 for r in ranks for name in list(r)[1:])  # then the cache serves all
     entries = [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Configuration matrix: every strategy x peft x precision trains two steps or is refused
+# up front with a message; nothing fails later.
+
+PEFTS = ["none", "lora", "dora", "qlora"]
+PRECISIONS = ["fp32", "bf16"]
+REFUSED = {("zero1", "qlora"), ("zero2", "qlora"), ("zero3", "qlora")}
+# Switches that change the strategy's code path, each trained once.
+EXTRAS = {
+    "fsdp-cpu_offload": ["parallel.strategy=fsdp", "parallel.fsdp.cpu_offload=true"],
+    "fsdp-keep_gathered-ac-lora": ["parallel.strategy=fsdp", "parallel.fsdp.reshard_after_forward=false",
+                                   "model.gradient_checkpointing=true", "peft.method=lora"],
+    "ddp-ac": ["parallel.strategy=ddp", "model.gradient_checkpointing=true"],
+    "ddp-compile": ["parallel.strategy=ddp", "model.compile=true"],
+    "ddp-adamw_8bit": ["parallel.strategy=ddp", "optim.name=adamw_8bit"],
+    "ddp-paged_adamw_8bit-qlora": ["parallel.strategy=ddp", "optim.name=paged_adamw_8bit", "peft.method=qlora"],
+    "zero2_offload": ["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero2_offload.json"],
+    "zero3_offload-lora": ["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero3_offload.json",
+                           "peft.method=lora"],
+}
+
+
+def matrix_base(model_dir: Path, cache: Path) -> list[str]:
+    return [f"model.path={model_dir}", f"data.train={ALPACA}", "data.format=alpaca", "data.max_seq_len=256",
+            "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.log_every=1",
+            "eval.max_batches=1", "logging.tensorboard=false", "logging.progress_bar=false",
+            f"data.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def matrix_runs(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("matrix")
+    runs = {f"{s}-{peft}-{prec}": STRATEGIES[s] + [f"peft.method={peft}", f"train.precision={prec}"]
+            for s in STRATEGIES for peft in PEFTS for prec in PRECISIONS}
+    runs.update(EXTRAS)
+    ranks = torchrun({"base": matrix_base(tiny_model_dir, out / "cache"), "runs": runs}, out)
+    return ranks[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_combination_trains_or_is_refused_up_front(matrix_runs, strategy):
+    for peft in PEFTS:
+        for prec in PRECISIONS:
+            got = matrix_runs[f"{strategy}-{peft}-{prec}"]
+            if (strategy, peft) in REFUSED:
+                assert "peft.method=qlora with parallel.strategy=deepspeed is not supported" in got["config_error"]
+                assert "parallel.strategy=fsdp" in got["config_error"]  # ... and what to use instead
+            else:
+                assert "config_error" not in got, got
+                assert len(got["losses"]) == 2 and all(math.isfinite(x) for x in got["losses"]), (peft, prec, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXTRAS))
+def test_strategy_switches_train(matrix_runs, name):
+    got = matrix_runs[name]
+    assert "config_error" not in got, got
+    assert len(got["losses"]) == 2 and all(math.isfinite(x) for x in got["losses"])
+    if name in ("ddp-ac", "ddp-compile", "fsdp-cpu_offload", "zero2_offload"):
+        # Recomputing activations, compiling or offloading changes where the numbers are
+        # computed, not what they are.
+        reference = matrix_runs["ddp-none-fp32"]["losses"]
+        assert got["losses"] == pytest.approx(reference, abs=1e-4, rel=0), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", PEFTS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_single_process_combinations_train(tiny_model_dir, tmp_path, peft, precision):
+    cfg = load_config(None, matrix_base(tiny_model_dir, tmp_path / "cache")
+                      + [f"peft.method={peft}", f"train.precision={precision}", f"output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    assert len(result.train_losses) == 2 and all(math.isfinite(x) for x in result.train_losses)

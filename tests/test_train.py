@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, read_metrics, run_cli
+from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, probe_ids, read_metrics, run_cli
 
 import dtrain.train as train_mod
 from dtrain import checkpoint as ckpt
@@ -39,10 +39,6 @@ def eval_lines(out):
     return [m for m in read_metrics(out) if "eval_loss" in m]
 
 
-def probe_ids():
-    return byte_tokenizer()("Add the numbers.\n12 + 30\n", return_tensors="pt")["input_ids"]
-
-
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -63,23 +59,6 @@ def eval_spy(monkeypatch):
 
     monkeypatch.setattr(train_mod, "eval_batches", spy)
     return evaluations
-
-
-@pytest.fixture
-def final_spy(monkeypatch):
-    """Logits of the trained model on probe_ids(), taken just before save_final_model writes it."""
-    seen: dict[str, torch.Tensor] = {}
-    original = train_mod.save_final_model
-
-    def spy(model, state_dict, tokenizer, cfg, out):
-        model.eval()
-        with torch.no_grad():
-            seen["logits"] = model(input_ids=probe_ids()).logits.float().clone()
-        model.train()
-        return original(model, state_dict, tokenizer, cfg, out)
-
-    monkeypatch.setattr(train_mod, "save_final_model", spy)
-    return seen
 
 
 def nan_from(monkeypatch, bad_calls):

@@ -86,9 +86,22 @@ class Strategy:
 
     # ---- state
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer as a full CPU tensor, on the main rank (collective;
-        other ranks may get an empty dict). Keys are those of `unwrap(model).state_dict()`."""
+    def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters that train, by name (sharded ones as DTensors).
+
+        Never through model.state_dict(): serialising a bitsandbytes 4-bit layer on the CPU
+        backend re-lays out its weight in place and changes its later outputs (by ~1e-3), so
+        a QLoRA run that saved a checkpoint would no longer match one that resumed from it."""
+        return {name: p for name, p in self.unwrap(model).named_parameters() if p.requires_grad}
+
+    def full_state_dict(self, model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Full CPU tensors on the main rank (collective; other ranks get an empty dict), keyed
+        like `unwrap(model).state_dict()`: every parameter and buffer, or with `trainable_only`
+        (what an adapter's save needs) only the parameters that train."""
+        if trainable_only:
+            # full_tensor() all-gathers a sharded parameter: every rank calls it, in the same order.
+            full = {name: _full(p.detach()) for name, p in self.trainable_parameters(model).items()}
+            return {name: t.cpu() for name, t in full.items()} if self.is_main else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -97,32 +110,22 @@ class Strategy:
         """Write the trainable parameters and the optimizer state under `path`, each rank its
         own shard, in parallel (collective). Frozen weights come from model.path on resume."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        model_state, optim_state = self._dcp_state(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path / "dcp", no_dist=_no_dist())
+        params = self.trainable_parameters(model)  # first: a strategy may reshard here
+        state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
+        dcp.save(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
 
     def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
-        """Load what save_checkpoint wrote, resharding to this run's world size and strategy."""
+        """Load what save_checkpoint wrote, resharding to this run's world size and strategy.
+        The parameters are read in place; dcp.load fails on any name the checkpoint lacks."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        model_state, optim_state = self._dcp_state(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+        params = {name: p.detach() for name, p in self.trainable_parameters(model).items()}
+        state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
         dcp.load(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
-        # Not strict: the frozen weights are absent by design. Every trainable one is there,
-        # since dcp.load fails on a key the checkpoint lacks.
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=_dcp_options(strict=False))
-
-    def _dcp_state(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict, dict]:
-        """Model (trainable parameters only) and optimizer state dicts, keyed by parameter name."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(model, optimizer, options=_dcp_options())
-        # ignore_frozen_params misses a frozen tensor's second name (a tied lm_head): keep
-        # exactly the names under which a parameter trains.
-        trainable = {n for n, p in self.unwrap(model).named_parameters(remove_duplicate=False) if p.requires_grad}
-        return {k: v for k, v in model_state.items() if k in trainable}, optim_state
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_trainable_only())
 
     def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
         """Bytes this rank holds for parameters and optimizer state (master copies included)."""
@@ -167,9 +170,8 @@ def _no_dist() -> bool:
     return not torch.distributed.is_initialized()
 
 
-def _dcp_options(strict: bool = True) -> Any:
+def _trainable_only() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # Only what trains is checkpointed: frozen weights (a LoRA base) come from model.path.
-    return StateDictOptions(ignore_frozen_params=True, strict=strict)
-
+    # The optimizer only holds what trains; its state is keyed by the names of those parameters.
+    return StateDictOptions(ignore_frozen_params=True)

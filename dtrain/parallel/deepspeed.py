@@ -144,7 +144,15 @@ class DeepSpeed(Distributed):
         norm = float("nan") if norm is None else float(norm)
         return norm, bool(model.was_step_applied()) and not skip
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        if trainable_only:
+            import deepspeed
+
+            params = self.trainable_parameters(model)
+            # ZeRO-3 holds a partition of each: gather them whole while copying them out.
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
+                                                   enabled=self.stage == 3):
+                return {name: p.detach().cpu().clone() for name, p in params.items()} if self.is_main else {}
         if self.stage == 3:
             # Gathers the partitions module by module onto rank 0 (what HF's integration uses).
             state = model._zero3_consolidated_16bit_state_dict()

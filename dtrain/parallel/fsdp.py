@@ -52,8 +52,27 @@ class FSDP(Distributed):
         model = apply_fsdp(model, mesh, self.cfg, self.bf16)  # also moves the shards to the mesh's device
         return model, make_optimizer(model)
 
+    def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        _reshard(model)
+        return super().trainable_parameters(model)
+
+    def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
+        _reshard(model)
+        return super().state_bytes(model, optimizer)
+
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
         # Without sync, FSDP keeps unsharded gradients across micro-batches and
         # reduce-scatters once, on the last one.
         model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put every block back in its sharded state. A block that keeps its parameters gathered
+    after forward (reshard_after_forward=False) stays gathered after an evaluation, which has
+    no backward to reshard it; its parameters would then not be the ones the optimizer steps."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
