@@ -93,8 +93,9 @@ def loss_and_counts(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
     whole optimizer step: k micro-batches of any lengths then give exactly the gradient
     of one batch k times larger.
     """
-    # Packed batches add position_ids (restarting per example) and a block-diagonal mask.
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits.float()
+    # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or
+    # (flattened, for flash-attention) no mask. No KV cache: nothing is generated here.
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).logits.float()
     labels = batch["labels"]
     if task == "causal_lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
@@ -109,7 +110,9 @@ def loss_and_counts(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
 
 def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
     """Non-padding tokens of a batch (packed batches carry a 4-D mask, so count from the ids)."""
-    mask = batch["attention_mask"]
+    mask = batch.get("attention_mask")
+    if mask is None:  # flattened packing: one row, no padding at all
+        return batch["input_ids"].numel()
     if mask.dim() == 2:
         return int(mask.sum().item())
     return int((batch["input_ids"] != pad_id).sum().item())
@@ -120,6 +123,12 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     if task == "causal_lm":
         labels = labels[:, 1:]
     return int((labels != IGNORE_INDEX).sum().item())
+
+
+def uses_varlen_attention(model: nn.Module) -> bool:
+    """Flash-attention 2 takes packed examples as one flattened, padding-free sequence
+    (`model`: the plain model, not a strategy's wrapper)."""
+    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -138,7 +147,8 @@ def evaluate(model: nn.Module, data: PreparedData, cfg: Config, strategy: Strate
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct
     batches = eval_batches(data.validation, cfg.eval.batch_size or cfg.train.micro_batch_size, pad_id,
-                           rank=strategy.rank, world_size=strategy.world_size, max_batches=cfg.eval.max_batches)
+                           rank=strategy.rank, world_size=strategy.world_size, max_batches=cfg.eval.max_batches,
+                           flatten_packed=uses_varlen_attention(strategy.unwrap(model)))
     for batch in batches:
         with _autocast(cfg, strategy.device):
             loss, n, correct = loss_and_counts(model, _to(batch, strategy.device), cfg.model.task)
@@ -275,7 +285,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
 
     batches = BatchIterator(data.train, tcfg.micro_batch_size, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
                             seed=cfg.seed, rank=strategy.rank, world_size=strategy.world_size,
-                            group_by_length=cfg.data.group_by_length and not data.packed)
+                            group_by_length=cfg.data.group_by_length and not data.packed,
+                            flatten_packed=uses_varlen_attention(strategy.unwrap(model)))
     class_weights = (torch.tensor(data.class_weights, device=strategy.device)
                      if data.class_weights is not None else None)
     steps_per_epoch = max(1, batches.batches_per_epoch // tcfg.grad_accum_steps)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from dtrain.config import DataConfig
 from dtrain.data.formats import Encoder, Example
-from dtrain.data.packing import collate_packed, length_grouped_order, pack_examples
+from dtrain.data.packing import collate_flattened, collate_packed, length_grouped_order, pack_examples
 from dtrain.data.report import padding_fraction
 from dtrain.presets import byte_tokenizer
 
@@ -65,7 +65,30 @@ def test_packed_loss_equals_one_by_one(model, examples):
     assert packed.sum().item() == pytest.approx(alone.sum().item(), rel=1e-6)  # fp32 summation order
 
     # Negative control: the same packed rows with a plain causal mask leak across examples.
-    leaky = token_losses(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
+    causal = torch.ones_like(batch["input_ids"])
+    leaky = token_losses(model(input_ids=batch["input_ids"], attention_mask=causal, position_ids=batch["position_ids"],
+                               use_cache=False).logits, batch["labels"])
+    assert (leaky - alone).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("examples", [alpaca_examples(10), random_examples(25)], ids=["alpaca", "random"])
+def test_flattened_loss_equals_one_by_one(model, examples):
+    """The variable-length layout (what flash-attention 2 gets): one padding-free row, no mask.
+    On CPU, SDPA sees the same example boundaries, read off the restarting position_ids."""
+    bins = pack_examples(lengths_of(examples), 512)
+    rows = [[examples[i] for i in b] for b in bins]
+    alone = torch.cat([token_losses(model(input_ids=torch.tensor([ex.input_ids])).logits,
+                                    torch.tensor([ex.labels])) for row in rows for ex in row])
+    batch = collate_flattened(rows)
+    assert batch["input_ids"].shape == (1, sum(lengths_of(examples))) and "attention_mask" not in batch
+    flat = token_losses(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              use_cache=False).logits, batch["labels"])
+    assert flat.shape == alone.shape
+    assert torch.allclose(flat, alone, atol=1e-5, rtol=0)
+
+    # Negative control: positions that do not restart make it one long sequence.
+    running = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+    leaky = token_losses(model(input_ids=batch["input_ids"], position_ids=running, use_cache=False).logits,
                          batch["labels"])
     assert (leaky - alone).abs().max() > 1e-3
 
@@ -92,6 +115,19 @@ def test_collate_packed_layout():
     m = batch["attention_mask"][0, 0].int().tolist()
     assert m == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
     assert batch["attention_mask"][1, 0].diagonal().all()  # padding attends to itself: no NaN rows
+
+
+def test_collate_flattened_layout_gives_flash_attention_the_example_boundaries():
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    a, b = Example([1, 10, 11], [-100, 10, 11]), Example([1, 20], [1, 20])
+    batch = collate_flattened([[a, b], [b]])
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 1, 20, 1, 20]]
+    assert batch["labels"].tolist() == [[-100, 10, 11, -100, 20, -100, 20]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    # What transformers hands the variable-length flash kernel: cumulative example lengths.
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert cu_q.tolist() == cu_k.tolist() == [0, 3, 5, 7] and int(max_q) == 3
 
 
 def test_pack_examples_fits_every_example_once_and_is_deterministic():

@@ -33,11 +33,12 @@ def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]]:
     return [Example(i, l) for i, l in zip(cols["input_ids"], labels)]
 
 
-def collate_rows(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_rows(rows: list, pad_id: int, flatten_packed: bool = False) -> dict[str, torch.Tensor]:
+    """Padded examples, or packed rows (masked, or flattened for variable-length attention)."""
     if rows and isinstance(rows[0], list):  # packed rows
-        from dtrain.data.packing import collate_packed
+        from dtrain.data.packing import collate_flattened, collate_packed
 
-        return collate_packed(rows, pad_id)
+        return collate_flattened(rows) if flatten_packed else collate_packed(rows, pad_id)
     return collate(rows, pad_id)
 
 
@@ -63,7 +64,7 @@ class BatchIterator:
     """Endless training batches: epoch after epoch, incomplete last global batch dropped."""
 
     def __init__(self, examples: Sequence, batch_size: int, pad_id: int, *, shuffle: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, group_by_length: bool = False):
+                 rank: int = 0, world_size: int = 1, group_by_length: bool = False, flatten_packed: bool = False):
         global_batch = batch_size * world_size
         if len(examples) < global_batch:
             raise ValueError(
@@ -78,6 +79,7 @@ class BatchIterator:
         self.rank = rank
         self.world_size = world_size
         self.group_by_length = group_by_length
+        self.flatten_packed = flatten_packed
         self._lengths: list[int] | None = None
         self.batches_per_epoch = len(examples) // global_batch
         self.epoch = 0
@@ -112,7 +114,7 @@ class BatchIterator:
         start = self.index * global_batch + self.rank * self.batch_size
         ids = self._epoch_order()[start : start + self.batch_size]
         self.index += 1
-        return collate_rows(take(self.examples, ids), self.pad_id)
+        return collate_rows(take(self.examples, ids), self.pad_id, self.flatten_packed)
 
     @property
     def epoch_progress(self) -> float:
@@ -132,7 +134,7 @@ class BatchIterator:
 
 
 def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
-                 max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                 max_batches: int | None = None, flatten_packed: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Every example once, in order; rank r takes every world_size-th batch.
 
     Every rank yields the same number of batches, because a sharded model's forward is a
@@ -145,7 +147,8 @@ def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int 
     for n in range(per_rank):
         index = n * world_size + rank
         start = starts[index] if index < len(starts) else 0
-        batch = collate_rows(take(examples, list(range(start, min(start + batch_size, len(examples))))), pad_id)
+        batch = collate_rows(take(examples, list(range(start, min(start + batch_size, len(examples))))), pad_id,
+                             flatten_packed)
         if index >= len(starts):
             batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
         yield batch

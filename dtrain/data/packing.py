@@ -1,11 +1,17 @@
 """Sequence packing: several examples per row, each attending only to itself.
 
-A packed row concatenates examples; `position_ids` restart at 0 for each one and the
-attention mask is block-diagonal causal (boolean, True = may attend, shape [B, 1, L, L]),
-which transformers passes through unchanged to SDPA. The first token of every example gets
-label -100, since with the one-token shift it would be predicted from the previous
-example's last token. The loss of a packed row therefore equals the sum of the examples'
-losses run one by one (tests/test_packing.py checks it token by token).
+A packed row concatenates examples; `position_ids` restart at 0 for each one. Two layouts:
+
+- mask (SDPA, eager): rows padded to the longest, with a block-diagonal causal attention
+  mask (boolean, True = may attend, shape [B, 1, L, L]) that transformers passes through.
+- flattened (flash-attention 2): the whole micro-batch as one row of shape [1, total tokens]
+  and no mask at all, so no padding either; transformers reads the example boundaries off
+  the restarting position_ids and runs the variable-length kernels.
+
+The first token of every example gets label -100, since with the one-token shift it would be
+predicted from the previous example's last token. The loss of a packed batch therefore
+equals the sum of the examples' losses run one by one (tests/test_packing_equivalence.py
+checks it token by token, for both layouts).
 """
 
 from __future__ import annotations
@@ -45,6 +51,17 @@ def pack_examples(lengths: Sequence[int], max_seq_len: int, *, shuffle_seed: int
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(bins)
     return bins
+
+
+def collate_flattened(rows: list[list[Example]]) -> dict[str, torch.Tensor]:
+    """All examples of the packed rows as one padding-free sequence: input_ids, labels and
+    position_ids of shape [1, total tokens]; no attention mask (the variable-length layout)."""
+    examples = [ex for row in rows for ex in row]
+    input_ids = torch.tensor([[t for ex in examples for t in ex.input_ids]])
+    labels = torch.tensor([[t for ex in examples for t in ex.labels]])
+    position_ids = torch.cat([torch.arange(len(ex.input_ids)) for ex in examples]).unsqueeze(0)
+    labels[position_ids == 0] = IGNORE_INDEX  # never predicted across an example boundary
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
