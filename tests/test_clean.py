@@ -80,6 +80,23 @@ def test_normalize_is_idempotent():
     assert normalize_text(once) == once
 
 
+def test_plain_ascii_shortcut_equals_the_full_normalisation():
+    """normalize_text returns early for printable-ASCII text; on every kind of string it must agree
+    with the rules applied in full (clean._normalize). Short random strings over the characters
+    the rules care about reach every branch of the shortcut."""
+    from dtrain.data.clean import _normalize
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "  ", "\n", "\n\n\n", "\t", "\r", "\r\n", "\x07", "\x7f", "\u00a0", "\u2028", "ﬁ",
+                "\u200b"]
+    texts = ["", " ", "\n", "a b", " a\nb ", "a\n\nb", "\n a", "a \nb"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    for text in texts:
+        for form in ("NFKC", None):
+            for whitespace in (True, False):
+                assert normalize_text(text, form, whitespace) == _normalize(text, form, whitespace), (text, form)
+
+
 # -- boilerplate -------------------------------------------------------------------------
 
 

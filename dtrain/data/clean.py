@@ -65,7 +65,20 @@ def normalize_text(text: str, unicode_form: str | None = "NFKC", whitespace: boo
       spaces/tabs between words to one space, keep at most one blank line (two \\n in a row).
       Single newlines and leading indentation are kept: they structure lists, poems and code.
     """
-    if text.isascii():  # fast path: ASCII is NFKC-invariant; its only invisibles are C0 controls and DEL
+    if text.isascii() and text.replace("\n", " ").isprintable():
+        # Printable ASCII and \n only (most text): no Unicode form, control character or odd line
+        # break to fix. Without a double space, a space before a line break or a run of blank lines,
+        # the whitespace rules below change nothing but the ends either.
+        if not whitespace:
+            return text
+        if "  " not in text and " \n" not in text and "\n\n\n" not in text:
+            return text.strip()
+    return _normalize(text, unicode_form, whitespace)
+
+
+def _normalize(text: str, unicode_form: str | None, whitespace: bool) -> str:
+    """normalize_text for any text (no shortcut)."""
+    if text.isascii():  # ASCII is NFKC-invariant; its only invisibles are C0 controls and DEL
         text = _ASCII_CONTROLS.sub("", _NEWLINES.sub("\n", text))
     else:
         if unicode_form:
