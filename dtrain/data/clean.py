@@ -146,7 +146,7 @@ def find_boilerplate(text: str, phrases: Sequence[str] = DEFAULT_BOILERPLATE) ->
     """
     regex, phrases = _boilerplate_regex(tuple(phrases))
     lowered = text.lower()
-    if regex is None or not any(anchor in lowered for anchor in _anchors(phrases)):
+    if regex is None or not any(map(lowered.__contains__, _anchors(phrases))):
         return None
     match = regex.search(text)
     return phrases[match.lastindex - 1] if match is not None else None
