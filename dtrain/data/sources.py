@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -52,6 +53,19 @@ SUFFIXES = {
 }
 SQL_PREFIX = "sql:"
 BATCH_SIZE = 1000  # rows per Arrow record batch / SQL fetchmany
+
+
+@dataclass(frozen=True)
+class StringFields:
+    """Fields a reader may hand over as Arrow string columns instead of row dicts: rows in which
+    each of `names` is a string, or absent or null where it is not `required`."""
+
+    names: tuple[str, ...]
+    required: tuple[str, ...]
+
+    def holds(self, row: dict[str, Any]) -> bool:
+        return (all(isinstance(row.get(name), str) for name in self.required)
+                and all(row.get(name) is None or isinstance(row.get(name), str) for name in self.names))
 
 
 def check_source(path: str, key: str) -> None:
