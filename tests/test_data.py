@@ -1154,7 +1154,7 @@ def test_num_proc_gives_the_same_data(tmp_path, tok):
 
 
 # --------------------------------------------------------------------------------------
-# Fast paths: plain rows as Arrow string columns
+# Fast paths: plain rows as Arrow string columns, JSONL and Parquet read by Arrow
 
 VARIED_ROWS = [
     {"instruction": "Ｔｏｔａｌ： １２３", "input": "", "output": "ﬁne x²\u200b ok"},
@@ -1181,7 +1181,7 @@ def _prepared(data) -> dict:
 
 
 def _without_fast_paths(monkeypatch, run):
-    """`run()` with every row stored whole, as JSON (as before the fast paths)."""
+    """`run()` with every row stored whole, as JSON, and read row by row (as before the fast paths)."""
     from dtrain.data import pipeline
 
     with monkeypatch.context() as m:
@@ -1205,7 +1205,7 @@ def test_fast_paths_give_the_same_prepared_data(tmp_path, tok, monkeypatch, kw):
         synonyms = tmp_path / "syn.txt"
         synonyms.write_text("add, sum\nnumbers, figures\nanswer, reply\n")
         kw = {**kw, "augment": {**kw["augment"], "synonyms": str(synonyms)}}
-    # a file with bad lines, one without, and a Parquet file
+    # a file with bad lines (read line by line), one Arrow reads whole, and a Parquet file
     jsonl = write_jsonl(tmp_path / "a.jsonl", VARIED_ROWS + ['{"bad'])
     plain = [r for r in VARIED_ROWS if "output" in r and set(r) <= {"instruction", "input", "output"}
              and all(isinstance(v, (str, type(None))) for v in r.values())]
@@ -1256,6 +1256,18 @@ def test_rows_are_kept_whole_when_augmentation_edits_other_fields():
     assert plain_fields(dcfg(augment={"copies": 1, "fields": ["meta", "instruction"]})) is None
     assert plain_fields(dcfg(format="text", text_field="body")) == StringFields(("body",), ("body",))
     assert plain_fields(dcfg(format="chat")) is None and plain_fields(dcfg(format="classification")) is None
+
+
+def test_bad_line_after_arrow_chunks_names_its_line(tmp_path, tok, monkeypatch):
+    from dtrain.data import sources
+
+    monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 500)
+    rows = _unique_rows(100)
+    path = write_jsonl(tmp_path / "a.jsonl", rows[:80] + [{"instruction": "x", "output": ["a list"]}] + rows[80:])
+    with pytest.raises(DataError, match=rf"^{path}:81: field 'output' must be a string, got list; set data.on_error"):
+        prep(tok, path)
+    data = prep(tok, path, on_error="skip")
+    assert pairs(data.train) == [expected_alpaca(r) for r in rows]
 
 
 def test_take_gathers_rows_across_chunks_in_any_order():

@@ -38,7 +38,7 @@ from dtrain.config import DataConfig, SourceConfig
 from dtrain.data import clean
 from dtrain.data.balance import class_weights, resample_indices
 from dtrain.data.formats import Encoder, RowError, TooLong
-from dtrain.data.sources import DataError, StringFields, check_source, iter_rows
+from dtrain.data.sources import ArrowRows, DataError, Row, StringFields, check_source, iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,9 @@ def check_sources(cfg: DataConfig) -> None:
                 check_sql_source(src.url, src.query)
 
 
-def _iter_source(src: SourceConfig) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+def _iter_source(src: SourceConfig, fields: StringFields | None = None) -> Iterator[Row | ArrowRows]:
     if src.path is not None:
-        return iter_rows(src.path)
+        return iter_rows(src.path, fields)
     from dtrain.data.sources import iter_sql_rows
 
     return iter_sql_rows(src.url, src.query)
@@ -139,8 +139,8 @@ def plain_fields(cfg: DataConfig) -> StringFields | None:
     """The string fields that are all a text or alpaca row is made of; None for chat and
     classification. Rows whose fields are plain strings are stored as those strings, in a
     struct column ("fields"), which costs less than a JSON document per row to write and to
-    read back. Any other row is kept whole, as JSON ("row"), and the encoder reports what is
-    wrong with it.
+    read back, and lets the readers hand JSONL and Parquet over as Arrow columns. Any other
+    row is kept whole, as JSON ("row"), and the encoder reports what is wrong with it.
 
     Nothing but these fields affects what a text or alpaca row becomes, except with EDA on
     other fields: their random edits shift the draws for these, so then rows are kept whole too.
@@ -172,15 +172,37 @@ def _raw_batches(sources: list[tuple[SourceConfig, str]], plain: StringFields | 
     schema = raw_features(plain).arrow_schema
     columns: dict[str, list] = {name: [] for name in schema.names}
     for index, (src, split) in enumerate(sources):
-        for n, (where, row) in enumerate(_iter_source(src)):
+        n = 0  # rows read from this source
+        for item in _iter_source(src, plain):
             if rows_per_file is not None and n >= rows_per_file:
                 break
+            if isinstance(item, ArrowRows):  # keep the order: rows collected so far go first
+                if columns["where"]:
+                    yield pa.RecordBatch.from_pydict(columns, schema=schema)
+                    columns = {name: [] for name in schema.names}
+                block = item if rows_per_file is None else item.head(rows_per_file - n)
+                yield _arrow_rows_batch(block, index, split, plain, schema)
+                n += len(block.wheres)
+                continue
+            where, row = item
             _add_raw_row(columns, where, row, index, split, plain)
+            n += 1
             if len(columns["where"]) >= batch_size:
                 yield pa.RecordBatch.from_pydict(columns, schema=schema)
                 columns = {name: [] for name in schema.names}
     if columns["where"]:
         yield pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def _arrow_rows_batch(block: ArrowRows, source: int, split: str, plain: StringFields,
+                      schema: pa.Schema) -> pa.RecordBatch:
+    n = len(block.wheres)
+    fields = pa.StructArray.from_arrays([block.table.column(name).combine_chunks() for name in plain.names],
+                                        names=list(plain.names))
+    return pa.RecordBatch.from_arrays([
+        pa.array(block.wheres, pa.string()), pa.array(np.full(n, source, dtype=np.int32)),
+        pa.array([split] * n, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.string()), fields,
+    ], schema=schema)
 
 
 def _add_raw_row(columns: dict[str, list], where: str, row: dict[str, Any] | RowError, source: int, split: str,
@@ -510,7 +532,8 @@ def _pick(values: SequenceOf[Any], indices: Iterable[int]) -> list[Any]:
     return [values[i] for i in indices]
 
 
-def _take(table: pa.Table, indices: SequenceOf[int], columns: list[str], batch_rows: int = 1000) -> Iterator[pa.RecordBatch]:
+def _take(table: pa.Table, indices: SequenceOf[int], columns: list[str],
+          batch_rows: int = 1000) -> Iterator[pa.RecordBatch]:
     """Rows `indices` (any order, repeats allowed) of `columns`, as record batches of at most
     `batch_rows` rows.
 
