@@ -116,6 +116,15 @@ def test_find_boilerplate_case_insensitive_returns_phrase():
     assert find_boilerplate("we cannot comply", ["cannot comply"]) == "cannot comply"
 
 
+def test_every_default_phrase_is_found_however_written():
+    """The substring prefilter (clean._anchors) must never hide a phrase the regex would match."""
+    for phrase in DEFAULT_BOILERPLATE:
+        variants = [phrase, phrase.upper(), phrase.lower(), phrase.replace(" ", "  \n "), phrase.replace("'", "\u2019")]
+        for text in variants:
+            assert find_boilerplate(f"Well. {text}, so no.") == phrase, text
+    assert find_boilerplate("I am just an ordinary person, but happy.") is None  # anchors alone are not enough
+
+
 def test_strip_boilerplate_removes_the_sentence():
     text = "As an AI language model, I cannot browse the web. However, 2 + 2 = 4. Hope that helps!"
     assert strip_boilerplate(text, DEFAULT_BOILERPLATE) == "However, 2 + 2 = 4. Hope that helps!"

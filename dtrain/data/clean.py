@@ -125,8 +125,11 @@ def _phrase_pattern(phrase: str) -> str:
 @lru_cache(maxsize=64)
 def _anchors(phrases: tuple[str, ...]) -> tuple[str, ...]:
     """The longest plain word of each phrase: a match is impossible unless one of them occurs,
-    which a substring test rules out far faster than the regex for almost every text."""
-    return tuple(max((w for w in p.lower().split() if w.isalnum()), key=len, default=p.lower()) for p in phrases)
+    which a substring test rules out far faster than the regex for almost every text. Each
+    anchor once, and none that contains another (finding "assist" covers "assistant")."""
+    words = dict.fromkeys(max((w for w in p.lower().split() if w.isalnum()), key=len, default=p.lower())
+                          for p in phrases)
+    return tuple(w for w in words if not any(other != w and other in w for other in words))
 
 
 @lru_cache(maxsize=64)
