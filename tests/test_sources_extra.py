@@ -452,9 +452,10 @@ IRREGULAR_JSONL = {
 
 def test_jsonl_fast_path_reads_regular_files_as_arrow(tmp_path):
     path = tmp_path / "a.jsonl"
+    long_line = _jsonl_bytes(GOOD[:2] + [{"instruction": "long", "output": "x" * 3_000_000}] + GOOD[2:])
     for name in ("plain", "crlf", "bom", "no final newline", "spaces around objects", "other fields of any kind",
-                 "other field changes type", "escaped key and values"):
-        path.write_bytes(IRREGULAR_JSONL.get(name, _jsonl_bytes(GOOD)))
+                 "other field changes type", "escaped key and values", "long line"):
+        path.write_bytes(IRREGULAR_JSONL.get(name, long_line if name == "long line" else _jsonl_bytes(GOOD)))
         fast, slow, blocks = _read_both(path)
         assert blocks == 1 and fast == slow, name
     assert fast[0][0] == f"{path}:1"

@@ -295,8 +295,9 @@ def _jsonl_arrow_rows(chunk: bytes, lines: list[bytes], path: str, lineno: int,
     """The chunk's rows parsed by Arrow, or None unless that gives exactly what line-by-line
     json.loads gives for `fields`. Arrow skips blank lines, reads an object spread over several
     lines and several objects on one line, and does not check the UTF-8 of fields it skips; so
-    every line must be one object ({...}) that Arrow reads as one row, and the bytes valid UTF-8.
-    Arrow itself refuses a field of another type (explicit schema) and repeated keys."""
+    every line must be one object ({...}) that Arrow reads as one row, the bytes valid UTF-8,
+    and every required field present. Arrow itself refuses a field of another type (the schema
+    says string) and a repeated key."""
     import pyarrow as pa
     import pyarrow.json as pa_json
 
@@ -309,9 +310,12 @@ def _jsonl_arrow_rows(chunk: bytes, lines: list[bytes], path: str, lineno: int,
     except UnicodeDecodeError:
         return None
     schema = pa.schema([(name, pa.string()) for name in fields.names])
+    # Arrow parses blocks of whole lines in parallel; a line longer than a block would fail.
+    block_size = max(1 << 20, max(map(len, lines)) + 1)
     try:
-        table = pa_json.read_json(pa.BufferReader(chunk), parse_options=pa_json.ParseOptions(
-            explicit_schema=schema, unexpected_field_behavior="ignore"))
+        table = pa_json.read_json(pa.BufferReader(chunk), read_options=pa_json.ReadOptions(block_size=block_size),
+                                  parse_options=pa_json.ParseOptions(explicit_schema=schema,
+                                                                     unexpected_field_behavior="ignore"))
     except pa.ArrowException:
         return None
     if table.num_rows != len(lines) or any(table.column(name).null_count for name in fields.required):
