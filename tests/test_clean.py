@@ -80,6 +80,23 @@ def test_normalize_is_idempotent():
     assert normalize_text(once) == once
 
 
+def test_plain_ascii_shortcut_equals_the_full_normalisation():
+    """normalize_text returns early for printable-ASCII text; on every kind of string it must agree
+    with the rules applied in full (clean._normalize). Short random strings over the characters
+    the rules care about reach every branch of the shortcut."""
+    from dtrain.data.clean import _normalize
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "  ", "\n", "\n\n\n", "\t", "\r", "\r\n", "\x07", "\x7f", "\u00a0", "\u2028", "ﬁ",
+                "\u200b"]
+    texts = ["", " ", "\n", "a b", " a\nb ", "a\n\nb", "\n a", "a \nb"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    for text in texts:
+        for form in ("NFKC", None):
+            for whitespace in (True, False):
+                assert normalize_text(text, form, whitespace) == _normalize(text, form, whitespace), (text, form)
+
+
 # -- boilerplate -------------------------------------------------------------------------
 
 
@@ -97,6 +114,15 @@ def test_find_boilerplate_case_insensitive_returns_phrase():
     assert find_boilerplate("She has an AI language model at work.") is None  # whole words only
     assert find_boilerplate("Anything", []) is None
     assert find_boilerplate("we cannot comply", ["cannot comply"]) == "cannot comply"
+
+
+def test_every_default_phrase_is_found_however_written():
+    """The substring prefilter (clean._anchors) must never hide a phrase the regex would match."""
+    for phrase in DEFAULT_BOILERPLATE:
+        variants = [phrase, phrase.upper(), phrase.lower(), phrase.replace(" ", "  \n "), phrase.replace("'", "\u2019")]
+        for text in variants:
+            assert find_boilerplate(f"Well. {text}, so no.") == phrase, text
+    assert find_boilerplate("I am just an ordinary person, but happy.") is None  # anchors alone are not enough
 
 
 def test_strip_boilerplate_removes_the_sentence():

@@ -1154,6 +1154,161 @@ def test_num_proc_gives_the_same_data(tmp_path, tok):
 
 
 # --------------------------------------------------------------------------------------
+# Fast paths: plain rows as Arrow string columns, JSONL and Parquet read by Arrow
+
+VARIED_ROWS = [
+    {"instruction": "Ｔｏｔａｌ： １２３", "input": "", "output": "ﬁne x²\u200b ok"},
+    {"instruction": "tabs\tand  spaces ", "input": None, "output": "line1\r\nline2\n\n\n\nline3  "},
+    {"instruction": "q", "output": "As an AI language model, I can't. However, 2 + 2 = 4."},
+    {"instruction": "dup", "input": "x", "output": "same"},
+    {"instruction": "DUP ", "input": "x", "output": "same"},
+    {"instruction": "num", "output": 5},
+    {"instruction": "missing output"},
+    {"instruction": "empty", "output": "   "},
+    {"instruction": 7, "output": "seven"},
+    {"instruction": "i", "input": 3, "output": "o"},
+    {"instruction": "long " * 80, "output": "short"},
+    {"instruction": "s", "output": "long answer " * 40},
+    {"instruction": "meta", "output": "with meta", "meta": {"a": [1, 2]}},
+    {"instruction": "eos", "output": "</s>"},
+] + [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 3 else f"{i} + {i + 1}", "output": str(2 * i + 1)}
+     for i in range(60)]
+
+
+def _prepared(data) -> dict:
+    return {"splits": {s: pairs(getattr(data, s)) for s in SPLITS}, "steps": data.steps, "skipped": data.skipped,
+            "truncated": data.truncated, "lengths": data.lengths_before_packing, "packed": data.packed}
+
+
+def _without_fast_paths(monkeypatch, run):
+    """`run()` with every row stored whole, as JSON, and read row by row (as before the fast paths)."""
+    from dtrain.data import pipeline
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "plain_fields", lambda cfg: None)
+        return run()
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"train_on_prompt": True, "add_eos": False, "max_seq_len": 64},
+    {"clean": {"boilerplate": "strip", "unicode": "none", "whitespace": False, "min_tokens": 60}},
+    {"packing": True, "max_seq_len": 400},
+    {"augment": {"copies": 1, "synonyms": "SYN"}},
+    {"num_proc": 2},
+], ids=["default", "prompt-no-eos-short", "cleaning-options", "packing", "augment", "num_proc"])
+def test_fast_paths_give_the_same_prepared_data(tmp_path, tok, monkeypatch, kw):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if "augment" in kw:
+        synonyms = tmp_path / "syn.txt"
+        synonyms.write_text("add, sum\nnumbers, figures\nanswer, reply\n")
+        kw = {**kw, "augment": {**kw["augment"], "synonyms": str(synonyms)}}
+    # a file with bad lines (read line by line), one Arrow reads whole, and a Parquet file
+    jsonl = write_jsonl(tmp_path / "a.jsonl", VARIED_ROWS + ['{"bad'])
+    plain = [r for r in VARIED_ROWS if "output" in r and set(r) <= {"instruction", "input", "output"}
+             and all(isinstance(v, (str, type(None))) for v in r.values())]
+    regular = write_jsonl(tmp_path / "b.jsonl", plain[1::2])
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(plain[::2]), parquet)
+    kw = dict(on_error="skip", val_ratio=0.2, test_ratio=0.1, max_seq_len=kw.pop("max_seq_len", 400), **kw)
+    fast = prep(tok, [jsonl, regular, parquet], cache_dir=str(tmp_path / "fast"), **kw)
+    slow = _without_fast_paths(monkeypatch, lambda: prep(tok, [jsonl, regular, parquet],
+                                                         cache_dir=str(tmp_path / "slow"), **kw))
+    assert _prepared(fast) == _prepared(slow)
+    assert fast.skipped == [
+        f"{jsonl}:6: field 'output' must be a string, got int",
+        f"{jsonl}:7: missing field 'output' (present: ['instruction'])",
+        f"{jsonl}:8: field 'output' is empty: nothing to train on",
+        f"{jsonl}:9: field 'instruction' must be a string, got int",
+        f"{jsonl}:10: field 'input' must be a string, got int",
+        f"{jsonl}:75: not valid JSON (Unterminated string starting at, column 2)",
+        f"{regular}:3: field 'output' is empty: nothing to train on",  # a plain row: its error comes from the encoder
+    ]
+
+
+def test_fast_paths_give_the_same_text_data_and_errors(tmp_path, tok, monkeypatch):
+    rows = [{"text": f"Paragraph {i}:  some words\n\n\nmore"} for i in range(30)] + [{"text": "  "}, {"text": 3}, {}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    kw = dict(format="text", val_ratio=0.2, max_seq_len=20)
+    fast = prep(tok, path, cache_dir=str(tmp_path / "fast"), on_error="skip", **kw)
+    slow = _without_fast_paths(monkeypatch, lambda: prep(tok, path, cache_dir=str(tmp_path / "slow"), on_error="skip",
+                                                         **kw))
+    assert _prepared(fast) == _prepared(slow) and len(fast.skipped) == 3
+    with pytest.raises(DataError) as fast_error:
+        prep(tok, path, use_cache=False, **kw)
+    with pytest.raises(DataError) as slow_error:
+        _without_fast_paths(monkeypatch, lambda: prep(tok, path, use_cache=False, **kw))
+    assert str(fast_error.value) == str(slow_error.value) == (
+        f"{path}:31: field 'text' is empty (and 2 more); set data.on_error=skip to skip and count such rows")
+
+
+def test_rows_are_kept_whole_when_augmentation_edits_other_fields():
+    """EDA draws from one random stream per copy across its fields, so a field outside the format
+    changes what the format's fields get: then the whole row must be stored."""
+    from dtrain.data.pipeline import plain_fields
+    from dtrain.data.sources import StringFields
+
+    assert plain_fields(dcfg()) == StringFields(("instruction", "input", "output"), ("instruction", "output"))
+    assert plain_fields(dcfg(augment={"copies": 1})) == plain_fields(dcfg())  # default: the instruction
+    assert plain_fields(dcfg(augment={"copies": 1, "fields": ["output", "input"]})) == plain_fields(dcfg())
+    assert plain_fields(dcfg(augment={"copies": 1, "fields": ["meta", "instruction"]})) is None
+    assert plain_fields(dcfg(format="text", text_field="body")) == StringFields(("body",), ("body",))
+    assert plain_fields(dcfg(format="chat")) is None and plain_fields(dcfg(format="classification")) is None
+
+
+def test_bad_line_after_arrow_chunks_names_its_line(tmp_path, tok, monkeypatch):
+    from dtrain.data import sources
+
+    monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 500)
+    rows = _unique_rows(100)
+    path = write_jsonl(tmp_path / "a.jsonl", rows[:80] + [{"instruction": "x", "output": ["a list"]}] + rows[80:])
+    with pytest.raises(DataError, match=rf"^{path}:81: field 'output' must be a string, got list; set data.on_error"):
+        prep(tok, path)
+    data = prep(tok, path, on_error="skip")
+    assert pairs(data.train) == [expected_alpaca(r) for r in rows]
+
+
+def test_take_gathers_rows_across_chunks_in_any_order():
+    import random
+
+    import pyarrow as pa
+
+    from dtrain.data.pipeline import _take
+
+    lists = [[i] * (i % 5) for i in range(50)]
+    table = pa.Table.from_batches([pa.record_batch({"x": lists[i:i + 7], "n": list(range(i, min(i + 7, 50)))})
+                                   for i in range(0, 50, 7)])
+    rng = random.Random(0)
+    for indices in (list(range(50)), [3, 9, 10, 49], [rng.randrange(50) for _ in range(120)], []):
+        got = pa.Table.from_batches(list(_take(table, indices, ["x", "n"], batch_rows=16)), schema=table.schema)
+        assert got.to_pydict() == {"x": [lists[i] for i in indices], "n": indices}
+        assert all(b.num_rows <= 16 for b in _take(table, indices, ["x"], batch_rows=16))
+
+
+def test_encoder_ids_equal_the_tokenizers_with_a_merging_bpe():
+    """A BPE with merges, not only the byte tokenizer: prompt and completion ids are the tokenizer's own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in _unique_rows(200)] * 3
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    rows = _unique_rows(40) + [{"instruction": "Ünïcödé?", "input": "", "output": "👩\u200d💻 done"}]
+    got = Encoder(dcfg(max_seq_len=512), tok).encode_many(rows, [f"f:{i}" for i in range(len(rows))])
+    for row, ex in zip(rows, got):
+        prompt = tok(alpaca_prompt(row["instruction"], row["input"]))["input_ids"]
+        completion = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert len(prompt) < len(alpaca_prompt(row["instruction"], row["input"]).encode())  # merges happened
+        assert ex.input_ids == prompt + completion and ex.labels == [M] * len(prompt) + completion
+
+
+# --------------------------------------------------------------------------------------
 # Batching
 
 

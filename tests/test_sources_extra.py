@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dtrain.data.sources import (
-    DataError, RowError, check_source, check_sql_source, iter_rows, iter_sql_rows, parse_sql_source, redact_url,
+    ArrowRows, DataError, RowError, StringFields, check_source, check_sql_source, iter_rows, iter_sql_rows,
+    parse_sql_source, redact_url,
 )
 
 
@@ -363,6 +364,154 @@ def test_sql_check_accepts_ctes_comments_and_semicolons(sqlite_db):
     check_sql_source(url, query)
     assert [row for _, row in iter_sql_rows(url, query)] == [{"text": "Add 2 + 3."}, {"text": "Say hi."},
                                                               {"text": "Subtract."}]
+
+
+# --------------------------------------------------------------------------------------
+# Fast path: JSONL and Parquet straight into Arrow, exactly as row by row
+
+FIELDS = StringFields(names=("instruction", "input", "output"), required=("instruction", "output"))
+GOOD = [{"instruction": f"do {i}", "input": "x" if i % 2 else None, "output": f"ok {i} caf\u00e9"} for i in range(6)]
+
+
+def _fields_view(items) -> list[tuple[str, object]]:
+    """(where, what the pipeline stores) for the items of iter_rows(path, FIELDS): the fields of a
+    row they hold, else the whole row, or the row's error."""
+    out = []
+    for item in items:
+        if isinstance(item, ArrowRows):
+            out += [(where, ("fields", row)) for where, row in zip(item.wheres, item.table.to_pylist())]
+        else:
+            where, row = item
+            if isinstance(row, RowError):
+                out.append((where, ("error", str(row))))
+            elif FIELDS.holds(row):
+                out.append((where, ("fields", {k: row.get(k) for k in FIELDS.names})))
+            else:
+                out.append((where, ("whole", row)))
+    return out
+
+
+def _read_both(path: Path):
+    """(fast path view, row-by-row view, number of Arrow blocks); a DataError for both is returned as its text."""
+    def run(fields):
+        try:
+            items = list(iter_rows(str(path), fields))
+        except DataError as exc:
+            return f"DataError: {exc}", 0
+        return _fields_view(items), sum(isinstance(i, ArrowRows) for i in items)
+
+    (fast, blocks), (slow, no_blocks) = run(FIELDS), run(None)
+    assert no_blocks == 0
+    return fast, slow, blocks
+
+
+def _jsonl_bytes(rows) -> bytes:
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
+
+
+IRREGULAR_JSONL = {
+    # every one of these must be read exactly as line-by-line json.loads reads it
+    "crlf": b"".join(json.dumps(r).encode() + b"\r\n" for r in GOOD),
+    "bom": b"\xef\xbb\xbf" + _jsonl_bytes(GOOD),
+    "no final newline": _jsonl_bytes(GOOD)[:-1],
+    "spaces around objects": b"".join(b"  " + json.dumps(r).encode() + b" \t\n" for r in GOOD),
+    "blank line": _jsonl_bytes(GOOD[:2] + [b""] + GOOD[2:]),
+    "whitespace-only line": _jsonl_bytes(GOOD[:2] + [b" \t\r"] + GOOD[2:]),
+    "two objects on a line": _jsonl_bytes(GOOD[:2] + [json.dumps(GOOD[2]).encode() + json.dumps(GOOD[3]).encode()]),
+    # an object over two lines plus two objects on one line: as many rows as lines, yet misaligned
+    "object over two lines": _jsonl_bytes([b'{"instruction": "a",', b'"output": "b"}',
+                                           json.dumps(GOOD[0]).encode() + json.dumps(GOOD[1]).encode()]),
+    "carriage return between objects": _jsonl_bytes([json.dumps(GOOD[0]).encode() + b"\r"
+                                                     + json.dumps(GOOD[1]).encode()]),
+    "number in a field": _jsonl_bytes(GOOD[:3] + [{"instruction": "n", "output": 5}]),
+    "number in the optional field": _jsonl_bytes(GOOD[:3] + [{"instruction": "n", "input": 3, "output": "o"}]),
+    "required field missing": _jsonl_bytes(GOOD[:3] + [{"instruction": "n"}]),
+    "required field null": _jsonl_bytes(GOOD[:3] + [{"instruction": None, "output": "o"}]),
+    "repeated key": _jsonl_bytes(GOOD[:3] + [b'{"instruction": "a", "output": "b", "output": "c"}']),
+    "other fields of any kind": _jsonl_bytes([{**r, "meta": {"n": [1, None, {"k": "v"}]}, "score": i * 0.5}
+                                              for i, r in enumerate(GOOD)]),
+    "other field changes type": _jsonl_bytes([{**r, "meta": 1 if i % 2 else "one"} for i, r in enumerate(GOOD)]),
+    "repeated other key": _jsonl_bytes([b'{"instruction": "a", "output": "b", "m": 1, "m": 2}']),
+    "NaN and Infinity elsewhere": _jsonl_bytes([b'{"instruction": "a", "output": "b", "m": NaN, "n": -Infinity}']),
+    "escaped key and values": _jsonl_bytes([b'{"instr\\u0075ction": "\\u00e9\\ud83d\\ude00\\/\\u0000",'
+                                            b' "output": "\\t"}']),
+    "lone surrogate escape": _jsonl_bytes([b'{"instruction": "\\ud800", "output": "b"}']),
+    "raw tab in a string": _jsonl_bytes([b'{"instruction": "a\tb", "output": "c"}']),
+    "U+2028 in a string": _jsonl_bytes(['{"instruction": "a\u2028b", "output": "c"}'.encode()]),
+    "trailing garbage": _jsonl_bytes(GOOD[:2] + [json.dumps(GOOD[2]).encode() + b" x"]),
+    "trailing comma": _jsonl_bytes([b'{"instruction": "a", "output": "b",}']),
+    "array line": _jsonl_bytes(GOOD[:2] + [b"[1, 2]"]),
+    "string line": _jsonl_bytes(GOOD[:2] + [b'"text"']),
+    "empty object": _jsonl_bytes(GOOD[:2] + [b"{}"]),
+    "invalid UTF-8 in another field": _jsonl_bytes(GOOD[:2] + [b'{"instruction": "a", "output": "b", "m": "\xff"}']),
+    "byte order mark on line 2": _jsonl_bytes(GOOD[:1]) + b"\xef\xbb\xbf" + _jsonl_bytes(GOOD[1:2]),
+    "empty file": b"",
+    "blank lines only": b"\n \n\r\n",
+}
+
+
+def test_jsonl_fast_path_reads_regular_files_as_arrow(tmp_path):
+    path = tmp_path / "a.jsonl"
+    long_line = _jsonl_bytes(GOOD[:2] + [{"instruction": "long", "output": "x" * 3_000_000}] + GOOD[2:])
+    for name in ("plain", "crlf", "bom", "no final newline", "spaces around objects", "other fields of any kind",
+                 "other field changes type", "escaped key and values", "long line"):
+        path.write_bytes(IRREGULAR_JSONL.get(name, long_line if name == "long line" else _jsonl_bytes(GOOD)))
+        fast, slow, blocks = _read_both(path)
+        assert blocks == 1 and fast == slow, name
+    assert fast[0][0] == f"{path}:1"
+
+
+@pytest.mark.parametrize("name", sorted(IRREGULAR_JSONL))
+def test_jsonl_fast_path_equals_line_by_line(tmp_path, name):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(IRREGULAR_JSONL[name])
+    fast, slow, _ = _read_both(path)
+    assert fast == slow
+
+
+def test_jsonl_fast_path_falls_back_chunk_by_chunk(tmp_path, monkeypatch):
+    """With small chunks, the chunks Arrow reads and the one it cannot interleave, and every row
+    keeps its line; the bad line is reported by the line-by-line reader."""
+    from dtrain.data import sources
+
+    monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 300)
+    rows = [{"instruction": f"do {i}", "output": f"ok {i}"} for i in range(40)]
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(_jsonl_bytes(rows[:25] + [b'{"instruction": "x", "output": 5}', b"", b"not json"] + rows[25:]))
+    fast, slow, blocks = _read_both(path)
+    assert fast == slow and blocks >= 4
+    assert fast[25] == (f"{path}:26", ("whole", {"instruction": "x", "output": 5}))
+    assert fast[26] == (f"{path}:28", ("error", f"{path}:28: not valid JSON (Expecting value, column 1)"))
+    assert fast[-1] == (f"{path}:43", ("fields", {"instruction": "do 39", "input": None, "output": "ok 39"}))
+    path.write_bytes(_jsonl_bytes(rows[:30]) + b'{"instruction": "caf\xe9", "output": "b"}\n' + _jsonl_bytes(rows[30:]))
+    fast, slow, blocks = _read_both(path)
+    assert fast == slow == f"DataError: {path}:31: not valid UTF-8 (byte 0xe9); re-encode the file as UTF-8"
+
+
+def test_parquet_fast_path_equals_row_by_row(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dtrain.data import sources
+
+    monkeypatch.setattr(sources, "BATCH_SIZE", 4)
+    path = tmp_path / "a.parquet"
+    rows = [{"instruction": f"do {i}", "output": f"ok {i}", "n": i} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), path)  # no "input" column: optional
+    fast, slow, blocks = _read_both(path)
+    assert fast == slow and blocks == 3 and fast[9][0] == f"{path}:row 10"
+    # a null required field: that batch row by row (the error names every column), the others as Arrow
+    pq.write_table(pa.Table.from_pylist(rows[:5] + [{**rows[5], "output": None}] + rows[6:]), path)
+    fast, slow, blocks = _read_both(path)
+    assert fast == slow and blocks == 2 and fast[5] == (f"{path}:row 6", ("whole", {**rows[5], "output": None}))
+    # large strings are strings; a field of another type sends the whole file row by row
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.set_column(0, "instruction", table.column("instruction").cast(pa.large_string())), path)
+    fast, slow, blocks = _read_both(path)
+    assert fast == slow and blocks == 3
+    pq.write_table(pa.Table.from_pylist([{**r, "input": i} for i, r in enumerate(rows)]), path)
+    fast, slow, blocks = _read_both(path)
+    assert fast == slow and blocks == 0
 
 
 # --------------------------------------------------------------------------------------

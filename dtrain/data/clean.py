@@ -65,7 +65,20 @@ def normalize_text(text: str, unicode_form: str | None = "NFKC", whitespace: boo
       spaces/tabs between words to one space, keep at most one blank line (two \\n in a row).
       Single newlines and leading indentation are kept: they structure lists, poems and code.
     """
-    if text.isascii():  # fast path: ASCII is NFKC-invariant; its only invisibles are C0 controls and DEL
+    if text.isascii() and text.replace("\n", " ").isprintable():
+        # Printable ASCII and \n only (most text): no Unicode form, control character or odd line
+        # break to fix. Without a double space, a space before a line break or a run of blank lines,
+        # the whitespace rules below change nothing but the ends either.
+        if not whitespace:
+            return text
+        if "  " not in text and " \n" not in text and "\n\n\n" not in text:
+            return text.strip()
+    return _normalize(text, unicode_form, whitespace)
+
+
+def _normalize(text: str, unicode_form: str | None, whitespace: bool) -> str:
+    """normalize_text for any text (no shortcut)."""
+    if text.isascii():  # ASCII is NFKC-invariant; its only invisibles are C0 controls and DEL
         text = _ASCII_CONTROLS.sub("", _NEWLINES.sub("\n", text))
     else:
         if unicode_form:
@@ -112,8 +125,11 @@ def _phrase_pattern(phrase: str) -> str:
 @lru_cache(maxsize=64)
 def _anchors(phrases: tuple[str, ...]) -> tuple[str, ...]:
     """The longest plain word of each phrase: a match is impossible unless one of them occurs,
-    which a substring test rules out far faster than the regex for almost every text."""
-    return tuple(max((w for w in p.lower().split() if w.isalnum()), key=len, default=p.lower()) for p in phrases)
+    which a substring test rules out far faster than the regex for almost every text. Each
+    anchor once, and none that contains another (finding "assist" covers "assistant")."""
+    words = dict.fromkeys(max((w for w in p.lower().split() if w.isalnum()), key=len, default=p.lower())
+                          for p in phrases)
+    return tuple(w for w in words if not any(other != w and other in w for other in words))
 
 
 @lru_cache(maxsize=64)
@@ -133,7 +149,7 @@ def find_boilerplate(text: str, phrases: Sequence[str] = DEFAULT_BOILERPLATE) ->
     """
     regex, phrases = _boilerplate_regex(tuple(phrases))
     lowered = text.lower()
-    if regex is None or not any(anchor in lowered for anchor in _anchors(phrases)):
+    if regex is None or not any(map(lowered.__contains__, _anchors(phrases))):
         return None
     match = regex.search(text)
     return phrases[match.lastindex - 1] if match is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dtrain.config import DataConfig
@@ -38,6 +39,46 @@ class Example:
 
 class TooLong(Exception):
     """After truncation to max_seq_len no trained token is left: the row is dropped and counted."""
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of encoded rows, flat, as an Arrow list column lays them out: row i's tokens are
+    `ids[offsets[i]:offsets[i + 1]]`. A row that could not be encoded has no tokens and its
+    RowError or TooLong in `errors` (None for the others)."""
+
+    ids: np.ndarray  # int32
+    labels: np.ndarray | None  # int32 token labels aligned with `ids`; None for classification
+    classes: list[int | None] | None  # classification: each row's class index
+    offsets: np.ndarray  # int32, one more than rows
+    truncated: list[bool]
+    errors: list[RowError | TooLong | None]
+
+    @classmethod
+    def from_examples(cls, results: list[Example | RowError | TooLong], token_labels: bool) -> EncodedBatch:
+        examples = [r if isinstance(r, Example) else Example([], [] if token_labels else None) for r in results]
+        lengths = [len(ex.input_ids) for ex in examples]
+        offsets = np.zeros(len(examples) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter((t for ex in examples for t in ex.input_ids), dtype=np.int32, count=int(offsets[-1]))
+        labels = classes = None
+        if token_labels:
+            labels = np.fromiter((t for ex in examples for t in ex.labels), dtype=np.int32, count=int(offsets[-1]))
+        else:
+            classes = [ex.labels for ex in examples]
+        return cls(ids, labels, classes, offsets, [ex.truncated for ex in examples],
+                   [None if isinstance(r, Example) else r for r in results])
+
+    def examples(self) -> list[Example | RowError | TooLong]:
+        out: list[Example | RowError | TooLong] = []
+        for i, error in enumerate(self.errors):
+            if error is not None:
+                out.append(error)
+                continue
+            start, end = self.offsets[i], self.offsets[i + 1]
+            labels = self.labels[start:end].tolist() if self.labels is not None else self.classes[i]
+            out.append(Example(self.ids[start:end].tolist(), labels, self.truncated[i]))
+        return out
 
 
 def _field(row: dict[str, Any], name: str, where: str, *, required: bool = True, kind: type = str) -> Any:
@@ -72,10 +113,15 @@ class Encoder:
         return result
 
     def encode_many(self, rows: list[dict[str, Any]], wheres: list[str]) -> list[Example | RowError | TooLong]:
-        """Encode a batch of rows; a bad row's entry is its RowError (or TooLong), not an exception.
+        """Encode a batch of rows; a bad row's entry is its RowError (or TooLong), not an exception."""
+        return self.encode_batch(rows, wheres).examples()
 
-        Prompt/completion formats tokenize the whole batch in two tokenizer calls, which is
-        what makes preparation as fast as `datasets.map(batched=True)` over the tokenizer.
+    def encode_batch(self, rows: list[dict[str, Any]], wheres: list[str]) -> EncodedBatch:
+        """Encode a batch of rows into flat arrays (see EncodedBatch).
+
+        Prompt/completion formats tokenize the whole batch in two tokenizer calls and assemble
+        ids and labels without a Python list per row, which is what makes preparation as fast
+        as `datasets.map(batched=True)` over the tokenizer.
         """
         if self.cfg.format in ("chat", "classification"):
             encode_one = self._chat if self.cfg.format == "chat" else self._classification
@@ -85,32 +131,59 @@ class Encoder:
                     out.append(encode_one(row, where))
                 except (RowError, TooLong) as exc:
                     out.append(exc)
-            return out
+            return EncodedBatch.from_examples(out, token_labels=self.cfg.format == "chat")
         pairs: list[tuple[str | None, str] | RowError] = []
         for row, where in zip(rows, wheres):
             try:
                 pairs.append(self._text_pair(row, where))
             except RowError as exc:
                 pairs.append(exc)
+        return self._encode_pairs(pairs)
+
+    def _encode_pairs(self, pairs: list[tuple[str | None, str] | RowError]) -> EncodedBatch:
+        """(prompt, completion) pairs -> prompt ids + completion ids + EOS, cut to max_seq_len;
+        labels are the ids with the prompt masked (unless train_on_prompt). Prompt None: the
+        completion is the whole text and gets the tokenizer's special tokens itself."""
         good = [p for p in pairs if not isinstance(p, RowError)]
-        prompt_ids = iter(self._batch_ids([p for p, _ in good if p is not None], first=True))
+        prompts = iter(self._batch_ids([p for p, _ in good if p is not None], first=True))
         plain = iter(self._batch_ids([c for p, c in good if p is not None], first=False))
         first = iter(self._batch_ids([c for p, c in good if p is None], first=True))
-        out = []
+        eos = self.tok.eos_token_id if self.cfg.add_eos else None
+        limit = self.cfg.max_seq_len
+        ids: list[int] = []
+        offsets = [0]
+        masked: list[tuple[int, int]] = []  # (start, length) of each row's masked prompt in `ids`
+        truncated: list[bool] = []
+        errors: list[RowError | TooLong | None] = []
         for pair in pairs:
-            if isinstance(pair, RowError):
-                out.append(pair)
-                continue
-            prompt, _ = pair
-            try:
-                if prompt is None:  # text format: every token trained
-                    ids = self._with_eos(next(first))
-                    out.append(self._finish(ids, list(ids)))
-                else:
-                    out.append(self._assemble(next(prompt_ids), next(plain)))
-            except TooLong as exc:
-                out.append(exc)
-        return out
+            error: RowError | TooLong | None = pair if isinstance(pair, RowError) else None
+            cut = False
+            if error is None:
+                prompt_ids, completion_ids = ([], next(first)) if pair[0] is None else (next(prompts), next(plain))
+                n_masked = 0 if self.cfg.train_on_prompt else len(prompt_ids)
+                start = len(ids)
+                ids += prompt_ids
+                ids += completion_ids
+                if eos is not None and (not completion_ids or completion_ids[-1] != eos):
+                    ids.append(eos)
+                if len(ids) - start > limit:
+                    del ids[start + limit:]
+                    cut = True
+                    # Only truncation can leave no trained token in labels[1:] (the loss never uses
+                    # position 0's label): then the row teaches nothing and is dropped.
+                    if limit <= max(n_masked, 1):
+                        del ids[start:]
+                        error = TooLong()
+                if error is None and n_masked:
+                    masked.append((start, n_masked))
+            offsets.append(len(ids))
+            truncated.append(cut and error is None)
+            errors.append(error)
+        token_ids = np.fromiter(ids, dtype=np.int32, count=len(ids))
+        labels = token_ids.copy()
+        for start, n in masked:
+            labels[start:start + n] = IGNORE_INDEX  # kept rows are longer than their prompt
+        return EncodedBatch(token_ids, labels, None, np.array(offsets, dtype=np.int32), truncated, errors)
 
     # -- helpers -----------------------------------------------------------------------
     def _batch_ids(self, texts: list[str], *, first: bool) -> list[list[int]]:
@@ -118,8 +191,10 @@ class Encoder:
             return []
         backend = getattr(self.tok, "backend_tokenizer", None)
         if backend is not None and backend.padding is None and backend.truncation is None:
-            # the Rust tokenizer directly: same ids, without the wrapper's per-batch overhead
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=first)]
+            # The Rust tokenizer directly: same ids, without the wrapper's per-batch overhead;
+            # encode_batch_fast (tokenizers >= 0.20) also skips the character offsets we never use.
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=first)]
         return self.tok(texts, add_special_tokens=first)["input_ids"]
 
     def _ids(self, text: str, *, first: bool) -> list[int]:
@@ -140,11 +215,6 @@ class Encoder:
         if truncated and all(label == IGNORE_INDEX for label in labels[1:]):
             raise TooLong()
         return Example(ids, labels, truncated)
-
-    def _assemble(self, prompt_ids: list[int], completion_ids: list[int]) -> Example:
-        completion_ids = self._with_eos(completion_ids)
-        prompt_labels = list(prompt_ids) if self.cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
-        return self._finish(prompt_ids + completion_ids, prompt_labels + completion_ids)
 
     # -- formats -----------------------------------------------------------------------
     def _text_pair(self, row: dict[str, Any], where: str) -> tuple[str | None, str]:

@@ -1,12 +1,16 @@
 """The data stage: sources -> clean -> encode -> dedup -> split -> mix/balance/augment -> pack.
 
 Rows stream from the sources into Arrow (a `datasets.Dataset` on disk, memory-mapped), and
-cleaning + tokenization run as one batched, optionally multi-process `map`; only the short
-content keys used for deduplication and splitting are held in memory. Every step counts
-what it drops and why (`PreparedData.steps`), which the report renders.
+cleaning + tokenization run as one batched, optionally multi-process `map` that builds its
+output as Arrow arrays; only the short content keys used for deduplication and splitting are
+held in memory. The splits are gathered from the encoded file straight into the cache entry's
+Arrow files. Every step counts what it drops and why (`PreparedData.steps`), which the report
+renders.
 
 The result is cached under a key derived from the inputs' content and every option that
 affects it (`cache_key`): an unchanged run reuses it, a changed file or option rebuilds it.
+An entry is a directory: train.arrow, validation.arrow, test.arrow (memory-mapped when loaded)
+and meta.json.
 """
 
 from __future__ import annotations
@@ -18,33 +22,39 @@ import os
 import random
 import shutil
 import tempfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence as SequenceOf
 
-from datasets import Dataset, Features, Sequence, Value, load_from_disk
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
 from dtrain.config import DataConfig, SourceConfig
 from dtrain.data import clean
 from dtrain.data.balance import class_weights, resample_indices
 from dtrain.data.formats import Encoder, RowError, TooLong
-from dtrain.data.sources import DataError, check_source, iter_rows
+from dtrain.data.sources import ArrowRows, DataError, Row, StringFields, check_source, iter_rows
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "2"  # bump when the pipeline's output or cache layout changes for the same inputs
+# Bump when the pipeline's output or cache layout changes for the same inputs.
+# 3: splits are Arrow stream files (train.arrow, ...) instead of save_to_disk directories.
+PIPELINE_VERSION = "3"
 
-RAW_FEATURES = Features({
-    "row": Value("string"), "where": Value("string"), "source": Value("int32"),
-    "split": Value("string"), "error": Value("string"),
-})
 ENCODED_FEATURES = Features({
     "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "label": Value("int32"),
-    "key": Value("string"), "where": Value("string"), "source": Value("int32"), "split": Value("string"),
+    "key": Value("string"), "source": Value("int32"), "split": Value("string"),
     "drop": Value("string"), "truncated": Value("bool"), "n_tokens": Value("int32"),
 })
+PACKED_FEATURES = Features({
+    "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "seq_lens": Sequence(Value("int32")),
+})
+SPLIT_NAMES = ("train", "validation", "test")
 
 
 @dataclass
@@ -113,24 +123,131 @@ def check_sources(cfg: DataConfig) -> None:
                 check_sql_source(src.url, src.query)
 
 
-def _iter_source(src: SourceConfig) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+def _iter_source(src: SourceConfig, fields: StringFields | None = None) -> Iterator[Row | ArrowRows]:
     if src.path is not None:
-        return iter_rows(src.path)
+        return iter_rows(src.path, fields)
     from dtrain.data.sources import iter_sql_rows
 
     return iter_sql_rows(src.url, src.query)
 
 
-def _raw_rows(sources: list[tuple[SourceConfig, str]], rows_per_file: int | None) -> Iterator[dict[str, Any]]:
+# --------------------------------------------------------------------------------------
+# The raw table: every row read, one Arrow row each
+
+
+def plain_fields(cfg: DataConfig) -> StringFields | None:
+    """The string fields that are all a text or alpaca row is made of; None for chat and
+    classification. Rows whose fields are plain strings are stored as those strings, in a
+    struct column ("fields"), which costs less than a JSON document per row to write and to
+    read back, and lets the readers hand JSONL and Parquet over as Arrow columns. Any other
+    row is kept whole, as JSON ("row"), and the encoder reports what is wrong with it.
+
+    Nothing but these fields affects what a text or alpaca row becomes, except with EDA on
+    other fields: their random edits shift the draws for these, so then rows are kept whole too.
+    """
+    if cfg.format == "alpaca":
+        names = (cfg.instruction_field, cfg.input_field, cfg.output_field)
+        required = (cfg.instruction_field, cfg.output_field)
+    elif cfg.format == "text":
+        names = required = (cfg.text_field,)
+    else:
+        return None
+    if cfg.augment.copies > 0 and not set(cfg.augment.fields or ()) <= set(names):
+        return None
+    return StringFields(tuple(dict.fromkeys(names)), required)
+
+
+def raw_features(plain: StringFields | None) -> Features:
+    """Columns of the raw table: where the row came from, and either its error, its plain
+    fields ("fields") or the whole row as JSON ("row")."""
+    features = {"where": Value("string"), "source": Value("int32"), "split": Value("string"),
+                "error": Value("string"), "row": Value("string")}
+    if plain is not None:
+        features["fields"] = {name: Value("string") for name in plain.names}
+    return Features(features)
+
+
+def _raw_batches(sources: list[tuple[SourceConfig, str]], plain: StringFields | None, rows_per_file: int | None,
+                 batch_size: int = 2000) -> Iterator[pa.RecordBatch]:
+    schema = raw_features(plain).arrow_schema
+    columns: dict[str, list] = {name: [] for name in schema.names}
     for index, (src, split) in enumerate(sources):
-        for n, (where, row) in enumerate(_iter_source(src)):
+        n = 0  # rows read from this source
+        for item in _iter_source(src, plain):
             if rows_per_file is not None and n >= rows_per_file:
                 break
-            if isinstance(row, RowError):
-                yield {"row": None, "where": where, "source": index, "split": split, "error": str(row)}
-            else:
-                yield {"row": json.dumps(row, default=str), "where": where, "source": index, "split": split,
-                       "error": None}
+            if isinstance(item, ArrowRows):  # keep the order: rows collected so far go first
+                if columns["where"]:
+                    yield pa.RecordBatch.from_pydict(columns, schema=schema)
+                    columns = {name: [] for name in schema.names}
+                block = item if rows_per_file is None else item.head(rows_per_file - n)
+                yield _arrow_rows_batch(block, index, split, plain, schema)
+                n += len(block.wheres)
+                continue
+            where, row = item
+            _add_raw_row(columns, where, row, index, split, plain)
+            n += 1
+            if len(columns["where"]) >= batch_size:
+                yield pa.RecordBatch.from_pydict(columns, schema=schema)
+                columns = {name: [] for name in schema.names}
+    if columns["where"]:
+        yield pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def _arrow_rows_batch(block: ArrowRows, source: int, split: str, plain: StringFields,
+                      schema: pa.Schema) -> pa.RecordBatch:
+    n = len(block.wheres)
+    fields = pa.StructArray.from_arrays([block.table.column(name).combine_chunks() for name in plain.names],
+                                        names=list(plain.names))
+    return pa.RecordBatch.from_arrays([
+        pa.array(block.wheres, pa.string()), pa.array(np.full(n, source, dtype=np.int32)),
+        pa.array([split] * n, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.string()), fields,
+    ], schema=schema)
+
+
+def _add_raw_row(columns: dict[str, list], where: str, row: dict[str, Any] | RowError, source: int, split: str,
+                 plain: StringFields | None) -> None:
+    error = document = fields = None
+    if isinstance(row, RowError):
+        error = str(row)
+    elif plain is not None and plain.holds(row):
+        fields = {name: row.get(name) for name in plain.names}
+    else:
+        document = json.dumps(row, default=str)
+    columns["where"].append(where)
+    columns["source"].append(source)
+    columns["split"].append(split)
+    columns["error"].append(error)
+    columns["row"].append(document)
+    if plain is not None:
+        columns["fields"].append(fields)
+
+
+def _write_raw(batches: Iterable[pa.RecordBatch], path: Path, features: Features) -> Dataset:
+    """Stream record batches into an Arrow file and memory-map it as a Dataset.
+
+    (Dataset.from_generator encodes every row through `Features` one by one, which costs
+    more than reading the rows.)
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, features.arrow_schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return Dataset.from_file(str(path))
+
+
+def _raw_rows_of(batch: pa.Table) -> list[dict[str, Any] | None]:
+    """The rows of a raw batch as dicts (plain fields, or the whole row); None for an error row."""
+    errors = batch.column("error").to_pylist()
+    documents = batch.column("row").to_pylist()
+    fields = batch.column("fields").to_pylist() if "fields" in batch.column_names else [None] * batch.num_rows
+    rows: list[dict[str, Any] | None] = []
+    for error, document, plain in zip(errors, documents, fields):
+        if error is not None:
+            rows.append(None)
+        else:
+            rows.append(json.loads(document) if document is not None else plain)
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -191,46 +308,80 @@ def content_key(row: dict[str, Any], cfg: DataConfig) -> str:
     return "\x1f".join(str(row.get(name) or "") for name in fields)
 
 
-def _clean_and_encode(batch: dict[str, list], *, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                      label_names: list[str] | None) -> dict[str, list]:
+def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                      label_names: list[str] | None) -> pa.Table:
+    """Raw rows -> ENCODED_FEATURES: a drop reason ("malformed:<file:line: why>", "boilerplate", ...)
+    or None, the content key, and the token ids and labels, built as Arrow arrays."""
     phrases = tuple(cfg.clean.boilerplate_phrases or clean.DEFAULT_BOILERPLATE)
-    encoder = Encoder(cfg, tokenizer, label_names)
-    n = len(batch["where"])
-    out: dict[str, list] = {k: [None] * n for k in ENCODED_FEATURES}
-    out.update(where=batch["where"], source=batch["source"], split=batch["split"])
-    rows, wheres, todo = [], [], []
-    for i in range(n):
-        if batch["error"][i] is not None:
-            out["drop"][i] = "malformed:" + batch["error"][i]
+    n = batch.num_rows
+    errors = batch.column("error").to_pylist()
+    wheres = batch.column("where").to_pylist()
+    drop: list[str | None] = [None] * n
+    keys: list[str | None] = [None] * n
+    rows, row_wheres, todo = [], [], []
+    for i, row in enumerate(_raw_rows_of(batch)):
+        if row is None:
+            drop[i] = "malformed:" + errors[i]
             continue
-        row = json.loads(batch["row"][i])
         reason = _clean_row(row, cfg, phrases)
-        out["key"][i] = content_key(row, cfg)
+        keys[i] = content_key(row, cfg)
         if reason:
-            out["drop"][i] = reason
+            drop[i] = reason
             continue
         rows.append(row)
-        wheres.append(batch["where"][i])
+        row_wheres.append(wheres[i])
         todo.append(i)
-    for i, result in zip(todo, encoder.encode_many(rows, wheres)):
-        if isinstance(result, RowError):
-            out["drop"][i] = f"malformed:{result}"
-        elif isinstance(result, TooLong):
-            out["drop"][i] = "too_long"
+    encoded = Encoder(cfg, tokenizer, label_names).encode_batch(rows, row_wheres)
+
+    lengths = np.zeros(n, dtype=np.int32)  # rows without tokens (dropped) get empty lists
+    lengths[todo] = np.diff(encoded.offsets)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    n_tokens: list[int | None] = [None] * n
+    truncated: list[bool | None] = [None] * n
+    classes: list[int | None] = [None] * n
+    for j, i in enumerate(todo):
+        error = encoded.errors[j]
+        if isinstance(error, RowError):
+            drop[i] = f"malformed:{error}"
+        elif isinstance(error, TooLong):
+            drop[i] = "too_long"
         else:
-            n_tokens = len(result.input_ids)
-            out["n_tokens"][i] = n_tokens
-            if n_tokens < cfg.clean.min_tokens:
-                out["drop"][i] = "min_tokens"
-            elif cfg.clean.max_tokens is not None and n_tokens > cfg.clean.max_tokens:
-                out["drop"][i] = "max_tokens"
-            out["input_ids"][i] = result.input_ids
-            out["truncated"][i] = result.truncated
-            if isinstance(result.labels, list):
-                out["labels"][i] = result.labels
-            else:
-                out["label"][i] = result.labels
-    return out
+            n_tokens[i] = int(lengths[i])
+            truncated[i] = encoded.truncated[j]
+            if encoded.classes is not None:
+                classes[i] = encoded.classes[j]
+            if n_tokens[i] < cfg.clean.min_tokens:
+                drop[i] = "min_tokens"
+            elif cfg.clean.max_tokens is not None and n_tokens[i] > cfg.clean.max_tokens:
+                drop[i] = "max_tokens"
+    offsets_array = pa.array(offsets)
+    token_lists = pa.list_(pa.int32())
+    return pa.Table.from_arrays([
+        pa.ListArray.from_arrays(offsets_array, pa.array(encoded.ids)),
+        (pa.ListArray.from_arrays(offsets_array, pa.array(encoded.labels)) if encoded.labels is not None
+         else pa.nulls(n, token_lists)),
+        pa.array(classes, pa.int32()),
+        pa.array(keys, pa.string()),
+        batch.column("source").combine_chunks(),
+        batch.column("split").combine_chunks(),
+        pa.array(drop, pa.string()),
+        pa.array(truncated, pa.bool_()),
+        pa.array(n_tokens, pa.int32()),
+    ], schema=ENCODED_FEATURES.arrow_schema)
+
+
+def _encode(raw: Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None,
+            path: Path, num_proc: int | None = None) -> pa.Table:
+    """Clean + encode every raw row (ENCODED_FEATURES, row for row), written to `path`."""
+    encoded = raw.with_format("arrow").map(
+        _clean_and_encode, batched=True, batch_size=1000, num_proc=num_proc,
+        remove_columns=raw.column_names, features=ENCODED_FEATURES, desc="clean + tokenize",
+        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "label_names": label_names},
+        # A fresh file, read once: no need for datasets to hash the tokenizer to name (or reuse) it.
+        cache_file_name=str(path), new_fingerprint=uuid.uuid4().hex, load_from_cache_file=False,
+    )
+    return encoded.data.table
 
 
 # --------------------------------------------------------------------------------------
@@ -264,9 +415,10 @@ def _mix(indices_by_source: dict[int, list[int]], weights: dict[int, float], rng
     return out
 
 
-def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdir: Path,
+def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdir: Path, out_dir: Path,
           rows_per_file: int | None = None) -> PreparedData:
-    """Run every step of the stage; Arrow files go under `workdir`."""
+    """Run every step of the stage: intermediate Arrow files go under `workdir`, the splits to
+    `out_dir`/{train,validation,test}.arrow."""
     from dtrain.data.split import assign_splits
 
     check_sources(cfg)
@@ -274,32 +426,28 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
     label_names = label_names_of(cfg, rows_per_file) if cfg.format == "classification" else None
     steps: list[tuple[str, int, dict[str, int]]] = []
 
-    raw = _write_raw(_raw_rows(sources, rows_per_file), workdir / "raw.arrow")
+    plain = plain_fields(cfg)
+    raw = _write_raw(_raw_batches(sources, plain, rows_per_file), workdir / "raw.arrow", raw_features(plain))
     if len(raw) == 0:
         raise DataError(f"data: the sources {[_source_name(s) for s, _ in sources]} hold no rows")
     steps.append(("read", len(raw), {}))
-    encoded = raw.map(
-        _clean_and_encode, batched=True, batch_size=1000, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        remove_columns=raw.column_names, features=ENCODED_FEATURES, desc="clean + tokenize",
-        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "label_names": label_names},
-        cache_file_name=str(workdir / "encoded.arrow"),
-    )
+    encoded = _encode(raw, cfg, tokenizer, label_names, workdir / "encoded.arrow",
+                      num_proc=cfg.num_proc if cfg.num_proc > 1 else None)
 
     # Malformed rows fail the run (naming file and line) or are skipped and counted.
-    drops = column(encoded, "drop")
+    drops = encoded.column("drop").to_pylist()
     malformed = [d.removeprefix("malformed:") for d in drops if d and d.startswith("malformed:")]
     if malformed and cfg.on_error == "fail":
         more = f" (and {len(malformed) - 1} more)" if len(malformed) > 1 else ""
         raise DataError(f"{malformed[0]}{more}; set data.on_error=skip to skip and count such rows")
     reasons = Counter("malformed" if d.startswith("malformed:") else d for d in drops if d)
     alive = [i for i, d in enumerate(drops) if d is None]
-    truncated = sum(1 for i, t in enumerate(column(encoded, "truncated")) if t and drops[i] is None)
+    truncated = sum(1 for i, t in enumerate(encoded.column("truncated").to_pylist()) if t and drops[i] is None)
     steps.append(("clean + tokenize", len(alive), dict(reasons)))
 
     # Dedup within and across splits: rows of explicit validation/test sources win, so a
     # training row that repeats one of them is the one removed (nothing leaks).
-    view = encoded.select_columns(["key", "split", "label"]).select(alive)
-    keys = {name: column(view, name) for name in ("key", "split", "label")}
+    keys = {name: _pick(encoded.column(name).to_pylist(), alive) for name in ("key", "split", "label")}
     protected = [s != "" for s in keys["split"]]
     for name, enabled, finder in (
         ("exact_duplicate", cfg.clean.exact_dedup, lambda k, p: clean.exact_duplicates(k, protected=p)),
@@ -310,159 +458,164 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
             continue
         dup_of = finder(keys["key"], protected)
         keep = [j for j, d in enumerate(dup_of) if d is None]
-        alive = [alive[j] for j in keep]
-        keys = {k: [v[j] for j in keep] for k, v in keys.items()}
-        protected = [protected[j] for j in keep]
+        alive = _pick(alive, keep)
+        keys = {k: _pick(v, keep) for k, v in keys.items()}
+        protected = _pick(protected, keep)
         steps.append((name.replace("_", " "), len(alive), {name: len(dup_of) - len(keep)}))
 
     # Split rows of training sources by content hash (stratified by label when classifying).
     to_split = [j for j, s in enumerate(keys["split"]) if s == ""]
     assigned = assign_splits(
-        [keys["key"][j] for j in to_split], seed,
+        _pick(keys["key"], to_split), seed,
         val_ratio=cfg.val_ratio if not cfg.validation else 0.0, test_ratio=cfg.test_ratio if not cfg.test else 0.0,
-        labels=[keys["label"][j] for j in to_split] if label_names else None,
+        labels=_pick(keys["label"], to_split) if label_names else None,
     )
     split_of = list(keys["split"])
     for j, s in zip(to_split, assigned):
         split_of[j] = s
-    by_split = {s: [alive[j] for j, sp in enumerate(split_of) if sp == s] for s in ("train", "validation", "test")}
+    by_split = {s: [alive[j] for j, sp in enumerate(split_of) if sp == s] for s in SPLIT_NAMES}
     steps.append(("split", len(alive), {}))
 
     rng = random.Random(seed)
     train_idx = by_split["train"]
     weights = {i: src.weight for i, (src, _) in enumerate(sources)}
     if any(w != 1.0 for w in weights.values()):
-        sources_of = column(encoded.select(train_idx), "source")
         per_source: dict[int, list[int]] = {}
-        for idx, src in zip(train_idx, sources_of):
+        for idx, src in zip(train_idx, _pick(encoded.column("source").to_pylist(), train_idx)):
             per_source.setdefault(src, []).append(idx)
         train_idx = _mix(per_source, weights, rng)
         steps.append(("mix sources by weight", len(train_idx), {}))
 
-    train = encoded.select(train_idx)
+    augment_from = train_idx  # EDA copies are made of the mixed rows, before class balancing
     weights_out = None
     if label_names and cfg.balance in ("oversample", "undersample"):
-        train = train.select(resample_indices(column(train, "label"), cfg.balance, seed))
-        steps.append((cfg.balance, len(train), {}))
+        train_idx = _pick(train_idx, resample_indices(_pick(encoded.column("label").to_pylist(), train_idx),
+                                                      cfg.balance, seed))
+        steps.append((cfg.balance, len(train_idx), {}))
     elif label_names and cfg.balance == "class_weights":
-        weights_out = class_weights(column(train, "label"), len(label_names))
+        weights_out = class_weights(_pick(encoded.column("label").to_pylist(), train_idx), len(label_names))
 
+    # Train rows: the kept encoded rows, then the EDA copies (encoded the same way).
+    train_parts = [(encoded, train_idx)]
     if cfg.augment.copies > 0:
-        train = _augment(train, raw, train_idx, cfg, tokenizer, label_names, seed, workdir)
-        steps.append(("augment (EDA)", len(train), {}))
+        extra = _augment(raw, augment_from, cfg, tokenizer, label_names, seed, workdir)
+        train_parts.append((extra, range(extra.num_rows)))
+        steps.append(("augment (EDA)", len(train_idx) + extra.num_rows, {}))
+    n_train = sum(len(rows) for _, rows in train_parts)
+    if n_train == 0:
+        raise DataError(f"data.train: no usable training examples ({dict(reasons)})")
+    # computed while encoding: no need to pull token lists into Python
+    lengths = [n for table, rows in train_parts for n in _pick(table.column("n_tokens").to_pylist(), rows)]
 
     columns = ["input_ids", "labels"] if not label_names else ["input_ids", "label"]
-    splits = {
-        "train": train.select_columns(columns),
-        "validation": encoded.select(by_split["validation"]).select_columns(columns),
-        "test": encoded.select(by_split["test"]).select_columns(columns),
-    }
-    if len(splits["train"]) == 0:
-        raise DataError(f"data.train: no usable training examples ({dict(reasons)})")
-    lengths = column(train, "n_tokens")  # computed while encoding: no need to pull token lists into Python
-    packed = False
-    if cfg.packing and not label_names:
+    split_features = Features({name: ENCODED_FEATURES[name] for name in columns})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    packed = cfg.packing and not label_names
+    _write_split(workdir / "train.arrow" if packed else out_dir / "train.arrow", split_features,
+                 (batch for table, rows in train_parts for batch in _take(table, rows, columns)))
+    for name in ("validation", "test"):
+        _write_split(out_dir / f"{name}.arrow", split_features, _take(encoded, by_split[name], columns))
+    if packed:
         from dtrain.data.packing import pack_examples
 
         bins = pack_examples(lengths, cfg.max_seq_len, shuffle_seed=seed)
-        splits["train"] = _materialise_bins(splits["train"], bins, workdir)
-        packed = True
-        steps.append(("pack", len(splits["train"]), {}))
+        examples = Dataset.from_file(str(workdir / "train.arrow")).data.table
+        _write_split(out_dir / "train.arrow", PACKED_FEATURES, _packed_rows(examples, bins))
+        steps.append(("pack", len(bins), {}))
     skipped = list(malformed) if cfg.on_error == "skip" else []
+    splits = {name: Dataset.from_file(str(out_dir / f"{name}.arrow")) for name in SPLIT_NAMES}
     return PreparedData(splits["train"], splits["validation"], splits["test"], label_names, weights_out, packed,
                         steps, skipped, lengths, truncated)
 
 
-def _write_raw(rows: Iterator[dict[str, Any]], path: Path, batch_size: int = 2000) -> Dataset:
-    """Stream rows into an Arrow file in record batches, then memory-map it as a Dataset.
+def _pick(values: SequenceOf[Any], indices: Iterable[int]) -> list[Any]:
+    return [values[i] for i in indices]
 
-    (Dataset.from_generator encodes every row through `Features` one by one, which costs
-    more than parsing the rows; these columns are plain strings and ints.)
+
+def _take(table: pa.Table, indices: SequenceOf[int], columns: list[str],
+          batch_rows: int = 1000) -> Iterator[pa.RecordBatch]:
+    """Rows `indices` (any order, repeats allowed) of `columns`, as record batches of at most
+    `batch_rows` rows.
+
+    pa.Table.take would first concatenate every chunk of a list column: time in the size of
+    the whole table for each call, and int32 offsets that overflow past 2**31 tokens. Here each
+    batch takes from the chunks its rows live in, then restores their order if it changed.
     """
-    import pyarrow as pa
+    chunks = table.select(columns).to_batches()
+    starts = np.cumsum([0] + [c.num_rows for c in chunks])
+    indices = np.asarray(indices, dtype=np.int64)
+    for lo in range(0, len(indices), batch_rows):
+        part = indices[lo:lo + batch_rows]
+        chunk_of = np.searchsorted(starts, part, side="right") - 1
+        order = np.argsort(chunk_of, kind="stable")  # rows grouped by chunk, in this order
+        pieces = [chunks[c].take(pa.array(part[order][chunk_of[order] == c] - starts[c]))
+                  for c in np.unique(chunk_of)]
+        if np.all(order[1:] > order[:-1]):  # chunk by chunk already (as when indices ascend)
+            yield from pieces
+            continue
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+        yield from pa.Table.from_batches(pieces, schema=chunks[0].schema).take(pa.array(restore)).to_batches()
 
-    schema = RAW_FEATURES.arrow_schema
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def _packed_rows(examples: pa.Table, bins: list[list[int]], bins_per_batch: int = 256) -> Iterator[pa.RecordBatch]:
+    """One row per bin: its examples' input_ids and labels concatenated, and their lengths (seq_lens)."""
+    for lo in range(0, len(bins), bins_per_batch):
+        group = bins[lo:lo + bins_per_batch]
+        taken = pa.Table.from_batches(list(_take(examples, [i for b in group for i in b], ["input_ids", "labels"])))
+        ids = taken.column("input_ids").combine_chunks()
+        labels = taken.column("labels").combine_chunks()
+        seq_lens = np.diff(ids.offsets.to_numpy())  # examples' lengths, in bin order
+        bin_ends = np.cumsum([len(b) for b in group])
+        example_offsets = np.concatenate([[0], bin_ends]).astype(np.int32)
+        token_offsets = np.concatenate([[0], np.cumsum(seq_lens)[bin_ends - 1]]).astype(np.int32)
+        yield pa.RecordBatch.from_arrays([
+            pa.ListArray.from_arrays(pa.array(token_offsets), ids.flatten()),
+            pa.ListArray.from_arrays(pa.array(token_offsets), labels.flatten()),
+            pa.ListArray.from_arrays(pa.array(example_offsets), pa.array(seq_lens.astype(np.int32))),
+        ], schema=PACKED_FEATURES.arrow_schema)
+
+
+def _write_split(path: Path, features: Features, batches: Iterable[pa.RecordBatch]) -> None:
+    """An Arrow stream file, as Dataset.from_file memory-maps it; the schema carries the features."""
+    schema = features.arrow_schema
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        batch: dict[str, list] = {name: [] for name in schema.names}
-        for row in rows:
-            for name in schema.names:
-                batch[name].append(row[name])
-            if len(batch["where"]) >= batch_size:
-                writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
-                batch = {name: [] for name in schema.names}
-        if batch["where"]:
-            writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
-    return Dataset.from_file(str(path))
+        for batch in batches:
+            writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
 
 
-def column(ds: Dataset, name: str) -> list:
-    """A whole column as a Python list, through Arrow (iterating a datasets Column formats row by row)."""
-    return ds.with_format("arrow")[name].to_pylist()
-
-
-def _from_generator(fn: Any, features: Features, cache_dir: Path, **kwargs: Any) -> Dataset:
-    """Dataset.from_generator, re-raising our own errors (file, line, field) unwrapped."""
-    from datasets.exceptions import DatasetGenerationError
-
-    try:
-        return Dataset.from_generator(fn, features=features, cache_dir=str(cache_dir), **kwargs)
-    except DatasetGenerationError as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, (DataError, RowError)):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
-def _materialise_bins(train: Dataset, bins: list[list[int]], workdir: Path) -> Dataset:
-    def rows() -> Iterator[dict[str, Any]]:
-        for b in bins:
-            items = train[b]  # one Arrow take per bin
-            ids, labels, lens = [], [], []
-            for ex_ids, ex_labels in zip(items["input_ids"], items["labels"]):
-                ids += ex_ids
-                labels += ex_labels
-                lens.append(len(ex_ids))
-            yield {"input_ids": ids, "labels": labels, "seq_lens": lens}
-
-    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
-                         "seq_lens": Sequence(Value("int32"))})
-    return _from_generator(rows, features, workdir / "packed")
-
-
-def _augment(train: Dataset, raw: Dataset, train_idx: list[int], cfg: DataConfig,
-             tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None, seed: int, workdir: Path) -> Dataset:
-    """EDA copies of the training rows' text fields (train split only), encoded like the originals."""
-    from datasets import concatenate_datasets
-
+def _augment(raw: Dataset, train_idx: list[int], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+             label_names: list[str] | None, seed: int, workdir: Path) -> pa.Table:
+    """EDA copies of the training rows' text fields (train split only), encoded like the originals;
+    the kept ones, as ENCODED_FEATURES rows."""
     from dtrain.data.augment import eda, load_synonym_file, load_wordnet
 
     a = cfg.augment
     synonyms = load_wordnet() if a.synonyms == "wordnet" else load_synonym_file(a.synonyms)
     fields = a.fields or (_text_fields(cfg)[0] if cfg.format != "alpaca" else [cfg.instruction_field])
-    original_rows = raw.select(train_idx)
+    plain = plain_fields(cfg)
 
-    def copies() -> Iterator[dict[str, Any]]:
-        for i, record in enumerate(original_rows):
-            row = json.loads(record["row"])
-            for c in range(a.copies):
-                rng = random.Random(f"{seed}:{record['where']}:{c}")
-                new = dict(row)
-                for name in fields:
-                    if isinstance(new.get(name), str):
-                        new[name] = eda(new[name], rng, synonyms, p_replace=a.p_replace, p_insert=a.p_insert,
-                                        p_swap=a.p_swap, p_delete=a.p_delete)
-                yield {"row": json.dumps(new), "where": f"{record['where']} (augmented {c + 1})",
-                       "source": record["source"], "split": "train", "error": None}
+    def copies() -> Iterator[pa.RecordBatch]:
+        schema = raw_features(plain).arrow_schema
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        for batch in _take(raw.data.table, train_idx, raw.column_names):
+            batch = pa.Table.from_batches([batch])
+            for row, where, source in zip(_raw_rows_of(batch), batch.column("where").to_pylist(),
+                                          batch.column("source").to_pylist()):
+                for c in range(a.copies):
+                    rng = random.Random(f"{seed}:{where}:{c}")
+                    new = dict(row)
+                    for name in fields:
+                        if isinstance(new.get(name), str):
+                            new[name] = eda(new[name], rng, synonyms, p_replace=a.p_replace, p_insert=a.p_insert,
+                                            p_swap=a.p_swap, p_delete=a.p_delete)
+                    _add_raw_row(columns, f"{where} (augmented {c + 1})", new, source, "train", plain)
+            yield pa.RecordBatch.from_pydict(columns, schema=schema)
+            columns = {name: [] for name in schema.names}
 
-    extra_raw = _from_generator(copies, RAW_FEATURES, workdir / "augment")
-    extra = extra_raw.map(_clean_and_encode, batched=True, remove_columns=extra_raw.column_names,
-                          features=ENCODED_FEATURES,
-                          fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "label_names": label_names})
-    extra = extra.filter(lambda d: d is None, input_columns="drop")
-    return concatenate_datasets([train, extra])
+    extra_raw = _write_raw(copies(), workdir / "augment-raw.arrow", raw_features(plain))
+    extra = _encode(extra_raw, cfg, tokenizer, label_names, workdir / "augment-encoded.arrow")
+    return extra.filter(pc.is_null(extra.column("drop")))
 
 
 # --------------------------------------------------------------------------------------
@@ -524,12 +677,10 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
     try:
-        data = build(cfg, tokenizer, seed, tmp / "work", rows_per_file)
-        for name in ("train", "validation", "test"):
-            getattr(data, name).save_to_disk(str(tmp / name))
-        meta = {"features": {n: getattr(data, n).features.to_dict() for n in ("train", "validation", "test")},
-                "sizes": {n: len(getattr(data, n)) for n in ("train", "validation", "test")},"label_names": data.label_names, "class_weights": data.class_weights, "packed": data.packed,
-                "steps": data.steps, "skipped": data.skipped, "lengths_before_packing": data.lengths_before_packing,
+        data = build(cfg, tokenizer, seed, tmp / "work", tmp, rows_per_file)
+        meta = {"sizes": {n: len(getattr(data, n)) for n in SPLIT_NAMES}, "label_names": data.label_names,
+                "class_weights": data.class_weights, "packed": data.packed, "steps": data.steps,
+                "skipped": data.skipped, "lengths_before_packing": data.lengths_before_packing,
                 "truncated": data.truncated}
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(tmp / "work", ignore_errors=True)
@@ -551,10 +702,10 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
 
 def _load_cached(path: Path) -> PreparedData:
     meta = json.loads((path / "meta.json").read_text())
-    # datasets cannot reload a saved empty split: rebuild those from their features
-    splits = {name: load_from_disk(str(path / name)) if meta["sizes"][name]
-              else Dataset.from_dict({k: [] for k in meta["features"][name]}, features=Features.from_dict(meta["features"][name]))
-              for name in ("train", "validation", "test")}
+    splits = {name: Dataset.from_file(str(path / f"{name}.arrow")) for name in SPLIT_NAMES}
+    for name, ds in splits.items():
+        if len(ds) != meta["sizes"][name]:
+            raise ValueError(f"{name}.arrow holds {len(ds)} rows, meta.json says {meta['sizes'][name]}")
     return PreparedData(
         splits["train"], splits["validation"], splits["test"], meta["label_names"], meta["class_weights"],
         meta["packed"], [tuple(s) for s in meta["steps"]], meta["skipped"], meta["lengths_before_packing"],

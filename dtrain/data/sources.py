@@ -17,6 +17,12 @@ Source kinds (a path's suffix decides; `check_source` / `iter_rows` take any of 
 - `sql:<SQLAlchemy URL>::<query>`: the rows of a query (see `iter_sql_rows`), e.g.
   `sql:sqlite:///data/qa.db::SELECT q AS instruction, a AS output FROM qa`. The URL ends at the
   first "::" outside square brackets (so an IPv6 host `[::1]` and a `x::text` cast both work).
+
+Fast path: given `StringFields`, `iter_rows` hands over runs of JSONL lines and Parquet record
+batches that Arrow parses in C++ as `ArrowRows` blocks (the fields as string columns) instead of
+one dict per row, when that is exact: the same rows, values and locations as row by row. Anything
+irregular (a malformed line, a field of another type, a blank line, invalid UTF-8, ...) sends that
+part of the file down the row-by-row path, which reports the problem with file and line.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import csv
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Union
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from bs4 import Tag
     from sqlalchemy.engine import Engine
 
@@ -52,6 +60,35 @@ SUFFIXES = {
 }
 SQL_PREFIX = "sql:"
 BATCH_SIZE = 1000  # rows per Arrow record batch / SQL fetchmany
+JSONL_CHUNK_BYTES = 16 << 20  # JSONL is read (and handed to Arrow) in runs of whole lines this long
+
+
+@dataclass(frozen=True)
+class StringFields:
+    """Fields a reader may hand over as Arrow string columns instead of row dicts: rows in which
+    each of `names` is a string, or absent or null where it is not `required`."""
+
+    names: tuple[str, ...]
+    required: tuple[str, ...]
+
+    def holds(self, row: dict[str, Any]) -> bool:
+        return (all(isinstance(row.get(name), str) for name in self.required)
+                and all(row.get(name) is None or isinstance(row.get(name), str) for name in self.names))
+
+
+@dataclass
+class ArrowRows:
+    """Consecutive rows read straight into Arrow: `table` has one string column per field of the
+    StringFields (null where a row lacks it), `wheres` each row's location."""
+
+    table: pa.Table
+    wheres: list[str]
+
+    def head(self, n: int) -> ArrowRows:
+        return ArrowRows(self.table.slice(0, n), self.wheres[:n])
+
+
+Row = tuple[str, Union[dict[str, Any], RowError]]
 
 
 def check_source(path: str, key: str) -> None:
@@ -124,8 +161,12 @@ def _decode(raw: bytes, path: str) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8") from None
 
 
-def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
-    """Yield (where, row) for every row of a source; a row that cannot be parsed is a RowError."""
+def iter_rows(path: str, fields: StringFields | None = None) -> Iterator[Row | ArrowRows]:
+    """Yield (where, row) for every row of a source; a row that cannot be parsed is a RowError.
+
+    With `fields`, runs of rows that Arrow reads exactly come as ArrowRows blocks instead (see
+    the module's docstring); without, every row comes as (where, row).
+    """
     if is_sql_source(path):
         yield from iter_sql_rows(*parse_sql_source(path))
         return
@@ -135,16 +176,16 @@ def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
             yield from _iter_saved_dataset(path)
         else:
             for sub in _dir_sources(p):
-                yield from iter_rows(str(sub))
+                yield from iter_rows(str(sub), fields)
         return
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {sorted(SUFFIXES)}")
     if kind == "parquet":
-        yield from _iter_parquet(path)
+        yield from _iter_parquet(path, fields)
         return
     if kind == "jsonl":
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, fields)
         return
     raw = p.read_bytes()
     if kind == "html":
@@ -192,49 +233,146 @@ def _iter_json_array(text: str, path: str) -> Iterator[tuple[str, dict[str, Any]
         yield where, row if isinstance(row, dict) else RowError(where, "expected a JSON object")
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+def _iter_jsonl(path: str, fields: StringFields | None = None) -> Iterator[Row | ArrowRows]:
     """Stream a JSONL file line by line, split on the newline byte only (U+2028 and friends are
-    legal inside JSON strings; a carriage return is JSON whitespace)."""
+    legal inside JSON strings; a carriage return is JSON whitespace). With `fields`, each run of
+    lines that Arrow reads exactly comes as one ArrowRows block."""
     any_content = False
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            any_content = any_content or bool(raw.strip())
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")  # the line break is not part of the JSON text
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
-                                "re-encode the file as UTF-8") from None
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, RowError(where, f"not valid JSON ({exc.msg}, column {exc.colno})")
-                continue
-            yield where, row if isinstance(row, dict) else RowError(where, "expected a JSON object per line")
+    lineno = 1  # of the chunk's first line
+    for chunk in _line_chunks(path):
+        lines = chunk.split(b"\n")
+        if chunk.endswith(b"\n"):
+            lines.pop()  # the final line break ends a line, it does not start one
+        block = _jsonl_arrow_rows(chunk, lines, path, lineno, fields) if fields is not None else None
+        if block is not None:
+            any_content = True
+            yield block
+        else:
+            for offset, raw in enumerate(lines):
+                any_content = any_content or bool(raw.strip())
+                yield from _jsonl_line(raw, path, lineno + offset)
+        lineno += len(lines)
     if not any_content:
         raise DataError(f"{path}: the file is empty")
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Stream a Parquet file record batch by record batch (never the whole table in memory)."""
+def _line_chunks(path: str) -> Iterator[bytes]:
+    """The file in runs of whole lines of about JSONL_CHUNK_BYTES (a longer line is a run of its
+    own; the last run may lack a final line break), without a UTF-8 byte order mark at the start."""
+    with open(path, "rb") as f:
+        pending = f.read(JSONL_CHUNK_BYTES)
+        if pending.startswith(codecs.BOM_UTF8):
+            pending = pending[len(codecs.BOM_UTF8):]
+        while block := f.read(JSONL_CHUNK_BYTES):
+            end = pending.rfind(b"\n") + 1
+            if end:
+                yield pending[:end]
+            pending = pending[end:] + block
+        if pending:
+            yield pending
+
+
+def _jsonl_line(raw: bytes, path: str, lineno: int) -> Iterator[Row]:
+    """The row of one JSONL line (none for a blank line)."""
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n")  # the line break is not part of the JSON text
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                        "re-encode the file as UTF-8") from None
+    if not line.strip():
+        return
+    where = f"{path}:{lineno}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        yield where, RowError(where, f"not valid JSON ({exc.msg}, column {exc.colno})")
+        return
+    yield where, row if isinstance(row, dict) else RowError(where, "expected a JSON object per line")
+
+
+def _jsonl_arrow_rows(chunk: bytes, lines: list[bytes], path: str, lineno: int,
+                      fields: StringFields) -> ArrowRows | None:
+    """The chunk's rows parsed by Arrow, or None unless that gives exactly what line-by-line
+    json.loads gives for `fields`. Arrow skips blank lines, reads an object spread over several
+    lines and several objects on one line, and does not check the UTF-8 of fields it skips; so
+    every line must be one object ({...}) that Arrow reads as one row, the bytes valid UTF-8,
+    and every required field present. Arrow itself refuses a field of another type (the schema
+    says string) and a repeated key."""
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
+    for line in lines:
+        line = line.strip(b" \t\r")  # JSON whitespace; \n cannot occur
+        if not (line.startswith(b"{") and line.endswith(b"}")):
+            return None
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    schema = pa.schema([(name, pa.string()) for name in fields.names])
+    # Arrow parses blocks of whole lines in parallel; a line longer than a block would fail.
+    block_size = max(1 << 20, max(map(len, lines)) + 1)
+    try:
+        table = pa_json.read_json(pa.BufferReader(chunk), read_options=pa_json.ReadOptions(block_size=block_size),
+                                  parse_options=pa_json.ParseOptions(explicit_schema=schema,
+                                                                     unexpected_field_behavior="ignore"))
+    except pa.ArrowException:
+        return None
+    if table.num_rows != len(lines) or any(table.column(name).null_count for name in fields.required):
+        return None
+    return ArrowRows(table, [f"{path}:{lineno + i}" for i in range(len(lines))])
+
+
+def _iter_parquet(path: str, fields: StringFields | None = None) -> Iterator[Row | ArrowRows]:
+    """Stream a Parquet file record batch by record batch (never the whole table in memory).
+    With `fields`, a batch whose fields are string columns (required ones without nulls) comes
+    as one ArrowRows block."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if Path(path).stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_SIZE)
+        parquet = pq.ParquetFile(path)
+        as_arrow = fields is not None and _parquet_has_string_fields(parquet.schema_arrow, fields)
         i = 0
-        for batch in batches:
+        for batch in parquet.iter_batches(batch_size=BATCH_SIZE):
+            block = _parquet_arrow_rows(batch, fields, path, i) if as_arrow else None
+            if block is not None:
+                i += batch.num_rows
+                yield block
+                continue
             for row in batch.to_pylist():
                 i += 1
                 yield f"{path}:row {i}", row
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_has_string_fields(schema: pa.Schema, fields: StringFields) -> bool:
+    """Each field is one string column, or absent where it is not required."""
+    import pyarrow as pa
+
+    for name in fields.names:
+        found = schema.get_all_field_indices(name)
+        if not found and name in fields.required:
+            return False
+        if found and (len(found) > 1 or not (pa.types.is_string(schema.field(found[0]).type)
+                                             or pa.types.is_large_string(schema.field(found[0]).type))):
+            return False
+    return True
+
+
+def _parquet_arrow_rows(batch: pa.RecordBatch, fields: StringFields, path: str, start: int) -> ArrowRows | None:
+    import pyarrow as pa
+
+    names = batch.schema.names
+    if any(batch.column(name).null_count for name in fields.required):
+        return None  # row by row, so that each such row gets its error
+    columns = [batch.column(name).cast(pa.string()) if name in names else pa.nulls(batch.num_rows, pa.string())
+               for name in fields.names]
+    return ArrowRows(pa.Table.from_arrays(columns, names=list(fields.names)),
+                     [f"{path}:row {start + i}" for i in range(1, batch.num_rows + 1)])
 
 
 def _iter_saved_dataset(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
