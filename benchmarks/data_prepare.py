@@ -52,9 +52,10 @@ def count_tokens(ds) -> int:
     return pc.sum(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py() or 0
 
 
-def baseline(path: Path, num_proc: int) -> tuple[int, int]:
+def baseline(path: Path, cache: Path, num_proc: int) -> tuple[int, int]:
     tokenizer = byte_tokenizer()
-    ds = load_dataset("json", data_files=str(path), split="train")
+    # The same work as with the default cache, written to a temporary one (not ~/.cache/huggingface).
+    ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
 
     def tokenize(batch):
         prompts = [alpaca_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
@@ -87,7 +88,7 @@ def main() -> None:
             path = Path(tmp) / "alpaca_like.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
             results = {}
-            for name, fn in (("datasets.map", lambda: baseline(path, args.num_proc)),
+            for name, fn in (("datasets.map", lambda: baseline(path, Path(tmp) / "hf-cache", args.num_proc)),
                              ("dtrain", lambda: dtrain_prepare(path, Path(tmp) / "cache", args.num_proc))):
                 start = time.perf_counter()
                 n, tokens = fn()
