@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,23 +142,64 @@ def check_compatible(path: Path, manifest: dict[str, Any], cfg: "Config") -> Non
 # Save
 
 
-def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
-                    trainer_state: dict[str, Any], cfg: "Config", keep_last: int) -> Path:
-    """Write checkpoint `step` under `root` atomically (collective: every rank calls it)."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are being written; `finish_save` completes it."""
+
+    step: int
+    tmp: Path
+    final: Path
+    metric: float | None
+    shards: Any = None  # the background write's future (async save), else None
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _check_free_disk(root: Path, strategy: "Strategy", min_free_gb: float) -> None:
+    """Refuse to start a checkpoint that may not fit: nothing is written, nothing removed."""
+    problem = None
+    if strategy.is_main:
+        existing = list_checkpoints(root)
+        needed = max(min_free_gb * 1e9, _dir_bytes(existing[-1]) if existing else 0)
+        free = shutil.disk_usage(root).free
+        if free < needed:
+            problem = (f"only {free / 1e9:.2f} GB free in {root}, the checkpoint needs about {needed / 1e9:.2f} GB "
+                       "(the last checkpoint's size, or checkpoint.min_free_gb): free some space or lower "
+                       "checkpoint.keep_last; the existing checkpoints are untouched")
+    problem = strategy.broadcast_object(problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def begin_save(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
+               trainer_state: dict[str, Any], min_free_gb: float, metric: float | None = None,
+               async_save: bool = False) -> PendingSave:
+    """Start writing checkpoint `step` into a temporary directory (collective). With
+    `async_save` the shards are written in the background and training can go on."""
     name = checkpoint_name(step)
     final, tmp = root / name, root / f".tmp-{name}"
     if strategy.is_main:
         root.mkdir(parents=True, exist_ok=True)
+    _check_free_disk(root, strategy, min_free_gb)
+    if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save of the same step
         (tmp / RNG_DIR).mkdir(parents=True)
     strategy.barrier()
-
-    strategy.save_checkpoint(model, optimizer, tmp)  # each rank writes its shard
     _torch_save(rng_state(), tmp / RNG_DIR / f"rank_{strategy.rank:05d}.pt")
     if strategy.is_main:
         _torch_save({**trainer_state, "step": step}, tmp / STATE_FILE)
-    strategy.barrier()
+    shards = strategy.save_checkpoint(model, optimizer, tmp, async_save=async_save)  # each rank its shard
+    return PendingSave(step, tmp, final, metric, shards)
 
+
+def finish_save(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") -> Path:
+    """Wait for the shards, then manifest, rename into place, `latest`, prune (collective)."""
+    if pending.shards is not None:
+        pending.shards.result()
+    strategy.barrier()
+    tmp, final, step = pending.tmp, pending.final, pending.step
     # Checksums in parallel: rank r hashes every world_size-th file.
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
@@ -165,13 +207,17 @@ def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.M
     hashed = {f: meta for part in strategy.all_gather_object(mine) for f, meta in part.items()}
 
     if strategy.is_main:
+        root = final.parent
         manifest = {"format": FORMAT_VERSION, "step": step, "world_size": strategy.world_size,
-                    "strategy": strategy.name, "compatibility": compatibility(cfg), "config": cfg.to_dict(),
+                    "strategy": strategy.name, **strategy.checkpoint_info(),
+                    "compatibility": compatibility(cfg), "config": cfg.to_dict(),
+                    "metric": None if pending.metric is None else {"name": f"eval_{cfg.eval.metric}",
+                                                                   "value": pending.metric, "mode": cfg.eval.mode},
                     "files": {f: hashed[f] for f in files}}
         _write_json_atomic(tmp / MANIFEST_FILE, manifest)
         _fsync(tmp)
         if final.exists():  # same step saved again (e.g. after a resume): swap it out safely
-            stale = root / f".stale-{name}"
+            stale = root / f".stale-{final.name}"
             shutil.rmtree(stale, ignore_errors=True)
             os.rename(final, stale)
             os.rename(tmp, final)
@@ -179,17 +225,74 @@ def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.M
         else:
             os.rename(tmp, final)
         _fsync(root)
-        _write_json_atomic(root / "latest", {"checkpoint": name, "step": step})
-        _prune(root, keep_last)
+        _write_json_atomic(root / "latest", {"checkpoint": final.name, "step": step})
+        _prune(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
     strategy.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for path in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
+                    trainer_state: dict[str, Any], cfg: "Config", metric: float | None = None) -> Path:
+    """Write checkpoint `step` under `root` atomically (collective: every rank calls it)."""
+    pending = begin_save(root, step, strategy=strategy, model=model, optimizer=optimizer, trainer_state=trainer_state,
+                         min_free_gb=cfg.checkpoint.min_free_gb, metric=metric)
+    return finish_save(pending, strategy=strategy, cfg=cfg)
+
+
+class CheckpointWriter:
+    """The checkpoints of one run, with at most one background (async) save in flight: it
+    is completed before the next one starts, and by `wait` (end of run, preemption)."""
+
+    def __init__(self, cfg: "Config", strategy: "Strategy"):
+        self.cfg, self.strategy = cfg, strategy
+        self.root = checkpoint_root(cfg.output_dir)
+        self.pending: PendingSave | None = None
+        self.last: Path | None = None  # the newest complete checkpoint written by this run
+
+    def save(self, step: int, model: "nn.Module", optimizer: "Optimizer", trainer_state: dict[str, Any],
+             metric: float | None = None) -> None:
+        self.wait()
+        self.pending = begin_save(self.root, step, strategy=self.strategy, model=model, optimizer=optimizer,
+                                  trainer_state=trainer_state, min_free_gb=self.cfg.checkpoint.min_free_gb,
+                                  metric=metric, async_save=self.cfg.checkpoint.async_save)
+        if not self.cfg.checkpoint.async_save:
+            self.wait()
+
+    def wait(self) -> Path | None:
+        """Complete the save in flight, if any; returns the newest complete checkpoint."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.last = finish_save(pending, strategy=self.strategy, cfg=self.cfg)
+        return self.last
+
+
+def _prune(root: Path, keep_last: int, keep_best: int = 0) -> None:
+    """Keep the newest `keep_last` checkpoints and the `keep_best` best by their eval metric."""
+    complete = list_checkpoints(root)
+    keep = set(complete[-keep_last:])
+    if keep_best:
+        scored = []
+        for path in complete:
+            metric = _manifest_metric(path)
+            if metric is not None:
+                scored.append((metric["value"] if metric["mode"] == "min" else -metric["value"], path))
+        keep.update(path for _, path in sorted(scored, key=lambda item: item[0])[:keep_best])
+    for path in complete:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
     for leftover in list(root.glob(".tmp-*")) + list(root.glob(".stale-*")):  # from crashed saves
         shutil.rmtree(leftover, ignore_errors=True)
+    kept = {path.name for path in keep}
+    for converted in root.glob(".universal-*"):  # DeepSpeed conversions of pruned checkpoints
+        if converted.name.removeprefix(".universal-") not in kept:
+            shutil.rmtree(converted, ignore_errors=True)
+
+
+def _manifest_metric(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_manifest(path).get("metric")
+    except CheckpointError:
+        return None
 
 
 # --------------------------------------------------------------------------------------

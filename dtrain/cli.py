@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, data prepare, config show."""
+"""`dtrain` command line: train, data prepare, config show, export, checkpoint consolidate, generate."""
 
 from __future__ import annotations
 
@@ -47,6 +47,34 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dtrain.checkpoint import CheckpointError
+    from dtrain.export import export
+
+    source = Path(getattr(args, "checkpoint", None) or args.source)
+    if getattr(args, "checkpoint", None) and not (source / "manifest.json").is_file():
+        print(f"error: {source} is not a checkpoint directory (no manifest.json)", file=sys.stderr)
+        return 2
+    try:
+        out = export(source, Path(args.out), adapter_only=getattr(args, "adapter_only", False))
+    except (CheckpointError, ConfigError, ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dtrain.export import generate
+
+    print(generate(Path(args.model), args.prompt, template=args.template, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Fine-tune and train language models from one YAML file.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--rebuild", action="store_true", help="ignore an existing cache entry")
     prepare.add_argument("--report-dir", help="where data_report.md goes (default: output_dir)")
     prepare.set_defaults(func=_data_prepare)
+
+    export = commands.add_parser("export", help="a run or checkpoint as a plain Hugging Face model (adapters merged)")
+    export.add_argument("source", help="run directory (its final/ model) or a checkpoint directory")
+    export.add_argument("--out", required=True, help="new directory for the model")
+    export.add_argument("--adapter-only", action="store_true", help="write the LoRA/DoRA adapter alone, unmerged")
+    export.set_defaults(func=_export)
+
+    checkpoint = commands.add_parser("checkpoint", help="work with checkpoints")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
+    consolidate = checkpoint_commands.add_parser(
+        "consolidate", help="reassemble a sharded checkpoint (any strategy, any world size) into one full model")
+    consolidate.add_argument("checkpoint", help="a checkpoint directory (output_dir/checkpoints/step_N)")
+    consolidate.add_argument("--out", required=True, help="new directory for the model")
+    consolidate.set_defaults(func=_export)
+
+    gen = commands.add_parser("generate", help="greedy generation from a model directory, for a quick look")
+    gen.add_argument("model", help="an exported model directory (or a run's final/)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--template", choices=["none", "alpaca", "chat"], default="none",
+                     help="wrap the prompt as the model was trained to see it")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.set_defaults(func=_generate)
     return parser
 
 

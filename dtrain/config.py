@@ -246,8 +246,13 @@ class EvalConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps; null: only at the end.")
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    keep_last: int = Field(2, ge=1, description="Newest complete checkpoints to keep.")
+    keep_best: int = Field(0, ge=0, description="Also keep the N checkpoints with the best eval.metric (saved at an evaluation).")
     resume: str | None = Field(None, description="auto (newest complete checkpoint in output_dir), a checkpoint path, or null.")
+    async_save: bool = Field(False, description="Write checkpoints in the background while training goes on (not deepspeed).")
+    min_free_gb: float = Field(
+        1.0, ge=0.0, description="Refuse to start a checkpoint unless this much disk (and at least the size of the last "
+        "checkpoint) is free; nothing already written is touched.")
 
 
 class LoggingConfig(Section):
@@ -311,6 +316,9 @@ class Config(Section):
         elif self.parallel.deepspeed_config is not None:
             raise ValueError(f"parallel.deepspeed_config is only used with parallel.strategy=deepspeed "
                              f"(strategy is {strategy}); remove it or set parallel.strategy=deepspeed")
+        if self.checkpoint.async_save and strategy == "deepspeed":
+            raise ValueError("checkpoint.async_save=true is not supported with parallel.strategy=deepspeed (its engine "
+                             "writes its own checkpoint synchronously); set checkpoint.async_save=false")
         if self.model.attn_implementation == "flash_attention_2" and self.parallel.device == "cpu":
             raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA device (parallel.device=cpu); "
                              "use sdpa or auto")

@@ -40,8 +40,9 @@ def run_torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # The agent installs handlers for the signals in this list: keep ours for the others.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # The agent installs handlers for the signals in this list (its --signals-to-handle option,
+    # whose default comes from PET_SIGNALS_TO_HANDLE): keep ours for the others.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward_to_workers)
     try:

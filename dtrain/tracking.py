@@ -33,7 +33,8 @@ class Tracker:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=initial_step + 1 if initial_step else None)
+            # Events after the starting step belong to an attempt that is being redone.
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=initial_step + 1)
         if cfg.logging.wandb:
             import wandb
 

@@ -18,7 +18,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from dtrain.config import Config, ConfigError, load_config
 from dtrain.data import IGNORE_INDEX, BatchIterator, PreparedData, prepare_data
 from dtrain.data.loader import eval_batches
 from dtrain.data.report import write_report
+from dtrain.launch import PREEMPTED_EXIT_CODE
 from dtrain.model import compile_blocks, count_parameters, load_model, load_tokenizer, quantization_config
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import Strategy, build_strategy
@@ -46,6 +49,39 @@ log = logging.getLogger("dtrain")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient."""
+
+
+class Preempted(RuntimeError):
+    """The job was told to stop (SIGTERM, SIGUSR1, SIGUSR2); a checkpoint of this step is written."""
+
+
+class PreemptionWatch:
+    """SIGTERM, SIGUSR1 and SIGUSR2 (what SLURM and cloud schedulers send before they stop a job)
+    only set a flag; the ranks agree on it at the next step boundary, so that every rank saves
+    the same step. A second signal, during that save say, changes nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is threading.main_thread():  # (Ray runs training in a thread)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, strategy: Strategy) -> bool:
+        flag = torch.tensor(1.0 if self.received else 0.0, device=strategy.device)
+        return strategy.all_reduce_max(flag).item() > 0
 
 
 @dataclass
@@ -179,11 +215,18 @@ def _prepare_output_dir(cfg: Config, resuming: bool) -> Path:
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be produced again)."""
+    """Drop log lines written after `step` (they will be produced again)."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the torn last line of a killed process
+            continue
+        if record["step"] <= step:
+            kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -280,6 +323,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     num_labels = len(data.label_names) if data.label_names else None
     model = build_model(cfg, tokenizer, num_labels, strategy, out)
     trainable, total = count_parameters(model)
+    if resume_path is not None:  # before wrapping: DeepSpeed converts a checkpoint of another world size
+        strategy.prepare_resume(resume_path, ckpt.read_manifest(resume_path))
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     model.train()
 
@@ -300,10 +345,12 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     if resume_path is not None:
         saved = ckpt.load_checkpoint(resume_path, strategy=strategy, model=model, optimizer=optimizer, cfg=cfg)
         scheduler.load_state_dict(saved["scheduler"])
-        batches.load_state_dict(saved["data"])
+        batches.load_state_dict(saved["data"])  # also across a change of world size
         state = TrainState(**saved["train_state"])
-        if strategy.is_main:
-            _truncate_metrics(out, state.step)
+    if strategy.is_main:
+        # Lines logged after the checkpoint (or, starting afresh, by an attempt that died before
+        # its first checkpoint) are about to be produced again.
+        _truncate_metrics(out, state.step)
 
     tracker = Tracker(cfg, enabled=strategy.is_main, total_steps=total_steps, initial_step=state.step)
     tracker.message(
@@ -318,80 +365,95 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
 
     result = RunResult(str(out), state.step, "max_steps")
     eval_metrics: dict[str, float] = {}
+    eval_step = None  # the step eval_metrics were measured at
     t_last, tokens_since = time.perf_counter(), 0
 
-    while state.step < total_steps and state.stop_reason is None:
-        # One optimizer step: gather its micro-batches first so the loss can be
-        # normalised by the number of target tokens in the whole (global) step.
-        micro = [_to(next(batches), strategy.device) for _ in range(tcfg.grad_accum_steps)]
-        local_targets = sum(count_targets(b, task) for b in micro)
-        global_targets = strategy.all_reduce_sum(torch.tensor(float(local_targets), device=strategy.device)).item()
-        step_loss = torch.zeros((), device=strategy.device)
-        step_tokens = sum(real_tokens(b, tokenizer.pad_token_id) for b in micro)
-        tokens_since += step_tokens
-        for i, batch in enumerate(micro):
-            with strategy.gradient_sync(model, enabled=i == len(micro) - 1):
-                with _autocast(cfg, strategy.device):
-                    loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights)
-                    # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
-                    loss = loss_sum * (strategy.world_size / max(global_targets, 1.0))
-                strategy.backward(model, loss)
-            step_loss += loss.detach() / strategy.world_size
-        step_loss = strategy.all_reduce_sum(step_loss)
-        lr = scheduler.get_last_lr()[0]
-        # Clip and step; an update whose loss or gradient is NaN/inf is skipped, never applied.
-        grad_norm, good = strategy.optimizer_step(model, optimizer, cfg.optim.grad_clip,
-                                                  skip=not bool(torch.isfinite(step_loss)))
-        if good:
-            state.consecutive_bad_steps = 0
-            result.train_losses.append(step_loss.item())
-        else:
-            state.consecutive_bad_steps += 1
-            tracker.message(f"step {state.step + 1}: non-finite loss {step_loss.item()} / grad norm "
-                            f"{grad_norm}; update skipped ({state.consecutive_bad_steps}/{tcfg.max_bad_steps})")
-            if state.consecutive_bad_steps >= tcfg.max_bad_steps:
+    writer = ckpt.CheckpointWriter(cfg, strategy)
+    with PreemptionWatch() as preemption:
+        while state.step < total_steps and state.stop_reason is None:
+            # One optimizer step: gather its micro-batches first so the loss can be
+            # normalised by the number of target tokens in the whole (global) step.
+            micro = [_to(next(batches), strategy.device) for _ in range(tcfg.grad_accum_steps)]
+            local_targets = sum(count_targets(b, task) for b in micro)
+            global_targets = strategy.all_reduce_sum(torch.tensor(float(local_targets), device=strategy.device)).item()
+            step_loss = torch.zeros((), device=strategy.device)
+            step_tokens = sum(real_tokens(b, tokenizer.pad_token_id) for b in micro)
+            tokens_since += step_tokens
+            for i, batch in enumerate(micro):
+                with strategy.gradient_sync(model, enabled=i == len(micro) - 1):
+                    with _autocast(cfg, strategy.device):
+                        loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights)
+                        # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
+                        loss = loss_sum * (strategy.world_size / max(global_targets, 1.0))
+                    strategy.backward(model, loss)
+                step_loss += loss.detach() / strategy.world_size
+            step_loss = strategy.all_reduce_sum(step_loss)
+            lr = scheduler.get_last_lr()[0]
+            # Clip and step; an update whose loss or gradient is NaN/inf is skipped, never applied.
+            grad_norm, good = strategy.optimizer_step(model, optimizer, cfg.optim.grad_clip,
+                                                      skip=not bool(torch.isfinite(step_loss)))
+            if good:
+                state.consecutive_bad_steps = 0
+                result.train_losses.append(step_loss.item())
+            else:
+                state.consecutive_bad_steps += 1
+                tracker.message(f"step {state.step + 1}: non-finite loss {step_loss.item()} / grad norm "
+                                f"{grad_norm}; update skipped ({state.consecutive_bad_steps}/{tcfg.max_bad_steps})")
+                if state.consecutive_bad_steps >= tcfg.max_bad_steps:
+                    writer.wait()
+                    tracker.close()
+                    raise NonFiniteLossError(
+                        f"loss or gradient was NaN/inf for {state.consecutive_bad_steps} consecutive steps (up to step "
+                        f"{state.step + 1}); stopped without saving. Lower optim.lr, enable optim.grad_clip, or check "
+                        "the data; train.max_bad_steps sets the limit. The last good checkpoint is untouched."
+                    )
+            scheduler.step()
+            state.step += 1
+            state.tokens_seen += step_tokens
+            if not good and state.step < total_steps:
+                continue  # nothing to log or save for a skipped update, unless the run ends here
+
+            # Log, evaluate, stop early, checkpoint.
+            last = state.step == total_steps
+            if good and (state.step % tcfg.log_every == 0 or last):
+                elapsed = time.perf_counter() - t_last
+                tokens = strategy.all_reduce_sum(torch.tensor(float(tokens_since), device=strategy.device)).item()
+                tps = tokens / max(elapsed, 1e-9)
+                tracker.log(state.step, {"epoch": round(batches.epoch_progress, 4), "loss": step_loss.item(), "lr": lr,
+                                         "grad_norm": grad_norm, "tokens_per_s": tps})
+                tracker.progress(state.step, step_loss.item(), lr, tps)
+                t_last, tokens_since = time.perf_counter(), 0
+            elif strategy.is_main and tracker.bar is not None:
+                tracker.bar.update(state.step - tracker.bar.n)
+
+            stop = False
+            if data.validation and ((cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last):
+                eval_metrics, eval_step = evaluate(model, data, cfg, strategy, tokenizer.pad_token_id), state.step
+                tracker.log(state.step, eval_metrics)
+                tracker.message(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                stop = _update_early_stopping(state, eval_metrics[f"eval_{cfg.eval.metric}"], cfg)
+                if stop:
+                    state.stop_reason = "early_stopping"
+                    tracker.message(f"early stopping at step {state.step}: eval_{cfg.eval.metric} has not improved for "
+                                    f"{state.evals_without_improvement} evaluations (best {state.best_metric:.4f} at step "
+                                    f"{state.best_step})")
+
+            # The ranks agree on a preemption signal at this step boundary: all save this step.
+            preempted = preemption.requested(strategy)
+            every = cfg.checkpoint.every_steps
+            if (every and state.step % every == 0) or last or stop or preempted:
+                evaluated = eval_metrics[f"eval_{cfg.eval.metric}"] if eval_step == state.step else None
+                writer.save(state.step, model, optimizer, trainer_state={
+                    "scheduler": scheduler.state_dict(), "data": batches.state_dict(), "train_state": asdict(state)},
+                    metric=evaluated)
+            if preempted:
+                path = writer.wait()
                 tracker.close()
-                raise NonFiniteLossError(
-                    f"loss or gradient was NaN/inf for {state.consecutive_bad_steps} consecutive steps (up to step "
-                    f"{state.step + 1}); stopped without saving. Lower optim.lr, enable optim.grad_clip, or check "
-                    "the data; train.max_bad_steps sets the limit. The last good checkpoint is untouched."
-                )
-        scheduler.step()
-        state.step += 1
-        state.tokens_seen += step_tokens
-        if not good and state.step < total_steps:
-            continue  # nothing to log or save for a skipped update, unless the run ends here
-
-        # Log, evaluate, stop early, checkpoint.
-        last = state.step == total_steps
-        if good and (state.step % tcfg.log_every == 0 or last):
-            elapsed = time.perf_counter() - t_last
-            tokens = strategy.all_reduce_sum(torch.tensor(float(tokens_since), device=strategy.device)).item()
-            tps = tokens / max(elapsed, 1e-9)
-            tracker.log(state.step, {"epoch": round(batches.epoch_progress, 4), "loss": step_loss.item(), "lr": lr,
-                                     "grad_norm": grad_norm, "tokens_per_s": tps})
-            tracker.progress(state.step, step_loss.item(), lr, tps)
-            t_last, tokens_since = time.perf_counter(), 0
-        elif strategy.is_main and tracker.bar is not None:
-            tracker.bar.update(state.step - tracker.bar.n)
-
-        stop = False
-        if data.validation and ((cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last):
-            eval_metrics = evaluate(model, data, cfg, strategy, tokenizer.pad_token_id)
-            tracker.log(state.step, eval_metrics)
-            tracker.message(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-            stop = _update_early_stopping(state, eval_metrics[f"eval_{cfg.eval.metric}"], cfg)
+                raise Preempted(f"stopped at step {state.step} on {preemption.received}: checkpoint {path} written; "
+                                f"resume with --resume auto (exit code {PREEMPTED_EXIT_CODE} asks for a requeue)")
             if stop:
-                state.stop_reason = "early_stopping"
-                tracker.message(f"early stopping at step {state.step}: eval_{cfg.eval.metric} has not improved for "
-                                f"{state.evals_without_improvement} evaluations (best {state.best_metric:.4f} at step "
-                                f"{state.best_step})")
-
-        every = cfg.checkpoint.every_steps
-        if (every and state.step % every == 0) or last or stop:
-            save_training_checkpoint(cfg, strategy, model, optimizer, scheduler, batches, state)
-        if stop:
-            break
+                break
+    writer.wait()
 
     # Collective: gathers shards onto the main rank (for an adapter, only what it saves).
     final_state = strategy.full_state_dict(model, trainable_only=cfg.peft.method != "none")
@@ -429,16 +491,6 @@ def _resume_path(cfg: Config) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume: {spec} is not a checkpoint directory")
     return path
-
-
-def save_training_checkpoint(cfg: Config, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             scheduler: Any, batches: BatchIterator, state: TrainState) -> None:
-    ckpt.save_checkpoint(
-        ckpt.checkpoint_root(cfg.output_dir), state.step, strategy=strategy, model=model, optimizer=optimizer,
-        trainer_state={"scheduler": scheduler.state_dict(), "data": batches.state_dict(),
-                       "train_state": asdict(state)},
-        cfg=cfg, keep_last=cfg.checkpoint.keep_last,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -492,6 +544,13 @@ def run_from_args(args: argparse.Namespace) -> int:
 
             return dry_run(cfg)
         result = train(cfg)
+    except Preempted as exc:
+        if main_rank:
+            print(f"preempted: {exc}", file=sys.stderr)
+        from dtrain.parallel.distributed import destroy_process_group
+
+        destroy_process_group()
+        return PREEMPTED_EXIT_CODE
     except (ConfigError, NonFiniteLossError, ckpt.CheckpointError, ValueError) as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

@@ -2,10 +2,16 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SPEC.json OUT_DIR
 
-SPEC.json: {"base": [overrides], "runs": {name: [overrides]}}; each run trains in
-OUT_DIR/<name>. Every rank writes OUT_DIR/rank<r>.json with, per run: the losses, final
-metrics and state bytes `train` returned, how many times this rank built the prepared
-data, or the configuration error. Any other exception ends the job with its traceback.
+SPEC.json: {"base": [overrides], "runs": {name: [overrides]}, "dump": false}; each run trains
+in OUT_DIR/<name> (an override `output_dir=...` picks another directory). Every rank writes
+OUT_DIR/rank<r>.json with, per run: the losses, final metrics and state bytes `train`
+returned, how many times this rank built the prepared data, or the configuration error.
+Any other exception ends the job with its traceback.
+
+With "dump": true, every checkpoint save and every resume also writes the full (gathered)
+trainable parameters and Adam moments, as the strategy holds them at that moment, to
+<output_dir>/values_saved_<step>.pt and values_loaded_<step>.pt (rank 0): what the
+resharding tests compare.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+import torch
+
 import dtrain.data.pipeline as pipeline
+from dtrain import checkpoint as ckpt
 from dtrain.config import ConfigError, load_config
 from dtrain.parallel.distributed import destroy_process_group
 from dtrain.train import train
@@ -34,14 +43,78 @@ def _counting_build(*args, **kwargs):
 pipeline.build = _counting_build
 
 
+def full_values(strategy, model, optimizer) -> dict[str, torch.Tensor]:
+    """Every trainable parameter and its Adam moments, whole (collective; filled on rank 0)."""
+    out = {}
+    if strategy.name == "deepspeed" and strategy.stage == 3:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        for name, p in strategy.unwrap(model).named_parameters():
+            if p.requires_grad:
+                out[f"param/{name}"] = safe_get_full_fp32_param(p).cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    out[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).cpu().clone()
+        return out
+    if strategy.name == "deepspeed":
+        # ZeRO-1/2: each rank holds one contiguous slice of every group's flat fp32 master and
+        # its Adam moments; concatenated in rank order they are the group's parameters, in order.
+        zero = model.optimizer
+        names = {id(p): n for n, p in strategy.unwrap(model).named_parameters()}
+        for i, group in enumerate(zero.bit16_groups):
+            master = zero.single_partition_of_fp32_groups[i]
+            state = zero.optimizer.state[master]
+            pieces = {"param": master, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+            full = {k: torch.cat(strategy.all_gather_object(v.detach().cpu())) for k, v in pieces.items()}
+            offset = 0
+            for p in group:
+                for key, flat in full.items():
+                    out[f"{key}/{names[id(p)]}"] = flat[offset:offset + p.numel()].view(p.shape).clone()
+                offset += p.numel()
+        return out
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    for name, tensor in model_state.items():
+        out[f"param/{name}"] = tensor.clone()
+    for name, state in optim_state.get("state", {}).items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}/{name}"] = state[key].clone()
+    return out
+
+
+def _dump(cfg, strategy, model, optimizer, kind: str, step: int) -> None:
+    values = full_values(strategy, model, optimizer)
+    if strategy.is_main:
+        torch.save(values, Path(cfg.output_dir) / f"values_{kind}_{step}.pt")
+
+
+def enable_dumps() -> None:
+    real_save, real_load = ckpt.CheckpointWriter.save, ckpt.load_checkpoint
+
+    def save(self, step, model, optimizer, trainer_state, metric=None):
+        real_save(self, step, model, optimizer, trainer_state, metric)
+        _dump(self.cfg, self.strategy, model, optimizer, "saved", step)
+
+    def load(path, *, strategy, model, optimizer, cfg):
+        state = real_load(path, strategy=strategy, model=model, optimizer=optimizer, cfg=cfg)
+        _dump(cfg, strategy, model, optimizer, "loaded", state["step"])
+        return state
+
+    ckpt.CheckpointWriter.save = save
+    ckpt.load_checkpoint = load
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
+    if spec.get("dump"):
+        enable_dumps()
     results = {}
     for name, overrides in spec["runs"].items():
         before = builds["n"]
         try:
-            cfg = load_config(None, spec["base"] + overrides + [f"output_dir={out / name}"])
+            cfg = load_config(None, spec["base"] + [f"output_dir={out / name}"] + overrides)
         except ConfigError as exc:
             results[name] = {"config_error": str(exc)}
             continue

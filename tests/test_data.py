@@ -1379,7 +1379,7 @@ def test_batch_iterator_resume_gives_the_same_batches():
     for _ in range(3):  # 2 batches per epoch: now mid-epoch 1
         next(a)
     state = a.state_dict()
-    assert state == {"epoch": 1, "index": 1, "seed": 5, "num_examples": 11}
+    assert state == {"epoch": 1, "index": 1, "seed": 5, "num_examples": 11, "global_batch": 4}
     state = json.loads(json.dumps(state))  # as stored in a checkpoint
     expected = [next(a) for _ in range(10)]  # crosses several epoch boundaries
 
@@ -1398,6 +1398,27 @@ def test_batch_iterator_resume_gives_the_same_batches():
     for _ in range(4):
         next(d)
     assert torch.equal(next(c)["input_ids"], next(d)["input_ids"])
+
+
+def test_batch_iterator_resumes_at_another_world_size_after_the_same_examples():
+    """Saved at 1 rank x 2 examples, resumed at 2 ranks x 2 (global batch 4): the next global
+    batch starts where the saved run would have gone on, rounded down to a whole batch."""
+    examples = _examples(40)
+    one = BatchIterator(examples, batch_size=2, pad_id=PAD, shuffle=True, seed=3)
+    for _ in range(6):  # 12 examples consumed
+        next(one)
+    state = one.state_dict()
+    ranks = [BatchIterator(examples, batch_size=2, pad_id=PAD, shuffle=True, seed=3, rank=r, world_size=2)
+             for r in range(2)]
+    for it in ranks:
+        it.load_state_dict(state)
+        assert (it.epoch, it.index) == (0, 3)  # 12 examples = 3 global batches of 4
+    def rows(batch):
+        return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+    expected = rows(next(one)) + rows(next(one))
+    got = [row for it in ranks for row in rows(next(it))]
+    assert got == expected
 
 
 def test_batch_iterator_rejects_a_state_for_other_data():

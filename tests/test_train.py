@@ -367,19 +367,19 @@ class _Linear(torch.nn.Module):
         self.proj = torch.nn.Linear(3, 2)
 
 
-def _small_run(tmp_path, make_config):
+def _small_run(tmp_path, make_config, *overrides):
     """A model, a stepped optimizer, the single strategy and a config: what save_checkpoint takes."""
     torch.manual_seed(0)
     model = _Linear()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model.proj(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    return model, optimizer, SingleDevice(ParallelConfig(device="cpu")), make_config()
+    return model, optimizer, SingleDevice(ParallelConfig(device="cpu")), make_config("checkpoint.keep_last=3", *overrides)
 
 
-def _save(root, step, model, optimizer, strategy, cfg, marker, keep_last=3):
+def _save(root, step, model, optimizer, strategy, cfg, marker):
     return ckpt.save_checkpoint(root, step, strategy=strategy, model=model, optimizer=optimizer,
-                                trainer_state={"marker": marker}, cfg=cfg, keep_last=keep_last)
+                                trainer_state={"marker": marker}, cfg=cfg)
 
 
 def _crash_partway(real):
@@ -404,7 +404,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
     if victim == "shards":  # the sharded writer dies halfway through its file
         real = SingleDevice.save_checkpoint
 
-        def shard_crash(self, model, optimizer, path):
+        def shard_crash(self, model, optimizer, path, async_save=False):
             real(self, model, optimizer, path)
             shard = next((path / "dcp").glob("*.distcp"))
             shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -448,8 +448,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
 def test_truncated_or_corrupted_checkpoint_is_skipped(tmp_path, make_config):
     out = tmp_path / "run"
     root = ckpt.checkpoint_root(out)
-    model, optimizer, strategy, cfg = _small_run(tmp_path, make_config)
-    paths = [_save(root, s, model, optimizer, strategy, cfg, marker=s, keep_last=5) for s in (1, 2, 3)]
+    model, optimizer, strategy, cfg = _small_run(tmp_path, make_config, "checkpoint.keep_last=5")
+    paths = [_save(root, s, model, optimizer, strategy, cfg, marker=s) for s in (1, 2, 3)]
     assert ckpt.find_resumable(out) == paths[2]
 
     # step 3: truncated shard

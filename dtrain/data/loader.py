@@ -122,7 +122,8 @@ class BatchIterator:
         return self.epoch + self.index / self.batches_per_epoch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_examples": len(self.examples)}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_examples": len(self.examples),
+                "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_examples"] != len(self.examples) or state["seed"] != self.seed:
@@ -130,7 +131,13 @@ class BatchIterator:
                 f"the checkpoint's data position is for {state['num_examples']} examples (seed {state['seed']}), "
                 f"this run has {len(self.examples)} (seed {self.seed}): the data or seed changed"
             )
-        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+        index = state["index"]
+        saved_batch, global_batch = state.get("global_batch", self.batch_size * self.world_size), self.batch_size * self.world_size
+        if saved_batch != global_batch:
+            # Another world size (or micro-batch): continue after the same number of examples
+            # of this epoch's order, rounded down to a whole global batch.
+            index = index * saved_batch // global_batch
+        self.epoch, self.index, self._order = state["epoch"], index, None
 
 
 def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,

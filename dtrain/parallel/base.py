@@ -8,8 +8,9 @@ The defaults are those of a torch module trained by a torch optimizer in one pro
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -106,15 +107,34 @@ class Strategy:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
+    def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path, async_save: bool = False) -> Any:
         """Write the trainable parameters and the optimizer state under `path`, each rank its
-        own shard, in parallel (collective). Frozen weights come from model.path on resume."""
+        own shard, in parallel (collective). Frozen weights come from model.path on resume.
+        With `async_save`, returns the future of a background write (the state is copied first,
+        so training may go on); else None once written."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         params = self.trainable_parameters(model)  # first: a strategy may reshard here
         state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
-        dcp.save(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
+        with _single_process_is_meant():
+            if async_save:
+                return dcp.async_save(state, checkpoint_id=path / "dcp", no_dist=_no_dist(),
+                                      process_group=self.checkpoint_group())
+            dcp.save(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
+        return None
+
+    def checkpoint_group(self) -> Any:
+        """Process group for background checkpoint collectives (None: the default, or none)."""
+        return None
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint's manifest should record about the strategy that wrote it."""
+        return {}
+
+    def prepare_resume(self, path: Path, manifest: dict[str, Any]) -> None:
+        """Called before `wrap` when resuming from `path` (torch.distributed checkpoints
+        reshard on load: nothing to do)."""
 
     def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
         """Load what save_checkpoint wrote, resharding to this run's world size and strategy.
@@ -124,7 +144,8 @@ class Strategy:
 
         params = {name: p.detach() for name, p in self.trainable_parameters(model).items()}
         state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
-        dcp.load(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
+        with _single_process_is_meant():
+            dcp.load(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_trainable_only())
 
     def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
@@ -163,6 +184,14 @@ def _optimizer_bytes(optimizer: Optimizer, model_param_ids: set[int]) -> int:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The value of a (possibly DTensor) reduction result."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@contextlib.contextmanager
+def _single_process_is_meant() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no process group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _no_dist() -> bool:

@@ -16,6 +16,9 @@ import contextlib
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
@@ -108,6 +111,7 @@ class DeepSpeed(Distributed):
         super().__init__(cfg.parallel)
         self.cfg = cfg
         self.stage = 0
+        self.universal: Path | None = None  # a universal-format copy to resume from
         # DeepSpeed calls collectives torch has renamed, once per step: not the user's concern.
         for old in ("reduce_scatter_tensor", "all_gather_into_tensor"):
             warnings.filterwarnings("ignore", message=rf".*`torch\.distributed\.{old}` is deprecated", category=FutureWarning)
@@ -117,6 +121,8 @@ class DeepSpeed(Distributed):
 
         ds_config = resolve_deepspeed_config(self.cfg, self.world_size, getattr(model.config, "hidden_size", None))
         self.stage = ds_config["zero_optimization"]["stage"]
+        if self.universal is not None:
+            ds_config["checkpoint"] = {"load_universal": True}
         self.has_frozen = any(not p.requires_grad for p in model.parameters())
         # Build the model normally and let initialize() partition it: building inside
         # zero.Init would initialise the weights differently from every other strategy.
@@ -159,15 +165,43 @@ class DeepSpeed(Distributed):
             return {k: v.cpu() for k, v in state.items()} if self.is_main else {}
         return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()} if self.is_main else {}
 
-    def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
+    def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path, async_save: bool = False) -> None:
+        # (async_save is refused for deepspeed at config time)
         model.save_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, client_state={}, save_latest=False,
                               exclude_frozen_parameters=self.has_frozen)
 
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"zero_stage": self.stage}
+
+    def prepare_resume(self, path: Path, manifest: dict[str, Any]) -> None:
+        """Engine checkpoints load only at the world size that wrote them; for another one,
+        convert to DeepSpeed's universal format (once, next to the checkpoint) and load that."""
+        if manifest["world_size"] == self.world_size:
+            return
+        universal = path.parent / f".universal-{path.name}"
+        if self.is_main and not (universal / "latest_universal").is_file():
+            stage = manifest["zero_stage"]
+            tmp = path.parent / f".tmp-universal-{path.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(path / ENGINE_DIR / ENGINE_TAG), "--output_folder", str(tmp / ENGINE_TAG),
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            if stage in (1, 2):
+                cmd.append("--inject_missing_state")  # stages 1/2 lack state the universal loader expects
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"converting {path} (world size {manifest['world_size']}) to DeepSpeed's universal "
+                                   f"format for world size {self.world_size} failed:\n{done.stderr[-3000:]}")
+            os.rename(tmp, universal)
+        self.barrier()
+        self.universal = universal
+
     def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
-        loaded, _ = model.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
+        source = self.universal if self.universal is not None else path / ENGINE_DIR
+        loaded, _ = model.load_checkpoint(str(source), tag=ENGINE_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=False, load_module_strict=not self.has_frozen)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load the engine checkpoint in {path / ENGINE_DIR}")
+            raise RuntimeError(f"DeepSpeed could not load the engine checkpoint in {source}")
 
     def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
         params = list(model.module.parameters())

@@ -52,11 +52,11 @@ def init_process_group(cfg: ParallelConfig) -> ProcessGroupInfo:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = backend_for(device, cfg.backend)
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        if "WORLD_SIZE" not in os.environ:
+            # No launcher: a group of one, described the way torchrun would (DeepSpeed reads these too).
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        dist.init_process_group(backend_for(device, cfg.backend), device_id=device if device.type == "cuda" else None)
     return ProcessGroupInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -98,6 +98,13 @@ class Distributed(Strategy):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def checkpoint_group(self) -> Any:
+        # An async save runs its collectives from a background thread: on a group of their
+        # own they never interleave with the training step's (created once, by every rank).
+        if getattr(self, "_checkpoint_group", None) is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group
 
     def shutdown(self) -> None:
         destroy_process_group()

@@ -1,0 +1,373 @@
+"""Checkpoints that survive anything: resharding across world sizes and strategies, kill -9
+at random moments (including during a write), preemption signals, damaged shards, and
+export of the trained model. Real processes (torchrun, 2 ranks, gloo) throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import ALPACA, REPO, read_metrics
+from test_distributed import torchrun
+
+from dtrain import checkpoint as ckpt
+
+PREEMPTED = 75
+STEPS = 12
+ZERO = {z: ["parallel.strategy=deepspeed", f"parallel.deepspeed_config=ds_configs/zero{z}.json"] for z in (2, 3)}
+
+
+def run_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [str(REPO / "examples" / "tiny_alpaca.yaml"), f"model.path={model_dir}", f"data.train={ALPACA}",
+            "data.max_seq_len=256", f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.log_every=1",
+            "optim.lr=2e-3", "eval.every_steps=4", "eval.max_batches=2", "checkpoint.every_steps=1",
+            "checkpoint.keep_last=2", "logging.tensorboard=false", "logging.progress_bar=false", f"output_dir={out}",
+            *extra]
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """`dtrain train ... --nproc 2` as its own process group, output to `log`."""
+    return subprocess.Popen([sys.executable, "-m", "dtrain", "train", *args, "--nproc", "2"], cwd=REPO,
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def kill_everything(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once, as a dying node would (the workers run in
+    sessions of their own, so the process group alone would miss them)."""
+    try:
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def losses(out: Path) -> dict[int, float]:
+    by_step = {}
+    for record in read_metrics(out):
+        if "loss" in record:
+            assert record["step"] not in by_step, f"step {record['step']} logged twice"
+            by_step[record["step"]] = record["loss"]
+    return by_step
+
+
+def eval_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
+
+
+def wait_for(condition, timeout: float = 120, every: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return False
+
+
+def logged_steps(out: Path) -> int:
+    try:
+        return sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+KILL_STRATEGIES = {
+    "ddp": ["parallel.strategy=ddp"],
+    "fsdp-async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
+    "zero3": ZERO[3],
+}
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, tmp_path_factory):
+    """Uninterrupted runs, one per strategy, to compare the interrupted ones with."""
+    root = tmp_path_factory.mktemp("reference")
+    outs = {}
+    for name, extra in KILL_STRATEGIES.items():
+        out = root / name
+        proc = start(run_args(tiny_model_dir, out, *extra), root / f"{name}.log")
+        assert proc.wait(timeout=600) == 0, (root / f"{name}.log").read_text()[-5000:]
+        outs[name] = out
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(KILL_STRATEGIES))
+def test_kill_9_anywhere_then_resume_auto_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, references, strategy):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = run_args(tiny_model_dir, out, *KILL_STRATEGIES[strategy], "--resume", "auto")
+    checkpoints = ckpt.checkpoint_root(out)
+
+    # 1. Killed while a checkpoint is being written (its temporary directory exists). The kill
+    # must beat a write of a few milliseconds: the pids are collected beforehand, and a kill
+    # that came too late is tried again on the resumed run.
+    writing = lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-step_") for p in checkpoints.iterdir())
+    for attempt in range(5):
+        proc = start(args, log)
+        wait_for(lambda: logged_steps(out) >= 1 or proc.poll() is not None, timeout=300)
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        if wait_for(lambda: writing() or proc.poll() is not None):
+            for pid in family:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        kill_everything(proc)
+        killed_mid_write = writing()
+        if killed_mid_write:
+            break
+    # 2. Killed at a random moment once a checkpoint is complete and training has gone past it
+    # (an async save completes only when the next one starts), so that the last leg resumes.
+    proc = start(args, log)
+    latest = checkpoints / "latest"
+    past_a_checkpoint = lambda: latest.is_file() and logged_steps(out) > json.loads(latest.read_text())["step"]
+    assert wait_for(lambda: past_a_checkpoint() or proc.poll() is not None, timeout=300), log.read_text()[-3000:]
+    time.sleep(random.Random(f"{strategy}-kill").uniform(0.0, 1.0))
+    kill_everything(proc)
+    # 3. Resumed to the end.
+    proc = start(args, log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+
+    assert killed_mid_write, "the first kill did not land during a checkpoint write"
+    assert "resumed from" in log.read_text()
+    reference, got = losses(references[strategy]), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-6, rel=0), f"step {step}"
+    assert eval_losses(out) == pytest.approx(eval_losses(references[strategy]), abs=1e-6, rel=0)
+    assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())  # debris cleared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+def test_preemption_signal_saves_exits_75_and_resumes_exactly(tiny_model_dir, tmp_path, references, sig):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = run_args(tiny_model_dir, out, *KILL_STRATEGIES["fsdp-async"], "checkpoint.every_steps=100")
+    proc = start(args, log)
+    assert wait_for(lambda: logged_steps(out) >= 3, timeout=300), log.read_text()[-3000:]
+    sent = time.monotonic()
+    os.kill(proc.pid, getattr(signal, sig))  # to the launcher, as SLURM signals the job step
+    code = proc.wait(timeout=120)
+    elapsed = time.monotonic() - sent
+    text = log.read_text()
+    assert code == PREEMPTED, text[-5000:]
+    assert elapsed < 30, f"{elapsed:.1f} s from {sig} to exit"  # within SLURM's default KillWait
+    latest = json.loads((out / "checkpoints" / "latest").read_text())
+    assert 3 <= latest["step"] < STEPS and f"preempted: stopped at step {latest['step']} on {sig}" in text
+    assert ckpt.verify(out / "checkpoints" / latest["checkpoint"]) is None
+    assert not (out / "final").exists()
+
+    proc = start(args + ["--resume", "auto"], log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    reference, got = losses(references["fsdp-async"]), losses(out)
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-6, rel=0), f"step {step}"
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tiny_model_dir, tmp_path, references):
+    """Delete one rank's shard of the newest checkpoint: resume takes the previous one, says
+    so, and still ends where the uninterrupted run did."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = run_args(tiny_model_dir, out, "parallel.strategy=ddp", "checkpoint.every_steps=3")
+    assert start(args, log).wait(timeout=600) == 0
+    newest = ckpt.list_checkpoints(ckpt.checkpoint_root(out))[-1]
+    assert newest.name == f"step_{STEPS:08d}"
+    (newest / "dcp" / "__1_0.distcp").unlink()
+    proc = start(args + ["--resume", "auto"], log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    text = log.read_text()
+    assert f"skipping checkpoint {newest}: dcp/__1_0.distcp is missing; trying the previous one" in text
+    assert f"step_{STEPS - 3:08d} at step {STEPS - 3}" in text
+    reference, got = losses(references["ddp"]), losses(out)
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-6, rel=0), f"step {step}"
+
+
+# --------------------------------------------------------------------------------------
+# Resharding: save at one world size, resume at another; values equal exactly.
+
+RESHARD_BASE = ["data.max_seq_len=256", "train.micro_batch_size=2", "train.log_every=1", "optim.lr=2e-3",
+                "eval.max_batches=1", "logging.tensorboard=false", "logging.progress_bar=false",
+                "checkpoint.every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def resharded(tiny_model_dir, tmp_path_factory):
+    """Save: fsdp, ZeRO-2 and ZeRO-3 at 2 ranks, single at 1. Resume: the 2-rank ones at 1
+    rank (fsdp as single), the 1-rank one at 2 ranks with fsdp."""
+    root = tmp_path_factory.mktemp("reshard")
+    base = [f"model.path={tiny_model_dir}", f"data.train={ALPACA}", f"data.cache_dir={root / 'cache'}",
+            *RESHARD_BASE]
+    step3 = ["train.max_steps=3"]
+    torchrun({"base": base, "dump": True, "runs": {"single": step3}}, root / "save1", nproc=1)
+    torchrun({"base": base, "dump": True, "runs": {
+        "fsdp": ["parallel.strategy=fsdp", *step3], "zero2": [*ZERO[2], *step3], "zero3": [*ZERO[3], *step3],
+        "single-to-fsdp": ["parallel.strategy=fsdp", "train.max_steps=4", "checkpoint.resume=auto",
+                           f"output_dir={root / 'save1' / 'single'}"],
+    }}, root / "save2", nproc=2)
+    resume = ["train.max_steps=4", "checkpoint.resume=auto"]
+    torchrun({"base": base, "dump": True, "runs": {
+        "fsdp-to-single": [*resume, f"output_dir={root / 'save2' / 'fsdp'}"],
+        "zero2-to-1": [*ZERO[2], *resume, f"output_dir={root / 'save2' / 'zero2'}"],
+        "zero3-to-1": [*ZERO[3], *resume, f"output_dir={root / 'save2' / 'zero3'}"],
+    }}, root / "load1", nproc=1)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["save2/fsdp", "save1/single", "save2/zero2", "save2/zero3"],
+                         ids=["fsdp-2-to-single-1", "single-1-to-fsdp-2", "zero2-2-to-1", "zero3-2-to-1"])
+def test_resharded_resume_restores_model_and_optimizer_exactly(resharded, run):
+    out = resharded / run
+    saved = torch.load(out / "values_saved_3.pt", weights_only=True)
+    loaded = torch.load(out / "values_loaded_3.pt", weights_only=True)
+    assert saved.keys() == loaded.keys() and any(k.startswith("exp_avg/") for k in saved)
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+    manifest = ckpt.read_manifest(out / "checkpoints" / "step_00000003")
+    assert manifest["world_size"] == (1 if run == "save1/single" else 2)
+    if run.startswith("save2/zero"):
+        assert (out / "checkpoints" / ".universal-step_00000003" / "latest_universal").is_file()
+    # ... and training went on from there.
+    assert max(r["step"] for r in read_metrics(out) if "loss" in r) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["save2/fsdp", "save2/zero3"])
+def test_consolidate_a_sharded_checkpoint_into_one_model(resharded, run, tmp_path):
+    """`dtrain checkpoint consolidate` turns the 2-rank shards of step 3 into a plain model whose
+    weights are the training weights of that step."""
+    from safetensors.torch import load_file
+
+    from dtrain.export import export
+
+    out = resharded / run
+    model_dir = export(out / "checkpoints" / "step_00000003", tmp_path / "model")
+    weights = load_file(model_dir / "model.safetensors")
+    saved = {k.removeprefix("param/"): v for k, v in torch.load(out / "values_saved_3.pt", weights_only=True).items()
+             if k.startswith("param/")}
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, saved[name]), name
+    # save_pretrained writes a tied weight once (the tiny model ties lm_head to the embedding).
+    assert saved.keys() - weights.keys() <= {"lm_head.weight"}
+
+
+# --------------------------------------------------------------------------------------
+# One process: async save, keep_best, disk check, compatibility, export.
+
+
+def _train(make_config, out, *overrides):
+    from dtrain.train import train
+
+    return train(make_config(*overrides, output_dir=out))
+
+
+def test_async_checkpoints_hold_what_synchronous_ones_do(make_config, tmp_path):
+    common = ("train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=6", "optim.lr=1e-3")
+    sync = _train(make_config, tmp_path / "sync", *common)
+    background = _train(make_config, tmp_path / "async", *common, "checkpoint.async_save=true")
+    assert background.train_losses == sync.train_losses  # training does not wait, nor change
+    for step in range(1, 7):
+        a = ckpt.read_state(tmp_path / "async" / "checkpoints" / f"step_{step:08d}")
+        b = ckpt.read_state(tmp_path / "sync" / "checkpoints" / f"step_{step:08d}")
+        for name, tensor in b["model"].items():
+            assert torch.equal(a["model"][name], tensor), (step, name)  # copied before the next step changed it
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for name, state in b["optimizer"]["state"].items():
+            assert torch.equal(a["optimizer"]["state"][name]["exp_avg"], state["exp_avg"]), (step, name)
+
+
+def test_keep_best_keeps_the_best_evaluated_checkpoints_besides_the_last(make_config, tmp_path):
+    out = tmp_path / "run"
+    _train(make_config, out, "train.max_steps=8", "eval.every_steps=1", "checkpoint.every_steps=1",
+           "checkpoint.keep_last=1", "checkpoint.keep_best=2", "optim.lr=3e-2", "schedule.name=constant")
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
+    best = sorted(evals, key=evals.get)[:2]
+    kept = [int(p.name.removeprefix("step_")) for p in ckpt.list_checkpoints(ckpt.checkpoint_root(out))]
+    assert sorted(kept) == sorted(set(best) | {8}), (evals, kept)
+    for step in kept:
+        metric = ckpt.read_manifest(ckpt.checkpoint_root(out) / f"step_{step:08d}")["metric"]
+        assert metric == {"name": "eval_loss", "value": evals[step], "mode": "min"}
+
+
+def test_too_little_free_disk_refuses_the_checkpoint_and_keeps_the_others(make_config, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "run"
+    _train(make_config, out, "train.max_steps=2", "checkpoint.every_steps=1")
+    before = {p.name for p in ckpt.checkpoint_root(out).iterdir()}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
+    with pytest.raises(ckpt.CheckpointError, match=r"only 0.00 GB free .* needs about 1.00 GB .* untouched"):
+        _train(make_config, out, "train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.resume=auto")
+    assert {p.name for p in ckpt.checkpoint_root(out).iterdir()} == before
+    assert ckpt.find_resumable(out).name == "step_00000002"
+    assert shutil.disk_usage is not None
+
+
+def test_a_checkpoint_of_another_model_or_adapter_is_refused_with_what_differs(make_config, tmp_path):
+    out = tmp_path / "run"
+    _train(make_config, out, "train.max_steps=2", "peft.method=lora", "peft.r=8")
+    with pytest.raises(ckpt.CheckpointError, match=r"different model or adapter \(peft.r: checkpoint 8, config 16\)"):
+        _train(make_config, out, "train.max_steps=4", "peft.method=lora", "peft.r=16", "checkpoint.resume=auto")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_export_merges_the_adapter_with_the_same_logits(make_config, tmp_path, method, tiny_model_dir):
+    """The merged model computes what the base + adapter computes; it needs neither peft nor
+    dtrain. QLoRA merges into the de-quantised 4-bit base (the function it was trained on)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.export import base_model, export, resolve_source
+    from dtrain.model import load_tokenizer
+
+    out = tmp_path / "run"
+    _train(make_config, out, "train.max_steps=6", f"peft.method={method}", "optim.lr=2e-2", "peft.dropout=0")
+    ids = torch.tensor([[1, 65, 100, 43, 32, 66, 10]])
+    cfg, run_dir, final = resolve_source(out)
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base_model(cfg, run_dir, load_tokenizer(cfg.model), None), final).eval()
+        expected = adapted(input_ids=ids).logits
+        merged_dir = export(out, tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        assert (plain(input_ids=ids).logits - expected).abs().max() > 1e-3  # the adapter mattered
+    # The adapter alone, too: it reloads onto its base.
+    adapter_dir = export(out, tmp_path / "adapter", adapter_only=True)
+    assert (adapter_dir / "adapter_model.safetensors").is_file() and not (adapter_dir / "model.safetensors").exists()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(out, tmp_path / "merged")
+
+
+@pytest.mark.slow
+def test_export_and_generate_through_the_cli(make_config, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    _train(make_config, out, "train.max_steps=2")
+    proc = run_cli("export", str(out), "--out", str(tmp_path / "model"))
+    assert proc.returncode == 0 and "exported to" in proc.stdout, proc.stderr[-2000:]
+    proc = run_cli("generate", str(tmp_path / "model"), "--prompt", "12 + 30", "--template", "alpaca",
+                   "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("checkpoint", "consolidate", str(out), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "not a checkpoint directory" in proc.stderr
