@@ -262,6 +262,19 @@ class LoggingConfig(Section):
     progress_bar: bool = Field(True, description="Progress bar on the main process.")
 
 
+class RayConfig(Section):
+    """How `python -m launchers.ray_train` scales a run with Ray Train (the core never imports Ray)."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes), across the cluster's nodes.")
+    use_gpu: bool = Field(False, description="One GPU per worker (Ray's ScalingConfig.use_gpu).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default: 1 with use_gpu, else 0.")
+    storage_path: str | None = Field(
+        None, description="Shared storage (a path every node sees, or s3:// gs://) for Ray's run records and "
+        "checkpoints; default: output_dir's parent.")
+    address: str | None = Field(None, description="Ray cluster address (ray://host:10001, auto); null: start Ray locally.")
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -273,6 +286,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = Field(42, description="Seeds model init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Run directory: config, metrics, checkpoints, final model.")
 

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -298,7 +298,13 @@ def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: S
 # The recipe
 
 
-def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
+Reporter = Callable[[int, dict[str, float], "Path | None"], None]
+
+
+def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | None = None) -> RunResult:
+    """Train as `cfg` says. `report(step, metrics, checkpoint)`, if given, is called on every rank
+    after each evaluation and each newly completed checkpoint (else None): how an outer system
+    such as Ray Train or Tune follows the run without the core knowing about it."""
     strategy = build_strategy(cfg)
     seed_everything(cfg.seed)
     task, tcfg = cfg.model.task, cfg.train
@@ -369,6 +375,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
     t_last, tokens_since = time.perf_counter(), 0
 
     writer = ckpt.CheckpointWriter(cfg, strategy)
+    reported_checkpoint = None
     with PreemptionWatch() as preemption:
         while state.step < total_steps and state.stop_reason is None:
             # One optimizer step: gather its micro-batches first so the loss can be
@@ -446,6 +453,11 @@ def train(cfg: Config, *, rows_per_file: int | None = None) -> RunResult:
                 writer.save(state.step, model, optimizer, trainer_state={
                     "scheduler": scheduler.state_dict(), "data": batches.state_dict(), "train_state": asdict(state)},
                     metric=evaluated)
+            if report is not None and (eval_step == state.step or writer.last != reported_checkpoint):
+                metrics = {"step": state.step, "loss": step_loss.item(),
+                           **(eval_metrics if eval_step == state.step else {})}
+                report(state.step, metrics, writer.last if writer.last != reported_checkpoint else None)
+                reported_checkpoint = writer.last
             if preempted:
                 path = writer.wait()
                 tracker.close()

@@ -745,3 +745,16 @@ def test_identical_runs_give_identical_losses(make_config, tmp_path):
     ad_a = load_file(tmp_path / "a" / "final" / "adapter_model.safetensors")
     ad_b = load_file(tmp_path / "b" / "final" / "adapter_model.safetensors")
     assert ad_a.keys() == ad_b.keys() and all(torch.equal(ad_a[k], ad_b[k]) for k in ad_a)
+
+
+def test_report_is_called_after_each_evaluation_and_checkpoint(make_config, tmp_path):
+    """The hook Ray Train and Tune follow a run by."""
+    calls = []
+    out = tmp_path / "run"
+    train(make_config("train.max_steps=6", "eval.every_steps=2", "checkpoint.every_steps=3", output_dir=out),
+          report=lambda step, metrics, checkpoint: calls.append((step, set(metrics), checkpoint)))
+    assert [c[0] for c in calls] == [2, 3, 4, 6]
+    assert all("eval_loss" in keys for step, keys, _ in calls if step % 2 == 0)
+    assert "eval_loss" not in calls[1][1] and {"step", "loss"} <= calls[1][1]
+    root = out / "checkpoints"
+    assert [c[2] for c in calls] == [None, root / "step_00000003", None, root / "step_00000006"]
