@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, data prepare, config show, export, checkpoint consolidate, generate."""
+"""`dtrain` command line: train, data prepare, config show, eval, report, export, checkpoint consolidate, generate."""
 
 from __future__ import annotations
 
@@ -75,6 +75,63 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Evaluate a run's model (or any model directory) on the test split of CONFIG's data."""
+    import json
+    from pathlib import Path
+
+    from dtrain.checkpoint import CheckpointError
+    from dtrain.data import DataError, prepare_data
+    from dtrain.evaluation import describe, evaluate
+    from dtrain.export import load_trained
+    from dtrain.parallel.single import SingleDevice
+
+    source = Path(args.source)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if (source / "config.yaml").is_file() or (source / "manifest.json").is_file():
+            model, tokenizer, _, _ = load_trained(source)
+        else:  # a plain Hugging Face model directory
+            from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+            model_cls = AutoModelForSequenceClassification if cfg.model.task == "classification" else AutoModelForCausalLM
+            model = model_cls.from_pretrained(source, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        data = prepare_data(cfg.data, tokenizer, cfg.seed)
+        if not len(data.test):
+            raise ValueError("the data has no test split: give data.test sources or a data.test_ratio > 0")
+        strategy = SingleDevice(cfg.parallel)
+        num_labels = len(data.label_names) if data.label_names else None
+        metrics, worst = evaluate(model.to(strategy.device), data.test, cfg, strategy, tokenizer,
+                                  num_labels=num_labels, worst=cfg.eval.worst_examples,
+                                  generation=cfg.eval.generation.enabled)
+    except (ConfigError, CheckpointError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    result = {"source": str(source), "split": "test", "examples": len(data.test),
+              **{k.replace("eval_", "test_", 1): v for k, v in metrics.items()},
+              "worst_examples": [describe(ex, tokenizer, data.label_names) for ex in worst]}
+    out = Path(args.out) if args.out else (source / "eval.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
+    print(f"written to {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dtrain.diagnose import write_learning_report
+
+    run = Path(args.run)
+    if not (run / "metrics.jsonl").is_file():
+        print(f"error: {run} has no metrics.jsonl (is it a dtrain run directory?)", file=sys.stderr)
+        return 2
+    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    print(write_learning_report(run, cfg.eval.metric if cfg else "loss", cfg.eval.mode if cfg else "min"), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Fine-tune and train language models from one YAML file.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint", help="a checkpoint directory (output_dir/checkpoints/step_N)")
     consolidate.add_argument("--out", required=True, help="new directory for the model")
     consolidate.set_defaults(func=_export)
+
+    evaluation = commands.add_parser("eval", help="evaluate a run or a model directory on the test split; writes eval.json")
+    evaluation.add_argument("source", help="run directory, checkpoint, or Hugging Face model directory")
+    evaluation.add_argument("config", help="YAML config whose data (test split) and eval settings to use")
+    evaluation.add_argument("overrides", nargs="*")
+    evaluation.add_argument("--out", help="where eval.json goes (default: inside SOURCE)")
+    evaluation.set_defaults(func=_eval)
+
+    report = commands.add_parser("report", help="learning curves and a written diagnosis of a run")
+    report.add_argument("run", help="run directory")
+    report.set_defaults(func=_report)
 
     gen = commands.add_parser("generate", help="greedy generation from a model directory, for a quick look")
     gen.add_argument("model", help="an exported model directory (or a run's final/)")

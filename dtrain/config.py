@@ -28,6 +28,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
+class DropoutConfig(Section):
+    """Dropout overrides; each reaches the config field(s) the architecture has for it (a model
+    without such a field gets a warning)."""
+
+    attention: float | None = Field(None, ge=0.0, lt=1.0, description="Attention-probability dropout; null: the model's.")
+    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hidden/residual dropout; null: the model's.")
+    classifier: float | None = Field(None, ge=0.0, lt=1.0, description="Classification-head dropout; null: the model's.")
+
+
 class ModelConfig(Section):
     path: str = Field(
         "tiny-llama",
@@ -48,6 +57,35 @@ class ModelConfig(Section):
         "auto", description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa.")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing: recompute activations in backward.")
     compile: bool = Field(False, description="torch.compile each transformer block (torch strategies).")
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+
+
+class FreezeConfig(Section):
+    """Partial fine-tuning: what does not train (applied after PEFT, before sharding)."""
+
+    embeddings: bool = Field(False, description="Freeze the input embeddings.")
+    layers: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
+    patterns: list[str] = Field(default_factory=list, description="Freeze parameters whose name matches (fnmatch, e.g. '*.mlp.*').")
+    head_only: bool = Field(False, description="Train only the output head (lm_head or the classification head).")
+
+
+class ParamGroupConfig(Section):
+    pattern: str = Field(description="fnmatch pattern on parameter names; the first group that matches wins.")
+    lr_scale: float = Field(1.0, ge=0.0, description="Multiplies the LR (and the schedule) of these parameters.")
+    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay of these parameters; null: the default rule.")
+
+
+class DistillConfig(Section):
+    teacher: str | None = Field(None, description="Teacher: a local model directory or a preset; null: no distillation.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * task loss.")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of both distributions.")
+
+
+class GenerationEvalConfig(Section):
+    enabled: bool = Field(False, description="Greedy generation on validation prompts: exact-match / contains-answer accuracy.")
+    max_examples: int = Field(64, ge=1, description="Validation examples to generate for (in order).")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens to generate per answer.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
 
 
 class SourceConfig(Section):
@@ -194,6 +232,9 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     fused: bool | None = Field(None, description="Fused AdamW kernel; default: on where the device supports it.")
     grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this; null: off.")
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="Layer-wise LR decay: block i of L gets lr x decay^(L-i), the embeddings decay^(L+1); 1: off.")
+    groups: list[ParamGroupConfig] = Field(default_factory=list, description="Per-pattern LR scale / weight decay: [{pattern, lr_scale, weight_decay}].")
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty on trainable weight matrices (added as l1 x sign(w) to their gradient).")
 
 
 class ScheduleConfig(Section):
@@ -217,6 +258,7 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(
         3, ge=1, description="Stop after this many consecutive steps with a NaN/inf loss or gradient (skipped)."
     )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy loss.")
 
     @model_validator(mode="before")
     @classmethod
@@ -239,9 +281,12 @@ class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; null: only at the end.")
     max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation; null: whole split.")
     batch_size: int | None = Field(None, ge=1, description="Default: train.micro_batch_size.")
-    metric: str = Field("loss", description="Metric for early stopping: loss, perplexity, accuracy.")
-    mode: Literal["min", "max"] | None = Field(None, description="Whether smaller or larger is better; default: max for accuracy, else min.")
+    metric: str = Field("loss", description="Metric for early stopping, best checkpoint and diagnosis: loss, perplexity; "
+                        "classification: accuracy, f1_macro, f1_micro, precision_macro, recall_macro; generation: exact_match, contains_answer.")
+    mode: Literal["min", "max"] | None = Field(None, description="Whether smaller or larger is better; default: min for loss/perplexity, else max.")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
+    worst_examples: int = Field(10, ge=0, description="Validation examples with the highest loss written to worst_examples.md at the end.")
 
 
 class CheckpointConfig(Section):
@@ -279,12 +324,14 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = Field(42, description="Seeds model init, data order and dropout.")
@@ -298,10 +345,17 @@ class Config(Section):
                 "use data.format=classification together with model.task=classification"
             )
         if self.eval.mode is None:
-            self.eval.mode = "max" if self.eval.metric == "accuracy" else "min"
-        allowed = {"loss", "perplexity"} | ({"accuracy"} if self.model.task == "classification" else set())
+            self.eval.mode = "min" if self.eval.metric in ("loss", "perplexity") else "max"
+        allowed = {"loss", "perplexity"}
+        if self.model.task == "classification":
+            allowed |= {"accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"}
+        if self.eval.generation.enabled:
+            allowed |= {"exact_match", "contains_answer"}
         if self.eval.metric not in allowed:
             raise ValueError(f"eval.metric={self.eval.metric!r} is not reported for this task; allowed: {sorted(allowed)}")
+        if self.eval.generation.enabled and (self.model.task != "causal_lm" or self.data.format not in ("alpaca", "chat")):
+            raise ValueError("eval.generation.enabled needs instruction data with answers to check "
+                             "(data.format=alpaca or chat, model.task=causal_lm)")
         self._check_parallel_combinations()
         return self
 
@@ -330,6 +384,9 @@ class Config(Section):
         elif self.parallel.deepspeed_config is not None:
             raise ValueError(f"parallel.deepspeed_config is only used with parallel.strategy=deepspeed "
                              f"(strategy is {strategy}); remove it or set parallel.strategy=deepspeed")
+        if self.optim.l1 and strategy == "deepspeed":
+            raise ValueError("optim.l1 is not supported with parallel.strategy=deepspeed (its gradients live inside the "
+                             "engine); use ddp or fsdp for an L1 penalty, or optim.weight_decay")
         if self.checkpoint.async_save and strategy == "deepspeed":
             raise ValueError("checkpoint.async_save=true is not supported with parallel.strategy=deepspeed (its engine "
                              "writes its own checkpoint synchronously); set checkpoint.async_save=false")

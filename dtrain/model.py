@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from dtrain import presets
-from dtrain.config import ConfigError, ModelConfig, PeftConfig
+from dtrain.config import ConfigError, DropoutConfig, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +57,30 @@ def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     if presets.is_preset(cfg.path):
         return presets.preset_config(cfg.path)
     return AutoConfig.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+
+
+# Config fields each architecture family uses for each kind of dropout.
+DROPOUT_FIELDS = {
+    "attention": ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop"),
+    "hidden": ("hidden_dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "dropout"),
+    "classifier": ("classifier_dropout", "summary_first_dropout"),
+}
+
+
+def apply_dropout(config: PretrainedConfig, cfg: DropoutConfig) -> list[str]:
+    """Set each requested dropout on every config field the architecture has for it (before
+    the model is built). Returns a warning per request the architecture has no field for."""
+    warnings = []
+    for kind, value in cfg.model_dump().items():
+        if value is None:
+            continue
+        fields = [name for name in DROPOUT_FIELDS[kind] if hasattr(config, name)]
+        if not fields:
+            warnings.append(f"model.dropout.{kind}={value}: {config.model_type} models have no {kind} dropout "
+                            f"(none of {', '.join(DROPOUT_FIELDS[kind])} in their config); ignored")
+        for name in fields:
+            setattr(config, name, value)
+    return warnings
 
 
 def attention_implementation(requested: str, device: torch.device) -> str:
@@ -100,28 +124,24 @@ def load_model(
     check_model_path(cfg)
     torch.manual_seed(seed)
     model_cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
-    extra = {"num_labels": num_labels} if cfg.task == "classification" else {}
     attn = attention_implementation(cfg.attn_implementation, device)
     path = path or cfg.path
     if presets.is_preset(path):
         if quantization is not None:
             raise ValueError("a preset is quantised from its saved base directory (pass path=)")
         config = presets.preset_config(path)
-        for key, value in extra.items():
-            setattr(config, key, value)
-        config._attn_implementation = attn
+    else:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    if cfg.task == "classification":
+        config.num_labels = num_labels
+    apply_dropout(config, cfg.dropout)  # (train() reports the overrides a model has no field for)
+    config._attn_implementation = attn
+    if presets.is_preset(path):
         model = model_cls.from_config(config, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
     else:
-        if quantization is not None:
-            extra.update(quantization_config=quantization, device_map={"": device})
-        model = model_cls.from_pretrained(
-            path,
-            dtype=DTYPES[cfg.dtype],
-            attn_implementation=attn,
-            local_files_only=True,
-            trust_remote_code=cfg.trust_remote_code,
-            **extra,
-        )
+        extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
+        model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[cfg.dtype], attn_implementation=attn,
+                                          local_files_only=True, trust_remote_code=cfg.trust_remote_code, **extra)
     if quantization is not None:
         keep_4bit_training_kernel(model)
     if cfg.task == "classification":
@@ -149,7 +169,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # By the class or a base class: FSDP2 turns a sharded block into a subclass of its own.
+    blocks = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
     if not blocks:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no _no_split_modules); "
                          "fsdp and model.compile need a Hugging Face transformer model")

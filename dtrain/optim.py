@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
@@ -12,21 +13,32 @@ from torch.optim.lr_scheduler import LambdaLR
 from dtrain.config import OptimConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: never on norms, biases (1-d tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Torch param groups: weight decay on matrices only (never on norms, biases), unless an
+    `optim.groups` pattern says otherwise; LR scaled by that pattern's `lr_scale` and by
+    layer-wise decay (`layer_decay` ** (L + 1 - depth)). Each group's `lr` is its peak LR; the
+    schedule multiplies every group alike."""
+    from dtrain.finetune import parameter_depths
+
+    depths, layers = parameter_depths(model) if cfg.layer_decay < 1.0 else ({}, 0)
+    groups: dict[tuple[float, float, bool], list] = {}  # (lr scale, weight decay, matrix) -> params, in order
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rule = next((g for g in cfg.groups if fnmatch(name, g.pattern)), None)
+        decay = rule.weight_decay if rule and rule.weight_decay is not None else (
+            cfg.weight_decay if p.ndim >= 2 else 0.0)
+        scale = (rule.lr_scale if rule else 1.0) * cfg.layer_decay ** (layers + 1 - depths.get(id(p), layers + 1))
+        groups.setdefault((scale, decay, p.ndim >= 2), []).append(p)
+    return [{"params": params, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay, _), params in groups.items()]
 
 
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg)
     if cfg.name in BNB_OPTIMIZERS:
         # 8-bit states (a quarter of AdamW's memory) and paged states that spill to CPU
         # memory instead of failing on a CUDA out-of-memory spike.

@@ -11,7 +11,6 @@ only part that knows how many processes there are.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -28,16 +27,20 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dtrain import checkpoint as ckpt
 from dtrain.config import Config, ConfigError, load_config
-from dtrain.data import IGNORE_INDEX, BatchIterator, PreparedData, prepare_data
-from dtrain.data.loader import eval_batches
+from dtrain.data import BatchIterator, prepare_data
 from dtrain.data.report import write_report
+from dtrain.diagnose import write_learning_report
+from dtrain.distill import load_teacher
+from dtrain.evaluation import describe, evaluate
+from dtrain.finetune import freeze
+from dtrain.loss import autocast, count_targets, loss_and_counts, real_tokens, to_device, uses_varlen_attention
 from dtrain.launch import PREEMPTED_EXIT_CODE
-from dtrain.model import compile_blocks, count_parameters, load_model, load_tokenizer, quantization_config
+from dtrain.model import (apply_dropout, compile_blocks, count_parameters, load_model, load_model_config,
+                          load_tokenizer, quantization_config)
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel import Strategy, build_strategy
 from dtrain.peft import apply_peft
@@ -118,86 +121,6 @@ def seed_everything(seed: int) -> None:
 # Loss
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def loss_and_counts(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
-                    class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
-    """(summed loss, number of loss targets, number of correct predictions) for one micro-batch.
-
-    The loss is a *sum* so that the caller can normalise by the number of targets in the
-    whole optimizer step: k micro-batches of any lengths then give exactly the gradient
-    of one batch k times larger.
-    """
-    # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or
-    # (flattened, for flash-attention) no mask. No KV cache: nothing is generated here.
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).logits.float()
-    labels = batch["labels"]
-    if task == "causal_lm":
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
-    targets = labels != IGNORE_INDEX
-    # Class weights (data.balance=class_weights) scale each example's loss; the sum is
-    # still normalised by the number of examples, so weights near 1 keep the usual scale.
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum", weight=class_weights)
-    correct = ((logits.argmax(-1) == labels) & targets).sum().item()
-    return loss, int(targets.sum().item()), int(correct)
-
-
-def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
-    """Non-padding tokens of a batch (packed batches carry a 4-D mask, so count from the ids)."""
-    mask = batch.get("attention_mask")
-    if mask is None:  # flattened packing: one row, no padding at all
-        return batch["input_ids"].numel()
-    if mask.dim() == 2:
-        return int(mask.sum().item())
-    return int((batch["input_ids"] != pad_id).sum().item())
-
-
-def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
-    labels = batch["labels"]
-    if task == "causal_lm":
-        labels = labels[:, 1:]
-    return int((labels != IGNORE_INDEX).sum().item())
-
-
-def uses_varlen_attention(model: nn.Module) -> bool:
-    """Flash-attention 2 takes packed examples as one flattened, padding-free sequence
-    (`model`: the plain model, not a strategy's wrapper)."""
-    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.train.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: PreparedData, cfg: Config, strategy: Strategy, pad_id: int) -> dict[str, float]:
-    """Loss (mean over all target tokens), perplexity, and accuracy for classification."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct
-    batches = eval_batches(data.validation, cfg.eval.batch_size or cfg.train.micro_batch_size, pad_id,
-                           rank=strategy.rank, world_size=strategy.world_size, max_batches=cfg.eval.max_batches,
-                           flatten_packed=uses_varlen_attention(strategy.unwrap(model)))
-    for batch in batches:
-        with _autocast(cfg, strategy.device):
-            loss, n, correct = loss_and_counts(model, _to(batch, strategy.device), cfg.model.task)
-        totals += torch.tensor([loss.item(), n, correct], dtype=torch.float64)
-    totals = strategy.all_reduce_sum(totals.to(strategy.device)).cpu()
-    model.train()
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(loss) if loss < 700 else math.inf}
-    if cfg.model.task == "classification":
-        metrics["eval_accuracy"] = (totals[2] / totals[1].clamp(min=1)).item()
-    return metrics
-
-
 # --------------------------------------------------------------------------------------
 # Run directory
 
@@ -270,6 +193,17 @@ def save_final_model(model: nn.Module, state_dict: dict[str, torch.Tensor], toke
     return final
 
 
+def write_worst_examples(path: Path, examples: list[dict[str, Any]]) -> None:
+    """The validation examples with the highest loss, as the model saw and answered them."""
+    lines = ["# Validation examples with the highest loss", "",
+             "`predicted`: the model's most likely token at each position of the expected output "
+             "(teacher-forced), or its class.", ""]
+    for ex in examples:
+        lines += [f"## example {ex['index']} (loss {ex['loss']})", "", "input:", "", "```", ex["input"], "```", "",
+                  "expected:", "", "```", ex["expected"], "```", "", "predicted:", "", "```", ex["predicted"], "```", ""]
+    path.write_text("\n".join(lines))
+
+
 def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: Strategy, out: Path) -> nn.Module:
     """The plain model with its adapters (not yet moved, sharded or wrapped).
 
@@ -289,6 +223,7 @@ def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: S
         model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, device=strategy.device,
                            path=str(base), quantization=quantization_config(cfg.peft, cfg.train.precision, cfg.parallel.strategy))
     model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
+    freeze(model, cfg.freeze)
     if cfg.model.compile:
         compile_blocks(model)
     return model
@@ -333,6 +268,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
         strategy.prepare_resume(resume_path, ckpt.read_manifest(resume_path))
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     model.train()
+    teacher = load_teacher(cfg, tokenizer, num_labels, strategy) if cfg.distill.teacher else None
 
     batches = BatchIterator(data.train, tcfg.micro_batch_size, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
                             seed=cfg.seed, rank=strategy.rank, world_size=strategy.world_size,
@@ -364,6 +300,10 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
         f"({100 * trainable / total:.2f}%), strategy {strategy.name} x{strategy.world_size} on {strategy.device}"
     )
     tracker.message(data.summary())
+    for note in apply_dropout(load_model_config(cfg.model), cfg.model.dropout):  # requests the model cannot take
+        tracker.message(f"warning: {note}")
+    if teacher is not None:
+        tracker.message(f"distilling from {cfg.distill.teacher} (alpha {cfg.distill.alpha}, T {cfg.distill.temperature})")
     tracker.message(f"{total_steps} steps ({steps_per_epoch} per epoch), global batch "
                     f"{tcfg.micro_batch_size * tcfg.grad_accum_steps * strategy.world_size} "
                     f"{'packed sequences' if data.packed else 'examples'}"
@@ -372,6 +312,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
     result = RunResult(str(out), state.step, "max_steps")
     eval_metrics: dict[str, float] = {}
     eval_step = None  # the step eval_metrics were measured at
+    worst: list = []  # the highest-loss validation examples, from the last evaluation
     t_last, tokens_since = time.perf_counter(), 0
 
     writer = ckpt.CheckpointWriter(cfg, strategy)
@@ -380,7 +321,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
         while state.step < total_steps and state.stop_reason is None:
             # One optimizer step: gather its micro-batches first so the loss can be
             # normalised by the number of target tokens in the whole (global) step.
-            micro = [_to(next(batches), strategy.device) for _ in range(tcfg.grad_accum_steps)]
+            micro = [to_device(next(batches), strategy.device) for _ in range(tcfg.grad_accum_steps)]
             local_targets = sum(count_targets(b, task) for b in micro)
             global_targets = strategy.all_reduce_sum(torch.tensor(float(local_targets), device=strategy.device)).item()
             step_loss = torch.zeros((), device=strategy.device)
@@ -388,8 +329,9 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
             tokens_since += step_tokens
             for i, batch in enumerate(micro):
                 with strategy.gradient_sync(model, enabled=i == len(micro) - 1):
-                    with _autocast(cfg, strategy.device):
-                        loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights)
+                    with autocast(tcfg.precision, strategy.device):
+                        loss_sum, _, _ = loss_and_counts(model, batch, task, class_weights, teacher=teacher,
+                                                         label_smoothing=tcfg.label_smoothing, distill=cfg.distill)
                         # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
                         loss = loss_sum * (strategy.world_size / max(global_targets, 1.0))
                     strategy.backward(model, loss)
@@ -398,7 +340,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
             lr = scheduler.get_last_lr()[0]
             # Clip and step; an update whose loss or gradient is NaN/inf is skipped, never applied.
             grad_norm, good = strategy.optimizer_step(model, optimizer, cfg.optim.grad_clip,
-                                                      skip=not bool(torch.isfinite(step_loss)))
+                                                      skip=not bool(torch.isfinite(step_loss)), l1=cfg.optim.l1)
             if good:
                 state.consecutive_bad_steps = 0
                 result.train_losses.append(step_loss.item())
@@ -435,9 +377,13 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
 
             stop = False
             if data.validation and ((cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last):
-                eval_metrics, eval_step = evaluate(model, data, cfg, strategy, tokenizer.pad_token_id), state.step
+                eval_metrics, worst = evaluate(model, data.validation, cfg, strategy, tokenizer, num_labels=num_labels,
+                                               worst=cfg.eval.worst_examples if last else 0,
+                                               generation=cfg.eval.generation.enabled)
+                eval_step = state.step
                 tracker.log(state.step, eval_metrics)
-                tracker.message(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                tracker.message(f"step {state.step}: " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
                 stop = _update_early_stopping(state, eval_metrics[f"eval_{cfg.eval.metric}"], cfg)
                 if stop:
                     state.stop_reason = "early_stopping"
@@ -472,6 +418,9 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
     if strategy.is_main:
         final = save_final_model(strategy.unwrap(model), final_state, tokenizer, cfg, out)
         tracker.message(f"final model saved to {final}")
+        if worst:
+            write_worst_examples(out / "worst_examples.md", [describe(ex, tokenizer, data.label_names) for ex in worst])
+        tracker.message(write_learning_report(out, cfg.eval.metric, cfg.eval.mode).strip())
     tracker.close()
     strategy.barrier()
     result.step, result.final_metrics, result.best_step = state.step, eval_metrics, state.best_step

@@ -11,8 +11,8 @@ import yaml
 from dtrain.config import ALL_KEYS, Config, ConfigError, load_config, parse_override
 from conftest import EXAMPLES, run_cli
 
-SECTIONS = ["model", "data", "peft", "parallel", "optim", "schedule", "train", "eval", "checkpoint", "logging",
-            "ray", "seed", "output_dir"]
+SECTIONS = ["model", "data", "peft", "freeze", "parallel", "optim", "schedule", "train", "eval", "checkpoint",
+            "distill", "logging", "ray", "seed", "output_dir"]
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

@@ -185,8 +185,38 @@ def matrix_runs(tiny_model_dir, tmp_path_factory):
     runs = {f"{s}-{peft}-{prec}": STRATEGIES[s] + [f"peft.method={peft}", f"train.precision={prec}"]
             for s in STRATEGIES for peft in PEFTS for prec in PRECISIONS}
     runs.update(EXTRAS)
+    runs.update({f"{strategy}-{name}": STRATEGIES[strategy] + overrides(tiny_model_dir)
+                 for name, overrides in TECHNIQUES.items() for strategy in ("ddp", "fsdp", "zero3")
+                 if not (strategy == "zero3" and name == "l1")})
     ranks = torchrun({"base": matrix_base(tiny_model_dir, out / "cache"), "runs": runs}, out)
     return ranks[0]
+
+
+# Fine-tuning techniques under each strategy (the teacher is sharded like the student).
+TECHNIQUES = {
+    "distill-lora": lambda model_dir: [f"distill.teacher={model_dir}", "distill.alpha=0.7", "peft.method=lora",
+                                       "peft.dropout=0"],
+    "freeze-llrd-smoothing": lambda model_dir: ["freeze.layers=1", "freeze.embeddings=true", "optim.layer_decay=0.7",
+                                                "optim.groups=[{pattern: '*.mlp.*', lr_scale: 0.5}]",
+                                                "train.label_smoothing=0.1"],
+    "l1": lambda model_dir: ["optim.l1=1e-4"],
+    "generate": lambda model_dir: ["eval.generation.enabled=true", "eval.generation.max_examples=5",
+                                   "eval.generation.batch_size=2", "eval.generation.max_new_tokens=4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "technique"), [
+    (strategy, technique) for strategy in ("fsdp", "zero3") for technique in TECHNIQUES
+    if not (strategy == "zero3" and technique == "l1")])  # (refused at config time: test_parallel_config)
+def test_techniques_under_sharded_strategies_match_ddp(matrix_runs, strategy, technique):
+    name = f"{strategy}-{technique}"
+    got, reference = matrix_runs[name], matrix_runs[f"ddp-{technique}"]
+    assert "config_error" not in got, got
+    assert got["losses"] == pytest.approx(reference["losses"], abs=1e-5, rel=0), name
+    for key in ("eval_loss", "eval_exact_match", "eval_contains_answer"):
+        if key in reference["final"]:
+            assert got["final"][key] == pytest.approx(reference["final"][key], abs=1e-5), (name, key)
 
 
 @pytest.mark.slow

@@ -98,6 +98,8 @@ def test_missing_deepspeed_config_is_named():
     (["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero2.json", "model.compile=true"],
      "model.compile=true is not supported with parallel.strategy=deepspeed"),
     (["parallel.device=cpu", "model.attn_implementation=flash_attention_2"], "flash_attention_2 needs a CUDA device"),
+    (["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero2.json", "optim.l1=1e-4"],
+     "optim.l1 is not supported with parallel.strategy=deepspeed"),
     (["parallel.strategy=tp"], "`parallel.strategy`"),
 ])
 def test_impossible_combinations_fail_at_config_time(overrides, expected):

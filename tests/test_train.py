@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, probe_ids, read_metrics, run_cli
 
+import dtrain.evaluation as evaluation_mod
 import dtrain.train as train_mod
 from dtrain import checkpoint as ckpt
 from dtrain.config import ConfigError, ParallelConfig
@@ -48,7 +49,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 def eval_spy(monkeypatch):
     """Records (copies of) every batch each evaluation sees: one list per evaluation."""
     evaluations: list[list[dict[str, torch.Tensor]]] = []
-    original = train_mod.eval_batches
+    original = evaluation_mod.eval_batches
 
     def spy(*args, **kwargs):
         seen: list[dict[str, torch.Tensor]] = []
@@ -57,7 +58,7 @@ def eval_spy(monkeypatch):
             seen.append({k: v.clone() for k, v in batch.items()})
             yield batch
 
-    monkeypatch.setattr(train_mod, "eval_batches", spy)
+    monkeypatch.setattr(evaluation_mod, "eval_batches", spy)
     return evaluations
 
 
@@ -66,8 +67,8 @@ def nan_from(monkeypatch, bad_calls):
     calls = {"n": 0}
     original = train_mod.loss_and_counts
 
-    def fake(model, batch, task, class_weights=None):
-        loss, n, correct = original(model, batch, task, class_weights)
+    def fake(model, batch, task, class_weights=None, **kwargs):
+        loss, n, correct = original(model, batch, task, class_weights, **kwargs)
         i = calls["n"]
         calls["n"] += 1
         if i in bad_calls:
@@ -694,7 +695,8 @@ def test_classification_trains_and_reports_accuracy(make_config, tmp_path, eval_
     assert result.step == 4 and len(result.train_losses) == 4
     assert all(math.isfinite(x) and x > 0 for x in result.train_losses)
     metrics = result.final_metrics
-    assert set(metrics) == {"eval_loss", "eval_perplexity", "eval_accuracy"}
+    assert set(metrics) == {"eval_loss", "eval_perplexity", "eval_accuracy", "eval_precision_macro",
+                            "eval_recall_macro", "eval_f1_macro", "eval_f1_micro", "eval_confusion_matrix"}
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert eval_lines(out)[-1]["eval_accuracy"] == metrics["eval_accuracy"]
 
@@ -704,6 +706,7 @@ def test_classification_trains_and_reports_accuracy(make_config, tmp_path, eval_
     model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
     assert model.config.num_labels == 3  # equal, first, second
     loss_sum, correct, n = 0.0, 0, 0
+    confusion = [[0] * 3 for _ in range(3)]
     with torch.no_grad():
         for batch in batches:
             assert batch["labels"].dim() == 1
@@ -711,8 +714,11 @@ def test_classification_trains_and_reports_accuracy(make_config, tmp_path, eval_
             loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             n += len(batch["labels"])
+            for truth, guess in zip(batch["labels"].tolist(), logits.argmax(-1).tolist()):
+                confusion[truth][guess] += 1
     assert n == 8
     assert metrics["eval_accuracy"] == pytest.approx(correct / n)
+    assert metrics["eval_confusion_matrix"] == confusion
     assert metrics["eval_loss"] == pytest.approx(loss_sum / n, abs=1e-5)
 
 

@@ -154,8 +154,10 @@ def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int 
     for n in range(per_rank):
         index = n * world_size + rank
         start = starts[index] if index < len(starts) else 0
-        batch = collate_rows(take(examples, list(range(start, min(start + batch_size, len(examples))))), pad_id,
-                             flatten_packed)
+        ids = list(range(start, min(start + batch_size, len(examples))))
+        batch = collate_rows(take(examples, ids), pad_id, flatten_packed)
+        batch["index"] = torch.tensor(ids)  # which examples these are (-1: a repeat that counts for nothing)
         if index >= len(starts):
             batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            batch["index"] = torch.full_like(batch["index"], -1)
         yield batch

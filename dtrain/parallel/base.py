@@ -37,6 +37,12 @@ class Strategy:
         the LR scheduler drives."""
         raise NotImplementedError
 
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """A model that only runs forward (a distillation teacher): placed (or sharded) like the
+        trained one, in eval mode, without gradients."""
+        model.requires_grad_(False)
+        return model.to(self.device).eval()
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain (possibly peft-wrapped) model inside any wrapper."""
         return model
@@ -52,10 +58,17 @@ class Strategy:
         loss.backward()
 
     def optimizer_step(self, model: nn.Module, optimizer: Optimizer, max_norm: float | None,
-                       skip: bool = False) -> tuple[float, bool]:
-        """Clip, step unless the gradient (or, with `skip`, the loss) is not finite, zero the
-        gradients. Returns (global gradient norm before clipping, whether the update was applied)."""
+                       skip: bool = False, l1: float = 0.0) -> tuple[float, bool]:
+        """Add the L1 subgradient, clip, step unless the gradient (or, with `skip`, the loss) is
+        not finite, zero the gradients. Returns (global gradient norm before clipping, whether
+        the update was applied)."""
         params = [p for p in model.parameters() if p.grad is not None]
+        if l1:
+            # d/dw of l1 * |w|, added once the gradients are reduced: the same on every rank
+            # (and for a sharded parameter, on its shard), so exact under every torch strategy.
+            for p in params:
+                if p.ndim >= 2:
+                    p.grad.add_(p.detach().sign(), alpha=l1)
         if max_norm is None:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         else:

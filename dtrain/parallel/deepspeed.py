@@ -130,6 +130,20 @@ class DeepSpeed(Distributed):
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
         return engine, optimizer
 
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        ds_config = resolve_deepspeed_config(self.cfg, self.world_size, getattr(model.config, "hidden_size", None))
+        if ds_config["zero_optimization"]["stage"] < 3:
+            return model.to(self.device).eval()  # stages 1/2 keep whole parameters anyway
+        import deepspeed
+
+        # ZeRO-3 inference: an engine without optimizer partitions the teacher like the student.
+        for key in ("gradient_clipping", "zero_force_ds_cpu_optimizer"):
+            ds_config.pop(key, None)
+        ds_config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+        return engine.eval()
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
 
@@ -142,7 +156,8 @@ class DeepSpeed(Distributed):
         model.backward(loss, scale_wrt_gas=False)
 
     def optimizer_step(self, model: nn.Module, optimizer: Optimizer, max_norm: float | None,
-                       skip: bool = False) -> tuple[float, bool]:
+                       skip: bool = False, l1: float = 0.0) -> tuple[float, bool]:
+        # (optim.l1 is refused for deepspeed at config time: the gradients live in the engine)
         # The engine clips (gradient_clipping), skips the update on an inf/NaN gradient
         # (a NaN loss gives NaN gradients) and zeroes the gradients.
         model.step()

@@ -52,6 +52,13 @@ class FSDP(Distributed):
         model = apply_fsdp(model, mesh, self.cfg, self.bf16)  # also moves the shards to the mesh's device
         return model, make_optimizer(model)
 
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model.requires_grad_(False)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        return apply_fsdp(model, mesh, self.cfg, self.bf16).eval()  # sharded like the student
+
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         _reshard(model)
         return super().trainable_parameters(model)
