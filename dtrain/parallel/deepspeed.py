@@ -142,7 +142,8 @@ class DeepSpeed(Distributed):
             ds_config.pop(key, None)
         ds_config["zero_optimization"].pop("offload_optimizer", None)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
-        return engine.eval()
+        engine.eval()  # (DeepSpeedEngine.train() returns None, so eval() cannot be chained)
+        return engine
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
