@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREEMPTED_EXIT_CODE = 75  # dtrain's "checkpoint saved, run me again" (dtrain.launch)
+REQUEUE_GRACE_S = 90  # how long a preempted task waits to be ended by the requeue
 
 
 def final_metrics(output_dir: str | Path) -> dict:
@@ -95,8 +96,9 @@ class TrainJob:
         if code == PREEMPTED_EXIT_CODE:
             # The checkpoint is saved. Either rank 0's checkpoint() requeues the job (on the other
             # nodes), or SLURM is ending it (SIGTERM: scancel, `scontrol requeue`). Both kill this
-            # task soon; until then write no result, which submitit would take for this run's.
-            time.sleep(self.stop_timeout_s + 60)
+            # task soon (all ranks exit 75 within moments of each other); until then write no
+            # result, which submitit would take for this run's.
+            time.sleep(REQUEUE_GRACE_S)
             raise RuntimeError(f"dtrain stopped on a preemption signal (exit {code}) with a checkpoint saved, "
                                "and the job was not requeued; resubmit the same command to resume")
         if code != 0:

@@ -63,13 +63,15 @@ echo "$(date -Is) job $SLURM_JOB_ID restart $RESTART: $NNODES node(s) x $NPROC_P
 
 # Signals. USR1 (the time-limit warning above, or `scancel --batch --signal=USR1`) is passed on
 # to srun, which delivers it to every process of the step: the dtrain launcher on each node and
-# its workers, who save a checkpoint at the next step boundary and exit 75. TERM means Slurm is
-# ending the job itself (scancel, time limit, `scontrol requeue`, preemption): dtrain saves the
-# same way within KillWait, and Slurm, not this script, decides whether the job comes back.
+# its workers, who save a checkpoint at the next step boundary and exit 75.
+# TERM means Slurm is ending the job itself (scancel, time limit, `scontrol requeue`, preemption):
+# it signals the step's processes directly, dtrain saves the same way within KillWait, and Slurm,
+# not this script, decides whether the job comes back. TERM is not passed to srun: srun answers
+# it with SIGKILL to every task ("forcing job termination"), which would cut the save short.
 ENDING=0
 SRUN_PID=
 trap 'echo "$(date -Is) USR1: asking dtrain to checkpoint and stop"; kill -USR1 "$SRUN_PID" 2>/dev/null' USR1
-trap 'ENDING=1; echo "$(date -Is) TERM: Slurm is ending the job"; kill -TERM "$SRUN_PID" 2>/dev/null' TERM
+trap 'ENDING=1; echo "$(date -Is) TERM: Slurm is ending the job"' TERM
 
 # srun in the background so that the traps run while it works (bash defers them until a
 # foreground command ends). No --kill-on-bad-exit: a node that finishes first must not kill

@@ -10,7 +10,7 @@ Every daemon runs in the foreground as our child and is stopped by its pid; so a
 processes left behind (found by their SLURM_CONF, which only this cluster's processes carry).
 
 By hand, for experiments:  python tests/slurm_cluster.py   (prints the SLURM_CONF to export;
-Ctrl-C stops the cluster).
+Ctrl-C or SIGTERM stops the cluster).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -301,8 +302,10 @@ StorageLoc=slurm_acct_db
 
 
 def main() -> None:
+    # SIGTERM too: a background job (`python tests/slurm_cluster.py &`) ignores SIGINT.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with SlurmCluster() as cluster:
-        print(f"export SLURM_CONF={cluster.conf}\n(Ctrl-C stops the cluster)", flush=True)
+        print(f"export SLURM_CONF={cluster.conf}\n(Ctrl-C or SIGTERM stops the cluster)", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
