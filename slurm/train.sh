@@ -66,8 +66,9 @@ echo "$(date -Is) job $SLURM_JOB_ID restart $RESTART: $NNODES node(s) x $NPROC_P
 # its workers, who save a checkpoint at the next step boundary and exit 75.
 # TERM means Slurm is ending the job itself (scancel, time limit, `scontrol requeue`, preemption):
 # it signals the step's processes directly, dtrain saves the same way within KillWait, and Slurm,
-# not this script, decides whether the job comes back. TERM is not passed to srun: srun answers
-# it with SIGKILL to every task ("forcing job termination"), which would cut the save short.
+# not this script, decides whether the job comes back. TERM is not passed on to srun: the step
+# has it already, and srun answers a TERM with "forcing job termination" (a SIGKILL request for
+# its tasks), which must not race the save.
 ENDING=0
 SRUN_PID=
 trap 'echo "$(date -Is) USR1: asking dtrain to checkpoint and stop"; kill -USR1 "$SRUN_PID" 2>/dev/null' USR1

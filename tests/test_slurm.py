@@ -25,7 +25,7 @@ from slurm_cluster import ClusterError, SlurmCluster
 
 pytestmark = pytest.mark.slow
 
-STEPS = 24
+STEPS = 16
 TINY = "examples/tiny_alpaca.yaml"
 
 
