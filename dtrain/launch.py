@@ -25,7 +25,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _forward_to_workers(signum: int, frame: object) -> None:
-    import psutil
+    import psutil  # already loaded by run_torchrun: an import here could be interrupted by the next signal
 
     # The agent starts each worker in a session of its own: signal them one by one.
     for child in psutil.Process().children(recursive=False):
@@ -43,6 +43,11 @@ def run_torchrun(argv: list[str]) -> int:
     # The agent installs handlers for the signals in this list (its --signals-to-handle option,
     # whose default comes from PET_SIGNALS_TO_HANDLE): keep ours for the others.
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # Loaded before the handlers go in: a second signal arriving while the first handler was still
+    # importing psutil found it half-initialised and killed the agent (SLURM sends one to every
+    # process of the step, a batch script or submitit may pass on another).
+    import psutil  # noqa: F401
+
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward_to_workers)
     try:

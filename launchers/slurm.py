@@ -1,0 +1,214 @@
+"""Submit a dtrain run to SLURM from Python, through submitit.
+
+    python -m launchers.slurm CONFIG [key=value ...] --nodes 2 --gpus-per-node 8 --partition gpu --time 1440
+    python -m launchers.slurm CONFIG [key=value ...] --local --nproc-per-node 2 --wait
+
+The job is what slurm/train.sh does: one task per node, each running `dtrain train --nproc N`
+(torchrun) with a c10d rendezvous on the first node, resuming from output_dir. Before the time
+limit (and on `scancel --signal=USR2`) SLURM signals every process of the job step: dtrain's
+workers agree on a step, save a checkpoint and exit 75, while submitit calls `TrainJob.checkpoint`
+on rank 0, which waits for that save and hands submitit the same job to requeue. The rerun
+resumes from the checkpoint.
+
+dtrain itself knows nothing of SLURM or submitit: this module only starts it and reads its
+output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREEMPTED_EXIT_CODE = 75  # dtrain's "checkpoint saved, run me again" (dtrain.launch)
+REQUEUE_GRACE_S = 90  # how long a preempted task waits to be ended by the requeue
+
+
+def final_metrics(output_dir: str | Path) -> dict:
+    """The newest value of every metric in output_dir/metrics.jsonl (train and eval), with its step."""
+    metrics: dict = {}
+    path = Path(output_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill; dtrain drops it on restart too
+            continue
+        metrics.update(record)
+    return metrics
+
+
+def rendezvous_endpoint(job_id: str, restart: int) -> str:
+    """HOST:PORT of the first node, the same on every node without talking to each other: the host
+    is its NodeAddr (node names need not resolve), the port a hash of the job id and restart."""
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    head = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    node = subprocess.run(["scontrol", "show", "node", head], capture_output=True, text=True, check=True).stdout
+    addr = next((item.split("=", 1)[1] for item in node.split() if item.startswith("NodeAddr=")), head)
+    port = 20000 + zlib.crc32(f"{job_id}/{restart}".encode()) % 20000
+    return f"{addr}:{port}"
+
+
+@dataclass
+class TrainJob:
+    """One node's share of a dtrain run; submitit pickles it, runs it on every node and calls
+    `checkpoint` on rank 0 when SLURM announces the end (time limit or preemption)."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nproc_per_node: int = 1
+    stop_timeout_s: float = 240.0  # how long checkpoint() waits for dtrain's save
+
+    def __post_init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._returncode: int | None = None
+
+    def command(self) -> list[str]:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        argv = [sys.executable, "-m", "dtrain.train", self.config, *self.overrides, "--resume", "auto",
+                "--nproc", str(self.nproc_per_node), "--nnodes", str(env.num_nodes)]
+        if env.num_nodes > 1:
+            restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+            argv += ["--rdzv-endpoint", rendezvous_endpoint(env.job_id, restart), "--rdzv-id", str(env.job_id)]
+        return argv
+
+    def __call__(self) -> dict | None:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        self._proc = subprocess.Popen(self.command(), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # The child is reaped by a thread; the main thread only sleeps. submitit's signal handler
+        # runs on the main thread, and must find no lock held there (Popen.wait holds one).
+        threading.Thread(target=self._reap, daemon=True).start()
+        while self._returncode is None:
+            time.sleep(0.5)
+        code = self._returncode
+        if code == PREEMPTED_EXIT_CODE:
+            # The checkpoint is saved. Either rank 0's checkpoint() requeues the job (on the other
+            # nodes), or SLURM is ending it (SIGTERM: scancel, `scontrol requeue`). Both kill this
+            # task soon (all ranks exit 75 within moments of each other); until then write no
+            # result, which submitit would take for this run's.
+            time.sleep(REQUEUE_GRACE_S)
+            raise RuntimeError(f"dtrain stopped on a preemption signal (exit {code}) with a checkpoint saved, "
+                               "and the job was not requeued; resubmit the same command to resume")
+        if code != 0:
+            raise RuntimeError(f"dtrain exited with {code} on node {env.node} (see this task's log)")
+        if env.global_rank != 0:
+            return None
+        from dtrain.config import load_config
+
+        return final_metrics(load_config(self.config, self.overrides).output_dir)
+
+    def _reap(self) -> None:
+        self._returncode = self._proc.wait()
+
+    def checkpoint(self) -> "submitit.helpers.DelayedSubmission | None":
+        """submitit's requeue hook (rank 0, on SLURM's USR2). The signal went to every process of
+        the step, dtrain's included; pass it on anyway (a `kill -USR2` may have reached only us),
+        wait for the checkpoint, and requeue the same job, which resumes from it."""
+        import submitit
+
+        if self._proc is not None and self._returncode is None:
+            try:
+                self._proc.send_signal(signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + self.stop_timeout_s
+            while self._returncode is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if self._returncode not in (None, PREEMPTED_EXIT_CODE):
+            print(f"launchers.slurm: dtrain exited with {self._returncode}, not its preemption code; not requeueing",
+                  file=sys.stderr, flush=True)
+            return None
+        # A fresh TrainJob: this one holds a live process, which does not pickle.
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.nproc_per_node,
+                                                           self.stop_timeout_s))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launchers.slurm", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="dtrain YAML config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for dtrain train")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node to allocate (0: a CPU job)")
+    parser.add_argument("--nproc-per-node", type=int, help="workers per node (default: --gpus-per-node, else 1)")
+    parser.add_argument("--cpus-per-task", type=int, help="CPUs per node (one task per node)")
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--time", type=int, default=24 * 60, metavar="MIN", help="time limit in minutes")
+    parser.add_argument("--signal-delay-s", type=int, default=300,
+                        help="USR2 this many seconds before the time limit: time for one step and one save")
+    parser.add_argument("--job-name", default="dtrain")
+    parser.add_argument("--log-dir", default="logs/submitit", help="submitit's folder: logs and pickles (%%j: job id)")
+    parser.add_argument("--local", action="store_true", help="run here through submitit's LocalExecutor (1 node)")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and print its final metrics (JSON)")
+    # Overrides may also follow the options (CONFIG --nodes 2 optim.lr=1e-3).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += extra
+    return args
+
+
+def make_executor(args: argparse.Namespace):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local" if args.local else "slurm")
+    params = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=1, timeout_min=args.time)
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task:
+        params["cpus_per_task"] = args.cpus_per_task
+    if not args.local:
+        params.update(slurm_signal_delay_s=args.signal_delay_s, slurm_additional_parameters={"requeue": True})
+        if args.partition:
+            params["slurm_partition"] = args.partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from dtrain.config import ConfigError, load_config
+
+    if args.local and args.nodes != 1:
+        print("error: --local runs on this machine: use --nodes 1", file=sys.stderr)
+        return 2
+    try:  # a bad config or override fails here, before anything is queued
+        load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    nproc = args.nproc_per_node or args.gpus_per_node or 1
+    job = TrainJob(str(Path(args.config).resolve()), list(args.overrides), nproc,
+                   stop_timeout_s=max(args.signal_delay_s - 30, 30))
+    executor = make_executor(args)
+    submitted = executor.submit(job)
+    unexpanded = Path(args.log_dir)  # submitit also makes the folder with a literal %j in its name
+    if "%j" in args.log_dir and unexpanded.is_dir() and not any(unexpanded.iterdir()):
+        unexpanded.rmdir()
+    print(f"submitted job {submitted.job_id} ({args.nodes} node(s) x {nproc} worker(s))")
+    print(f"logs: {submitted.paths.stdout}\n      {submitted.paths.stderr}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        results = submitted.results()  # one per node; rank 0's holds the metrics
+    except Exception as exc:  # submitit re-raises the job's failure with its traceback
+        print(f"error: job {submitted.job_id} failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(results[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

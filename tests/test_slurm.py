@@ -1,0 +1,234 @@
+"""The SLURM launchers on a real cluster: slurmctld, two slurmd (n1, n2), munge and slurmdbd on
+MariaDB, started on this host by tests/slurm_cluster.py and stopped afterwards.
+
+- `sbatch slurm/train.sh` on 2 nodes x 1 worker completes and leaves checkpoint and metrics;
+- preemption: `scancel --batch --signal=USR1` (what `--signal=B:USR1@300` sends) and, separately,
+  `scontrol requeue` on the running job lead to a checkpoint, a requeue and a completed job whose
+  losses equal those of the uninterrupted job, step by step;
+- submitit (`python -m launchers.slurm`): the same run, preempted by SLURM's USR2 on the way,
+  completes and `--wait` prints its final metrics; `--local` runs it through LocalExecutor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ALPACA, REPO, read_metrics
+from slurm_cluster import ClusterError, SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+TINY = "examples/tiny_alpaca.yaml"
+
+
+def overrides(model_dir: Path, out: Path) -> list[str]:
+    # 2 nodes x 1 worker: DDP at world size 2, one example per rank and step.
+    return [f"model.path={model_dir}", f"data.train={ALPACA}", "data.max_seq_len=256", f"train.max_steps={STEPS}",
+            "train.micro_batch_size=2", "train.log_every=1", "eval.every_steps=8", "eval.max_batches=2",
+            "checkpoint.every_steps=100", "logging.tensorboard=false", "logging.progress_bar=false",
+            "parallel.strategy=ddp", f"output_dir={out}"]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A SIGTERM to pytest (a CI timeout, say) unwinds like Ctrl-C, so that the daemons are stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with SlurmCluster() as running:
+            # Jobs run this checkout (launchers/ is not installed) and find the cluster by SLURM_CONF.
+            running.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            yield running
+    except ClusterError as exc:
+        pytest.fail(f"the test SLURM cluster did not start: {exc}", pytrace=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_for(condition, timeout: float, every: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return False
+
+
+def logged_steps(out: Path) -> int:
+    try:
+        return sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+def losses(out: Path) -> dict[int, float]:
+    by_step = {}
+    for record in read_metrics(out):
+        if "loss" in record:
+            assert record["step"] not in by_step, f"step {record['step']} logged twice"
+            by_step[record["step"]] = record["loss"]
+    return by_step
+
+
+def eval_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
+
+
+def sbatch(cluster: SlurmCluster, tmp: Path, name: str, *args: str) -> str:
+    proc = cluster.run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", f"--job-name={name}",
+                       f"--output={tmp}/%x-%j.out", "slurm/train.sh", TINY, *args, cwd=REPO,
+                       env={"DTRAIN_LOG_DIR": str(tmp / "logs")})
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_logs(tmp: Path, name: str, job_id: str) -> str:
+    """The script's own output, then each node's."""
+    text = (tmp / f"{name}-{job_id}.out").read_text() if (tmp / f"{name}-{job_id}.out").exists() else ""
+    for node_log in sorted((tmp / "logs" / f"{name}-{job_id}").glob("node*.out")):
+        text += f"\n--- {node_log.name} ---\n" + node_log.read_text(errors="replace")
+    return text
+
+
+def wait_until_finished(cluster: SlurmCluster, job_id: str, timeout: float) -> dict[str, str]:
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+    wait_for(lambda: cluster.job(job_id).get("JobState") in done, timeout=timeout, every=0.5)
+    return cluster.job(job_id)
+
+
+def assert_same_curve(out: Path, reference: Path) -> float:
+    """Every step's training loss and every evaluation equal the reference's; returns the max diff."""
+    got, ref = losses(out), losses(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    diffs = [abs(got[s] - ref[s]) for s in ref]
+    assert max(diffs) <= 1e-6, {s: (got[s], ref[s]) for s in ref if abs(got[s] - ref[s]) > 1e-6}
+    assert eval_losses(out) == pytest.approx(eval_losses(reference), abs=1e-6, rel=0)
+    return max(diffs)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tiny_model_dir, tmp_path_factory):
+    """The uninterrupted job: `sbatch slurm/train.sh` on 2 nodes; the curve the others must follow."""
+    tmp = tmp_path_factory.mktemp("sbatch-reference")
+    out = tmp / "run"
+    job = sbatch(cluster, tmp, "ref", *overrides(tiny_model_dir, out))
+    info = wait_until_finished(cluster, job, timeout=240)
+    return {"job": job, "info": info, "out": out, "log": job_logs(tmp, "ref", job)}
+
+
+def test_sbatch_two_nodes_completes_with_checkpoint_and_metrics(cluster, reference):
+    info, out, log = reference["info"], reference["out"], reference["log"]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-5000:]}"
+    assert "2 node(s) x 1 worker(s)" in log and log.count("done: ") == 1  # rank 0 of the 2 speaks
+    assert "strategy ddp x2 on cpu" in log
+    latest = json.loads((out / "checkpoints" / "latest").read_text())
+    assert latest["step"] == STEPS and (out / "checkpoints" / latest["checkpoint"] / "manifest.json").is_file()
+    assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    assert (out / "final" / "model.safetensors").is_file()
+    # Both nodes ran and logged to the per-job directory; accounting saw the job through.
+    assert len(list((out.parent / "logs" / f"ref-{reference['job']}").glob("node*.out"))) == 2
+    assert cluster.sacct_states(reference["job"]) == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("how", ["scancel --batch --signal=USR1", "scontrol requeue"])
+def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cluster, reference, tiny_model_dir,
+                                                                               tmp_path, how):
+    name = "usr1" if "USR1" in how else "requeue"
+    out = tmp_path / "run"
+    job = sbatch(cluster, tmp_path, name, *overrides(tiny_model_dir, out))
+    assert wait_for(lambda: logged_steps(out) >= 3 or cluster.job(job).get("JobState") not in ("PENDING", "RUNNING"),
+                    timeout=180)
+    assert logged_steps(out) >= 3, f"{cluster.job(job)}\n{job_logs(tmp_path, name, job)[-3000:]}"
+    sent = time.monotonic()
+    cluster.run(*how.split(), job)
+    # Running again after the requeue (its restart count goes up), then to the end.
+    assert wait_for(lambda: cluster.job(job).get("Restarts") == "1" and cluster.job(job).get("JobState") == "RUNNING",
+                    timeout=120), f"{cluster.job(job)}\n{job_logs(tmp_path, name, job)[-4000:]}"
+    requeued_after = time.monotonic() - sent
+    info = wait_until_finished(cluster, job, timeout=240)
+    log = job_logs(tmp_path, name, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-5000:]}"
+
+    signal_name = "SIGUSR1" if "USR1" in how else "SIGTERM"
+    stopped = [line for line in log.splitlines() if line.startswith(f"preempted: stopped at step")]
+    assert len(stopped) == 1 and f"on {signal_name}: checkpoint" in stopped[0], log[-5000:]
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    assert 3 <= step < STEPS  # the signal came mid-run, not after it
+    assert f"resumed from {out / 'checkpoints'}/step_{step:08d} at step {step}" in log
+    if "USR1" in how:  # the script requeued the job itself; under scontrol requeue, SLURM did
+        assert "checkpoint saved; requeueing job" in log
+    else:  # (the script may be SIGKILLed after KillWait, before it says more)
+        assert "TERM: Slurm is ending the job" in log and "checkpoint saved; requeueing job" not in log
+    assert cluster.sacct_states(job) == ["REQUEUED", "COMPLETED"]
+    diff = assert_same_curve(out, reference["out"])
+    print(f"{how}: stopped at step {step}, running again {requeued_after:.1f} s after the signal, "
+          f"max loss diff {diff:.2e}")
+
+
+def launcher(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launchers.slurm", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_submitit_job_survives_a_preemption_and_returns_its_final_metrics(cluster, reference, tiny_model_dir,
+                                                                          tmp_path):
+    """SLURM's USR2 (what submitit's --signal asks for) mid-run: dtrain saves, submitit's
+    checkpoint() hook requeues, and `--wait` returns the metrics of the completed run."""
+    out = tmp_path / "run"
+    proc = launcher(TINY, *overrides(tiny_model_dir, out), "--nodes", "2", "--cpus-per-task", "1", "--time", "10",
+                    "--log-dir", str(tmp_path / "submitit" / "%j"), "--wait", env=cluster.env)
+    first = proc.stdout.readline()
+    assert first.startswith("submitted job "), first + proc.stderr.read()
+    job = first.split()[2]
+    assert wait_for(lambda: logged_steps(out) >= 3 or proc.poll() is not None, timeout=180)
+    cluster.run("scancel", "--signal=USR2", job)
+    stdout, stderr = proc.communicate(timeout=300)
+    logs = "".join(p.read_text(errors="replace") for p in sorted((tmp_path / "submitit" / job).glob("*_log.*")))
+    assert proc.returncode == 0, stdout + stderr + logs[-5000:]
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert metrics["step"] == STEPS
+    assert metrics["loss"] == pytest.approx(losses(reference["out"])[STEPS], abs=1e-6, rel=0)
+    assert metrics["eval_loss"] == pytest.approx(eval_losses(reference["out"])[STEPS], abs=1e-6, rel=0)
+    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs
+    assert cluster.sacct_states(job) == ["REQUEUED", "COMPLETED"]
+    assert_same_curve(out, reference["out"])
+
+
+def test_submitit_local_executor_runs_the_job_here(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [arg for arg in overrides(tiny_model_dir, out) if not arg.startswith(("train.max_steps", "parallel."))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = launcher(TINY, *args, "train.max_steps=4", "--local", "--time", "5",
+                    "--log-dir", str(tmp_path / "submitit"), "--wait", env=env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    assert stdout.startswith("submitted job ") and "logs: " in stdout
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert metrics["step"] == 4 and metrics["loss"] == losses(out)[4] and "eval_loss" in metrics
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_bad_config_is_refused_before_anything_is_submitted(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = launcher("examples/no_such.yaml", "--nodes", "2", env=env)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "config file not found: examples/no_such.yaml" in stderr
+    script = subprocess.run(["bash", "slurm/train.sh", "examples/no_such.yaml"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "SLURM_JOB_ID": "1"})
+    assert script.returncode == 2 and "config file examples/no_such.yaml not found" in script.stderr
+
+
+def test_shell_scripts_parse():
+    for script in ("slurm/train.sh", "slurm/tune.sh"):
+        check = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script}: {check.stderr}"
