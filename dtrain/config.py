@@ -308,7 +308,7 @@ class LoggingConfig(Section):
 
 
 class RayConfig(Section):
-    """How `python -m launchers.ray_train` scales a run with Ray Train (the core never imports Ray)."""
+    """How `python -m dtrain.ray_train` scales a run with Ray Train (the core never imports Ray)."""
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (processes), across the cluster's nodes.")
     use_gpu: bool = Field(False, description="One GPU per worker (Ray's ScalingConfig.use_gpu).")
