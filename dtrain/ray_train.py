@@ -160,6 +160,8 @@ def enter_driver_directory(driver_cwd: str) -> None:
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """One dtrain rank. Returns (rank 0's value becomes Result.return_value) the run summary."""
+    if not loop_config["config"]["ray"]["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed; say CPU is meant
     from dtrain.train import train
 
     enter_driver_directory(loop_config["driver_cwd"])

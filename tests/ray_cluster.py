@@ -148,6 +148,9 @@ def wait_for_job_server(deadline_s: float = 60.0) -> bool:
 
 def main(workdir: Path, steps: list[list[str]], num_cpus: int) -> int:
     report: dict = {"started": False, "steps": []}
+    # Stopping "every process in this namespace" is only right in a private one.
+    if os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net"):
+        raise SystemExit("tests/ray_cluster.py must run in its own network namespace: unshare --net python ...")
     bring_up_loopback()
     # Short (Unix socket paths are limited to 107 bytes) and private (not /tmp/ray, another user's).
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
