@@ -357,7 +357,10 @@ class ResumableMedian(MedianStoppingRule):
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
         # Only recorded: replaying decisions would mark a resumed trial as stopped before it reports.
-        self._results[trial].extend(evaluations(self.search_dir, trial.trial_id, self._metric))
+        # (An empty entry must not be made: the rule reads every entry's last result.)
+        history = evaluations(self.search_dir, trial.trial_id, self._metric)
+        if history:
+            self._results[trial].extend(history)
 
 
 def build_tuner(cfg: Config, fn: Any) -> tune.Tuner:

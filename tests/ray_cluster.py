@@ -39,6 +39,16 @@ def bring_up_loopback() -> None:
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
 
 
+def only_loopback(pid: int | str = "self") -> bool:
+    """Whether the process's network namespace has no interface but lo: a private one made by
+    `unshare --net`, never the host's (/proc/PID/net/dev lists the namespace's interfaces)."""
+    try:
+        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return False
+    return [line.split(":", 1)[0].strip() for line in lines] == ["lo"]
+
+
 def namespace_pids() -> list[int]:
     """Every process in this network namespace except this one: the cluster's processes."""
     mine = os.readlink("/proc/self/ns/net")
@@ -149,7 +159,7 @@ def wait_for_job_server(deadline_s: float = 60.0) -> bool:
 def main(workdir: Path, steps: list[list[str]], num_cpus: int) -> int:
     report: dict = {"started": False, "steps": []}
     # Stopping "every process in this namespace" is only right in a private one.
-    if os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net"):
+    if not only_loopback():
         raise SystemExit("tests/ray_cluster.py must run in its own network namespace: unshare --net python ...")
     bring_up_loopback()
     # Short (Unix socket paths are limited to 107 bytes) and private (not /tmp/ray, another user's).

@@ -5,6 +5,7 @@ to check that it resumes exactly; and the cloud cluster YAMLs checked with Ray's
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -60,12 +61,17 @@ def cluster_run(tmp_path_factory):
         "shutil.copy(out + '/metrics.jsonl', first); "
         "shutil.rmtree(out + '/checkpoints/step_00000008'); shutil.rmtree(out + '/final')"), str(out), str(work / "first")]
     steps = work / "steps.json"
-    steps.write_text(json.dumps([submit, keep_first_and_cut_back, submit]))
+    # dtrain.tune joining the running cluster, as slurm/tune.sh starts it: two 1-CPU trials at once.
+    tune = [sys.executable, "-m", "dtrain.tune", str(REPO / "examples" / "tiny_tune.yaml"), "--address", "127.0.0.1:6379",
+            f"tune.storage_dir={work / 'tune'}", "tune.name=on_cluster", "tune.algorithm=grid", "tune.num_samples=1",
+            "tune.search_space={optim.lr: {grid: [1.0e-3, 1.0e-2]}}", "tune.scheduler.name=none",
+            "train.max_steps=4", "eval.every_steps=2"]
+    steps.write_text(json.dumps([submit, keep_first_and_cut_back, submit, tune]))
     proc = subprocess.run(in_private_network([sys.executable, str(HELPER), str(work), str(steps)]), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     report_file = work / "cluster.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {"started": False, "steps": []}
-    report.update(out=out, first_metrics=work / "first",
+    report.update(out=out, first_metrics=work / "first", tune_dir=work / "tune" / "on_cluster",
                   helper_output=proc.stdout[-3000:] + proc.stderr[-5000:])
     report["logs"] = [Path(s["log"]).read_text() for s in report["steps"]]
     yield report
@@ -146,6 +152,19 @@ def test_resubmitting_the_same_command_resumes_exactly(cluster_run):
     assert ckpt.verify(out / "checkpoints" / "step_00000008") is None
     assert (out / "final" / "model.safetensors").is_file()
     assert done_line(log)["checkpoint"] != done_line(cluster_run["logs"][0])["checkpoint"]  # a new Ray entry
+
+
+@pytest.mark.slow
+def test_tune_search_on_the_running_cluster(cluster_run):
+    """python -m dtrain.tune CONFIG --address HOST:PORT: the trials run on the cluster's CPUs."""
+    log = step_ok(cluster_run, 3)
+    assert "Connected to Ray cluster" in log or "Connecting to existing Ray cluster" in log, log[-3000:]
+    assert "Started a local Ray instance" not in log
+    with open(cluster_run["tune_dir"] / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["optim.lr"]) for r in rows) == [1.0e-3, 1.0e-2], rows
+    assert all(r["status"] == "completed" and r["steps"] == "4" for r in rows), rows
+    assert (cluster_run["tune_dir"] / "best_config.yaml").is_file()
 
 
 @pytest.mark.slow

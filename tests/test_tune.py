@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, read_metrics
-from ray_cluster import still_running, process_start_time
+from ray_cluster import only_loopback, process_start_time, still_running
 
 from dtrain.config import ConfigError, load_config
 
@@ -222,7 +222,7 @@ def private_namespace_of(pid: int, timeout_s: float = 30.0) -> str:
             namespace = os.readlink(f"/proc/{pid}/ns/net")
         except OSError:  # exited
             break
-        if namespace not in host:
+        if namespace not in host and only_loopback(pid):
             return namespace
         time.sleep(0.05)
     pytest.fail(f"process {pid} did not enter a private network namespace")
@@ -242,7 +242,8 @@ def stop_namespace(namespace: str | None) -> list[int]:
                     pids.append(int(entry.name))
             except OSError:
                 pass
-    procs = [{"pid": p, "start": process_start_time(p)} for p in pids]
+    # Every one of them must sit in a namespace with nothing but loopback: never the host's.
+    procs = [{"pid": p, "start": process_start_time(p)} for p in pids if only_loopback(p)]
     for p in procs:
         try:
             os.kill(p["pid"], signal.SIGKILL)
@@ -290,6 +291,38 @@ def test_rerunning_a_search_without_resume_is_refused(grid_killed):
     other = grid_killed["other"]  # --resume with another config: refused, naming the key
     assert other.returncode == 2 and "the config differs" in other.stderr and "train.max_steps" in other.stderr, \
         other.stderr
+
+
+@pytest.mark.parametrize("name", ["asha", "median"])
+def test_resumed_scheduler_remembers_the_trials_that_ran_before(tmp_path, name):
+    """Ray saves no scheduler state with a search; dtrain's schedulers read each restored trial's
+    evaluations back from its metrics.jsonl, so that a trial started after --resume is judged
+    against them (here: a much worse trial is stopped at once). Ray's real Trial objects."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from dtrain.tune import ResumableASHA, ResumableMedian
+
+    for i, losses in enumerate([[3.0, 2.5, 2.0], [3.2, 2.6, 2.1], [3.1, 2.7, 2.2]]):  # steps 4, 8, 12
+        run_dir = tmp_path / "trials" / f"t_{i:05d}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": 4 * (k + 1), "eval_loss": v}) + "\n" for k, v in enumerate(losses)))
+    if name == "asha":
+        scheduler = ResumableASHA(str(tmp_path), time_attr="step", max_t=12, grace_period=4, reduction_factor=2)
+    else:
+        scheduler = ResumableMedian(str(tmp_path), time_attr="step", grace_period=4, min_samples_required=3)
+    scheduler.set_search_properties("eval_loss", "min")
+    for i in range(3):  # what Tuner.restore adds: the trials of the saved search
+        scheduler.on_trial_add(None, Trial("run_trial", config={}, trial_id=f"t_{i:05d}", stub=True))
+    new = Trial("run_trial", config={}, trial_id="t_00003", stub=True)
+    scheduler.on_trial_add(None, new)  # no records yet: a new trial
+    waiting = Trial("run_trial", config={}, trial_id="t_00005", stub=True)
+    scheduler.on_trial_add(None, waiting)  # added, not yet reporting (must not disturb the others)
+    assert scheduler.on_trial_result(None, new, {"step": 4, "eval_loss": 5.0}) == TrialScheduler.STOP
+    good = Trial("run_trial", config={}, trial_id="t_00004", stub=True)
+    scheduler.on_trial_add(None, good)
+    assert scheduler.on_trial_result(None, good, {"step": 4, "eval_loss": 1.0}) == TrialScheduler.CONTINUE
 
 
 # --------------------------------------------------------------------------------------
