@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 import time
