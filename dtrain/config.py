@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -235,6 +236,18 @@ class OptimConfig(Section):
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="Layer-wise LR decay: block i of L gets lr x decay^(L-i), the embeddings decay^(L+1); 1: off.")
     groups: list[ParamGroupConfig] = Field(default_factory=list, description="Per-pattern LR scale / weight decay: [{pattern, lr_scale, weight_decay}].")
     l1: float = Field(0.0, ge=0.0, description="L1 penalty on trainable weight matrices (added as l1 x sign(w) to their gradient).")
+    lr_scaling: Literal["none", "sqrt_tokens"] = Field(
+        "none", description="sqrt_tokens: the LR used is lr x sqrt(tokens per global batch / optim.lr_reference_tokens), "
+        "tokens per batch = micro_batch_size x grad_accum_steps x processes x data.max_seq_len; logged at the start.")
+    lr_reference_tokens: int | None = Field(
+        None, ge=1, description="Tokens per global batch at which optim.lr was tuned (needed by lr_scaling=sqrt_tokens).")
+
+    @model_validator(mode="after")
+    def _scaling_reference(self) -> "OptimConfig":
+        if self.lr_scaling == "sqrt_tokens" and self.lr_reference_tokens is None:
+            raise ValueError("optim.lr_scaling=sqrt_tokens needs optim.lr_reference_tokens: the tokens per global batch "
+                             "at which optim.lr was tuned")
+        return self
 
 
 class ScheduleConfig(Section):
@@ -308,7 +321,7 @@ class LoggingConfig(Section):
 
 
 class RayConfig(Section):
-    """How `python -m launchers.ray_train` scales a run with Ray Train (the core never imports Ray)."""
+    """How `python -m dtrain.ray_train` scales a run with Ray Train (the core never imports Ray)."""
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (processes), across the cluster's nodes.")
     use_gpu: bool = Field(False, description="One GPU per worker (Ray's ScalingConfig.use_gpu).")
@@ -318,6 +331,97 @@ class RayConfig(Section):
         None, description="Shared storage (a path every node sees, or s3:// gs://) for Ray's run records and "
         "checkpoints; default: output_dir's parent.")
     address: str | None = Field(None, description="Ray cluster address (ray://host:10001, auto); null: start Ray locally.")
+
+
+class SearchDimension(Section):
+    """One key of tune.search_space: exactly one of these."""
+
+    grid: list[Any] | None = Field(None, min_length=1, description="Every value, each in its own trial (x num_samples).")
+    choice: list[Any] | None = Field(None, min_length=1, description="One value drawn per trial.")
+    uniform: tuple[float, float] | None = Field(None, description="[lo, hi]: a float drawn uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[lo, hi], both > 0: uniform in log space.")
+    randint: tuple[int, int] | None = Field(None, description="[lo, hi): an integer drawn uniformly, hi excluded.")
+    quniform: tuple[float, float, float] | None = Field(None, description="[lo, hi, q]: uniform, rounded to a multiple of q.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchDimension":
+        given = [name for name in SEARCH_KINDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SEARCH_KINDS)} (got {', '.join(given) or 'none'})")
+        kind = given[0]
+        bounds = getattr(self, kind)
+        if kind in ("uniform", "loguniform", "randint", "quniform") and not bounds[0] < bounds[1]:
+            raise ValueError(f"{kind}: the lower bound must be below the upper bound (got {list(bounds)})")
+        if kind == "loguniform" and bounds[0] <= 0:
+            raise ValueError(f"loguniform needs bounds > 0 (a log scale), got {list(bounds)}; use uniform to include 0")
+        if kind == "quniform" and bounds[2] <= 0:
+            raise ValueError(f"quniform: the step q must be > 0 (got {bounds[2]})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in SEARCH_KINDS if getattr(self, name) is not None)
+
+    @property
+    def spec(self) -> Any:
+        return getattr(self, self.kind)
+
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
+
+
+class TuneSchedulerConfig(Section):
+    name: Literal["asha", "median", "none"] = Field(
+        "asha", description="Early stopping of poor trials on tune.metric: asha (async successive halving), "
+        "median (stop below the median of the others at the same step), or none.")
+    grace_period: int = Field(1, ge=1, description="Steps a trial runs before it can be stopped (both).")
+    reduction_factor: float = Field(2.0, gt=1.0, description="asha: keep 1/reduction_factor of the trials at each rung.")
+    max_t: int | None = Field(None, ge=1, description="asha: the step at which trials end; default: train.max_steps.")
+    min_samples_required: int = Field(3, ge=1, description="median: trials needed at a step before stopping any.")
+
+
+class TuneResourcesConfig(Section):
+    workers: int = Field(1, ge=1, description="Processes per trial; more than 1 runs the trial through Ray Train "
+                         "(parallel.strategy ddp or fsdp).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (a single-worker trial: per trial).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker.")
+
+
+class TuneConfig(Section):
+    """`python -m dtrain.tune` (Ray Tune): which keys to search and how; `dtrain train` ignores it."""
+
+    search_space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="Config key (dotted, e.g. optim.lr) -> {grid | choice | uniform | "
+        "loguniform | randint | quniform: ...}.")
+    algorithm: Literal["grid", "random", "bayesian"] = Field(
+        "random", description="grid (every grid point; no sampled dimensions), random, or bayesian (Optuna TPE).")
+    num_samples: int = Field(8, ge=1, description="Trials (grid: repetitions of the whole grid).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as the CPUs/GPUs allow.")
+    seed: int | None = Field(None, description="Seed of the search algorithm; default: the config's seed.")
+    metric: str | None = Field(None, description="Metric to optimise, as reported by evaluation: eval_loss, "
+                               "eval_accuracy, ...; default: eval_<eval.metric>.")
+    mode: Literal["min", "max"] | None = Field(None, description="Default: eval.mode for eval_<eval.metric>, else min for "
+                                               "loss/perplexity, max otherwise.")
+    scheduler: TuneSchedulerConfig = Field(default_factory=TuneSchedulerConfig)
+    resources: TuneResourcesConfig = Field(default_factory=TuneResourcesConfig)
+    storage_dir: str = Field("runs/tune", description="Directory (or s3:// gs://) holding searches; the search is "
+                             "storage_dir/name, with one dtrain run directory per trial and the results.")
+    name: str = Field("search", description="The search's name; rerun with --resume to continue it.")
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        for key in space:
+            if key.split(".")[0] in UNSEARCHABLE:
+                raise ValueError(f"`{key}` cannot be searched: the search sets {', '.join(UNSEARCHABLE)} itself")
+            if key not in ALL_KEYS:
+                raise PydanticCustomError("search_space_key", "unknown key {key}", {"key": key})
+            if key in SECTION_KEYS:
+                raise PydanticCustomError("search_space_section", "section {key}", {"key": key})
+        return space
+
+
+UNSEARCHABLE = ("tune", "output_dir", "ray")  # per trial, these are set by the search itself
 
 
 class Config(Section):
@@ -334,6 +438,7 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     seed: int = Field(42, description="Seeds model init, data order and dropout.")
     output_dir: str = Field("runs/default", description="Run directory: config, metrics, checkpoints, final model.")
 
@@ -346,18 +451,39 @@ class Config(Section):
             )
         if self.eval.mode is None:
             self.eval.mode = "min" if self.eval.metric in ("loss", "perplexity") else "max"
-        allowed = {"loss", "perplexity"}
-        if self.model.task == "classification":
-            allowed |= {"accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"}
-        if self.eval.generation.enabled:
-            allowed |= {"exact_match", "contains_answer"}
+        allowed = set(self.eval_metrics())
         if self.eval.metric not in allowed:
             raise ValueError(f"eval.metric={self.eval.metric!r} is not reported for this task; allowed: {sorted(allowed)}")
         if self.eval.generation.enabled and (self.model.task != "causal_lm" or self.data.format not in ("alpaca", "chat")):
             raise ValueError("eval.generation.enabled needs instruction data with answers to check "
                              "(data.format=alpaca or chat, model.task=causal_lm)")
         self._check_parallel_combinations()
+        self._check_tune()
         return self
+
+    def eval_metrics(self) -> list[str]:
+        """The metrics an evaluation reports for this config (as eval_<name>)."""
+        names = ["loss", "perplexity"]
+        if self.model.task == "classification":
+            names += ["accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"]
+        if self.eval.generation.enabled:
+            names += ["exact_match", "contains_answer"]
+        return names
+
+    def _check_tune(self) -> None:
+        """The parts of tune: that depend on the rest of the config (the search space is checked per
+        value by dtrain.tune, which builds each trial's config)."""
+        tune = self.tune
+        reported = [f"eval_{name}" for name in self.eval_metrics()]
+        if tune.metric is None:
+            tune.metric = f"eval_{self.eval.metric}"
+        elif tune.metric not in reported:
+            close = difflib.get_close_matches(tune.metric, reported, n=1)
+            raise ValueError(f"tune.metric={tune.metric!r} is not reported by any trial: evaluation reports "
+                             f"{', '.join(reported)} for this config" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if tune.mode is None:
+            tune.mode = self.eval.mode if tune.metric == f"eval_{self.eval.metric}" else (
+                "min" if tune.metric in ("eval_loss", "eval_perplexity") else "max")
 
     def _check_parallel_combinations(self) -> None:
         """Strategy x peft x optimizer x device combinations that cannot work, refused up front."""
@@ -420,6 +546,7 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 ALL_KEYS = _all_keys(Config)
+SECTION_KEYS = {k for k in ALL_KEYS if k not in {leaf for leaf in ALL_KEYS if not any(o.startswith(leaf + ".") for o in ALL_KEYS)}}
 
 
 def _yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[str, int]]:
@@ -487,7 +614,16 @@ def _format_errors(exc: ValidationError, origin: dict[str, str]) -> str:
             (origin[k] for k in sorted(origin, key=len, reverse=True) if key.startswith(k + ".")), None
         )
         where = f" ({where})" if where else ""
-        if err["type"] == "extra_forbidden":
+        if err["type"] in ("search_space_key", "search_space_section"):
+            name = err["ctx"]["key"]
+            at = origin.get(f"{key}.{name}")
+            where = f" ({at})" if at else where
+            if err["type"] == "search_space_section":
+                messages.append(f"`{name}` in `{key}`{where} is a section; search over its keys, e.g. "
+                                f"`{next(k for k in ALL_KEYS if k.startswith(name + '.'))}`")
+            else:
+                messages.append(f"unknown key `{name}` in `{key}`{where}{_did_you_mean(name)}")
+        elif err["type"] == "extra_forbidden":
             messages.append(f"unknown key `{key}`{where}{_did_you_mean(key)}")
         elif err["type"] == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")

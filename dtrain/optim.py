@@ -34,6 +34,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             for (scale, decay, _), params in groups.items()]
 
 
+def scaled_lr(cfg: OptimConfig, tokens_per_batch: int) -> float:
+    """optim.lr, or with lr_scaling=sqrt_tokens lr x sqrt(tokens_per_batch / lr_reference_tokens): an LR
+    tuned at one batch size carried to another (the square-root rule for Adam-type optimizers)."""
+    if cfg.lr_scaling == "none":
+        return cfg.lr
+    return cfg.lr * math.sqrt(tokens_per_batch / cfg.lr_reference_tokens)
+
+
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 

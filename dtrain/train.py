@@ -41,7 +41,7 @@ from dtrain.loss import autocast, count_targets, loss_and_counts, real_tokens, t
 from dtrain.launch import PREEMPTED_EXIT_CODE
 from dtrain.model import (apply_dropout, compile_blocks, count_parameters, load_model, load_model_config,
                           load_tokenizer, quantization_config)
-from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.optim import build_optimizer, build_scheduler, scaled_lr
 from dtrain.parallel import Strategy, build_strategy
 from dtrain.peft import apply_peft
 from dtrain.presets import is_preset
@@ -266,7 +266,10 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
     trainable, total = count_parameters(model)
     if resume_path is not None:  # before wrapping: DeepSpeed converts a checkpoint of another world size
         strategy.prepare_resume(resume_path, ckpt.read_manifest(resume_path))
-    model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
+    # The LR the optimizer uses: optim.lr, or scaled to this run's tokens per global batch (its capacity).
+    tokens_per_batch = tcfg.micro_batch_size * tcfg.grad_accum_steps * strategy.world_size * cfg.data.max_seq_len
+    optim_cfg = cfg.optim.model_copy(update={"lr": scaled_lr(cfg.optim, tokens_per_batch)})
+    model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))
     model.train()
     teacher = load_teacher(cfg, tokenizer, num_labels, strategy) if cfg.distill.teacher else None
 
@@ -300,6 +303,9 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
         f"({100 * trainable / total:.2f}%), strategy {strategy.name} x{strategy.world_size} on {strategy.device}"
     )
     tracker.message(data.summary())
+    if cfg.optim.lr_scaling != "none":
+        tracker.message(f"lr {optim_cfg.lr:.4g} = optim.lr {cfg.optim.lr:.4g} x sqrt({tokens_per_batch} tokens per batch / "
+                        f"{cfg.optim.lr_reference_tokens} reference) (optim.lr_scaling={cfg.optim.lr_scaling})")
     for note in apply_dropout(load_model_config(cfg.model), cfg.model.dropout):  # requests the model cannot take
         tracker.message(f"warning: {note}")
     if teacher is not None:
