@@ -212,7 +212,7 @@ def qlora_peak(args) -> dict:
                 if "norm" not in type(module).__name__.lower():
                     value.normal_(0, 0.02)
                 setattr(module, name, nn.Parameter(value, requires_grad=p.requires_grad))
-    model.model.rotary_emb = type(model.model.rotary_emb)(config, device=device)  # its buffers were on meta
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # its buffers were on meta
     model.is_loaded_in_4bit = True
     keep_4bit_training_kernel(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
