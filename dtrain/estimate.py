@@ -526,14 +526,16 @@ def _peft_variant(cfg: Config, method: str) -> Config:
 
 def estimate(cfg: Config, *, gpus: int = 1, nodes: int = 1, gpu_memory: int = 80 * 10**9, mfu: float = 0.4,
              peak_tflops: float = DEFAULT_PEAK_TFLOPS, tokens: int | None = None, tokens_source: str = "",
-             num_labels: int | None = None, model_config: Any = None, cfg_name: str = "") -> Estimate:
+             num_labels: int | None = None, model_config: Any = None, cfg_name: str = "",
+             other_pefts: bool = True) -> Estimate:
+    """The whole estimate; `other_pefts` also sizes the other PEFT modes (a meta build each)."""
     world = gpus * nodes
     shape = model_shape(cfg, num_labels, model_config)
     run = run_shape(cfg, world)
     specs = strategies_for(world)
     rows = [strategy_memory(shape, run, s) for s in specs]
     peft_rows = {}
-    for method in ("none", "lora", "qlora"):
+    for method in ("none", "lora", "qlora") if other_pefts else ():
         if method == cfg.peft.method or (cfg.peft.method == "dora" and method == "lora"):
             continue
         other = model_shape(_peft_variant(cfg, method), num_labels, model_config)
@@ -742,7 +744,7 @@ def dry_run_lines(cfg: Config, model_config: Any, num_labels: int | None, gpus: 
     else:
         memory, where = 80 * 10**9, "assumed; no GPU here"
     est = estimate(cfg, gpus=gpus, nodes=nodes, gpu_memory=memory, num_labels=num_labels,
-                   model_config=model_config, cfg_name=cfg.model.path)
+                   model_config=model_config, cfg_name=cfg.model.path, other_pefts=False)  # (kept quick)
     step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.max_seq_len * est.run.world
     step_s = step_tokens * est.flops_per_token / (est.run.world * est.peak_tflops * 1e12 * est.mfu)
     text = format_estimate(est).split("\n")
