@@ -397,10 +397,10 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
         root_bytes = (weights_of(root, lambda p: p.numel) if compute is None
                       else sum(p.numel * compute for p in root))
         gathered = root_bytes + 2 * max(per_block, default=0)
-        if N == 1:
-            gathered = 0  # one rank: the shard is the whole parameter, nothing is gathered
+        if N == 1 and not spec.offload and compute in (None, weight_bytes):
+            gathered = 0  # one rank, on the device, no dtype cast: the shard is the parameter itself
         block_grads = max((sum(p.numel * 4 for p in ps if p.trainable) for k, ps in blocks.items() if k is not None),
-                          default=0) if N > 1 else 0
+                          default=0) if N > 1 or spec.offload else 0
         cpu = 0
         if spec.offload:
             cpu, weights, grads, opt = weights + grads + opt, 0, 0, 0
@@ -420,7 +420,8 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     gathered = 0
     if spec.stage == 3:
         biggest_block = max((sum(p.numel for p in infos if p.block == i) for i in range(shape.layers)), default=0)
-        gathered = 2 * biggest_block * module_bytes if N > 1 else 0
+        # (one rank without offload holds whole parameters: nothing to gather)
+        gathered = 2 * biggest_block * module_bytes if N > 1 or spec.offload else 0
         weights = math.ceil(P / N) * module_bytes + gathered
     else:
         weights = P * module_bytes
