@@ -134,7 +134,7 @@ def run_trainer(args, model, dataset, tokenizer, out: Path) -> dict:
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator)
     output = trainer.train()
     return {"useful": targets_of(dataset), "seconds": output.metrics["train_runtime"],
-            "steps": output.global_step, "loss": output.training_loss}
+            "steps": output.global_step, "loss": output.training_loss, "loss_kind": "mean"}
 
 
 def run_plain(args, model, dataset) -> dict:
@@ -248,7 +248,7 @@ def main() -> None:
             results[side].append(r)
             extra = f", end-to-end train(cfg) {r['end_to_end']:.1f} s" if "end_to_end" in r else ""
             print(f"  [{rep + 1}/{args.repeat}] {side:<8} {r['useful']:>8,} useful tokens in {r['seconds']:6.1f} s "
-                  f"= {r['tps']:7.0f} tok/s ({r['steps']} steps, last loss {r['loss']:.3f}{extra})", flush=True)
+                  f"= {r['tps']:7.0f} tok/s ({r['steps']} steps, {r.get('loss_kind', 'last')} loss {r['loss']:.3f}{extra})", flush=True)
 
     print(f"\nuseful (target) tokens/s, median of {args.repeat} (best):")
     med = {s: statistics.median(r["tps"] for r in results[s]) for s in sides}
