@@ -500,7 +500,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.dry_run:
             from dtrain.dryrun import dry_run
 
-            return dry_run(cfg, gpus=args.nproc, nodes=int(args.nnodes))
+            return dry_run(cfg, gpus=getattr(args, "nproc", None), nodes=int(getattr(args, "nnodes", 1)))
         result = train(cfg)
     except Preempted as exc:
         if main_rank:
