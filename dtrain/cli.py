@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, data prepare, config show, eval, report, export, checkpoint consolidate, generate."""
+"""`dtrain` command line: train, estimate, data prepare, config show, eval, report, export, checkpoint consolidate, generate."""
 
 from __future__ import annotations
 
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train or fine-tune a model (same as python -m dtrain.train)")
     add_train_arguments(train)
     train.set_defaults(func=run_from_args)
+
+    from dtrain.estimate import add_estimate_arguments, run_estimate
+
+    estimate = commands.add_parser("estimate", help="parameters, memory per device for each strategy, FLOPs and "
+                                   "time per epoch; which strategy fits")
+    add_estimate_arguments(estimate)
+    estimate.set_defaults(func=run_estimate)
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -99,7 +99,8 @@ def dry_run_config(cfg: Config, model_dir: Path, out_dir: Path, on_cpu: bool) ->
     return cfg.model_copy(update=update)
 
 
-def dry_run(cfg: Config) -> int:
+def dry_run(cfg: Config, gpus: int | None = None, nodes: int = 1) -> int:
+    """`gpus` x `nodes`: the cluster shape the memory estimate is for (the run itself is one process)."""
     from dtrain.data import prepare_data
     from dtrain.train import train
 
@@ -185,6 +186,14 @@ def dry_run(cfg: Config) -> int:
     tokens = t.micro_batch_size * t.grad_accum_steps * cfg.data.max_seq_len
     print(f"  tokens per optimizer step:    up to {tokens:,} per process "
           f"({t.micro_batch_size} x {t.grad_accum_steps} accumulation x {cfg.data.max_seq_len} tokens)")
+    if full_config is not None:
+        from dtrain.estimate import dry_run_lines
+
+        try:
+            print("\n".join("  " + line if line else "" for line in
+                            ["", *dry_run_lines(cfg, full_config, num_labels, gpus, nodes), ""]))
+        except Exception as exc:  # the estimate informs; it is not one of the checks
+            print(f"  (no memory estimate: {exc})")
     print(f"  elapsed:                      {time.perf_counter() - started:.1f} s")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

@@ -484,10 +484,7 @@ def _rank_prefix() -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if getattr(args, "nproc", None):
-        if args.dry_run:
-            print("error: --dry-run runs one process; drop --nproc", file=sys.stderr)
-            return 2
+    if getattr(args, "nproc", None) and not args.dry_run:  # (a dry run is one process; --nproc shapes its estimate)
         try:  # a bad config fails here, before any process starts
             load_config(args.config, args.overrides)
         except ConfigError as exc:
@@ -509,7 +506,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.dry_run:
             from dtrain.dryrun import dry_run
 
-            return dry_run(cfg)
+            return dry_run(cfg, gpus=getattr(args, "nproc", None), nodes=int(getattr(args, "nnodes", 1)))
         result = train(cfg)
     except Preempted as exc:
         if main_rank:

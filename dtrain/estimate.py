@@ -1,0 +1,765 @@
+"""`dtrain estimate CONFIG`: will it fit, with which strategy, and how long will an epoch take?
+
+Everything is computed from the model *config*: the model is built on the meta device (no
+memory, no weights), with the run's PEFT adapters and freezing applied, so the parameter
+counts are those of the real model, exactly. Memory per device is then the sum of
+
+    weights       parameters as stored (model.dtype; a QLoRA base in 4 bits)
+    gradients     one per trainable parameter, in its dtype (+ DDP's bucket copy)
+    optimizer     AdamW's two moments (+ the fp32 master copy DeepSpeed keeps) or 8-bit states
+    activations   what autograd saves for backward, per transformer layer (Korthikanti et al.
+                  2022 / "Transformer Math 101" style, counted for the Hugging Face Llama-family
+                  layer as it runs under SDPA: no attention matrix is stored, but a padding or
+                  packing mask is, per layer), or with activation checkpointing only each
+                  layer's input plus one layer recomputed in backward
+    logits/loss   the transient logits copies at the loss (batch x seq x vocab, fp32)
+
+each divided over the ranks as each strategy really does it (see `strategy_memory`). The
+sum is a conservative peak: with gradient accumulation the gradients do coexist with a
+full set of activations; without it the true peak can be lower by up to the gradients.
+
+The formulas were checked against measurement on CPU (tests/test_estimate.py): parameter,
+gradient and optimizer bytes exactly; saved activations within a few percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtrain.config import Config, ConfigError
+
+GiB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Memory left for the CUDA context, the caching allocator's fragmentation and NCCL buffers:
+# a strategy "fits" when its estimate is at most this fraction of the device's memory.
+USABLE_FRACTION = 0.9
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (the usual reference for MFU)
+
+
+# --------------------------------------------------------------------------------------
+# Parameters, counted on the meta device
+
+
+@dataclass
+class ParamInfo:
+    shape: tuple[int, ...]
+    trainable: bool
+    quantized: bool  # a QLoRA 4-bit base weight
+    block: int | None  # index of the transformer block holding it; None: the root (embeddings, norm, head)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    params: list[ParamInfo]
+    matmul_params: int  # weights used in matmuls per token (the tied head counted as a matmul)
+    trainable_matmul_params: int
+
+    @property
+    def total(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable)
+
+    @property
+    def quantized(self) -> int:
+        return sum(p.numel for p in self.params if p.quantized)
+
+
+def _model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = None) -> ModelShape:
+    """The run's model built on the meta device, with its adapters and freezing: exact counts."""
+    from dtrain.finetune import freeze
+    from dtrain.model import load_model_config, transformer_blocks
+    from dtrain.peft import apply_peft
+
+    config = copy.deepcopy(model_config if model_config is not None else load_model_config(cfg.model))
+    if cfg.model.task == "classification":
+        config.num_labels = num_labels or 2
+    peft = cfg.peft
+    if peft.method == "qlora":
+        # The same adapters as on the 4-bit base; quantisation changes storage, not counts.
+        peft = peft.model_copy(update={"method": "lora"})
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, not the user's concern
+        model = _model_class(cfg.model.task).from_config(config)
+        blocks = transformer_blocks(model)
+        block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
+        # bitsandbytes quantises the Linear layers of the blocks (not the head, not embeddings).
+        quantized = ({id(m.weight) for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
+                     if cfg.peft.method == "qlora" else set())
+        model = apply_peft(model, peft, cfg.model.task)
+        freeze(model, cfg.freeze)
+    params = []
+    for _, p in model.named_parameters():  # shared (tied) tensors once
+        base_block = block_of.get(id(p))
+        params.append(ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, base_block))
+    # LoRA factors live inside the blocks too (new tensors): place them by module name.
+    names = [n for n, _ in model.named_parameters()]
+    layer_re = re.compile(r"\.layers\.(\d+)\.")
+    for info, name in zip(params, names):
+        if info.block is None and (m := layer_re.search(name)):
+            info.block = int(m.group(1))
+    matmul = trainable_matmul = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):  # peft's LoRA layers hold their factors as nn.Linear too
+            n = module.weight.numel()
+            matmul += n
+            trainable_matmul += n if module.weight.requires_grad else 0
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelShape(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate=config.intermediate_size, vocab=config.vocab_size, params=params,
+        matmul_params=matmul, trainable_matmul_params=trainable_matmul)
+
+
+# --------------------------------------------------------------------------------------
+# Bytes per term
+
+
+def nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
+    """A bitsandbytes 4-bit weight: two values per byte, plus one absmax per block of 64
+    (fp32, or with double quantisation 8-bit with an fp32 absmax per 256 blocks)."""
+    blocks = math.ceil(numel / blocksize)
+    if double_quant:
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4  # + code, offset
+    return math.ceil(numel / 2) + 4 * blocks
+
+
+def adamw_bytes(numels: list[int], bytes_per: int) -> int:
+    """torch AdamW: exp_avg and exp_avg_sq like the parameter, plus a 0-dim fp32 `step` tensor each."""
+    return sum(2 * n * bytes_per + 4 for n in numels)
+
+
+def adamw_8bit_bytes(numels: list[int]) -> int:
+    """bitsandbytes (paged) AdamW8bit: 8-bit blockwise states for tensors of >= 4096 elements
+    (1 byte each for both moments + an fp32 absmax per 256), fp32 states below that; the two
+    256-entry quantisation maps are shared by all parameters."""
+    total, any_8bit = 0, False
+    for n in numels:
+        if n >= 4096:
+            total += 2 * n + 2 * 4 * math.ceil(n / 256)
+            any_8bit = True
+        else:
+            total += 8 * n
+    return total + (2 * 256 * 4 if any_8bit else 0)
+
+
+@dataclass
+class Activations:
+    """Per micro-batch of `batch` x `seq` tokens."""
+
+    saved: int  # saved for backward (the autograd graph), at the end of forward
+    logits: int  # transient logits copies at the loss, on top of `saved`
+
+
+def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp32", checkpointing: bool = False,
+                     mask: bool = False, attention: str = "sdpa", causal_lm: bool = True) -> Activations:
+    """Bytes autograd keeps for backward for one micro-batch (Hugging Face Llama-family layer).
+
+    `mode`: fp32 (fp32 weights, no autocast), bf16 (weights in bf16: model.dtype, DeepSpeed's
+    or FSDP's bf16 parameters) or autocast (fp32 weights, bf16 autocast). Per layer, with
+    t = the compute dtype's bytes (measured term by term with saved-tensor hooks on CPU):
+
+      2 RMSNorms     x in fp32, x*rsqrt in fp32, the output as the next matmuls save it
+                     (fp32: 3 x 4 bytes; bf16: 4 + 2 + 2; autocast: 4 + 4 + 2 per consuming
+                     matmul, as each casts it separately), rsqrt (4 per token)
+      attention      q after RoPE, k and v (kv heads; all heads when a mask makes HF repeat them),
+                     the SDPA output (also o_proj's input), logsumexp (fp32 per head and token);
+                     SDPA stores no score matrix, but a boolean mask is turned into a float
+                     bias per call (batch x seq^2 x t per layer); eager attention stores the
+                     probabilities (fp32 softmax + a t copy)
+      MLP            gate, silu(gate), up, silu(gate)*up: 4 x intermediate x t
+
+    Outside the layers: the final norm, and the log-softmax output of the loss (fp32 logits).
+    With activation checkpointing each layer keeps only its input; one layer at a time is
+    recomputed during backward, so one layer's full set is added.
+    """
+    b, s, h, f = batch, seq, shape.hidden, shape.intermediate
+    a, dh = shape.heads, shape.head_dim
+    tokens = b * s
+    t = 4 if mode == "fp32" else 2
+    residual = 2 if mode == "bf16" else 4  # the residual stream stays fp32 under autocast
+
+    def norm(consumers: int) -> int:
+        # x and x*rsqrt in fp32 (bf16: the fp32 copy of x, then x*rsqrt cast back), rsqrt per
+        # token, and the output as the matmuls save it: under autocast each consuming matmul
+        # saves its own bf16 cast of the fp32 output (q, k, v: 3; gate, up: 2; the head: 1).
+        inner = {"fp32": 8, "bf16": 6, "autocast": 8}[mode]
+        out = 2 * consumers if mode == "autocast" else t
+        return (inner + out) * tokens * h + 4 * tokens
+    kv = a if mask else shape.kv_heads  # HF passes enable_gqa only without a mask
+    attn = tokens * (a * dh * t * 2 + 2 * kv * dh * t) + 4 * b * a * s  # q, out, k, v, logsumexp
+    if attention == "eager":
+        attn += b * a * s * s * (4 + (t if t != 4 else 0))
+    elif mask:
+        attn += b * s * s * t
+    mlp = 4 * tokens * f * t
+    layer = norm(3) + attn + norm(2) + mlp
+    rope = 2 * s * dh * 4  # cos and sin, shared by every layer
+    head_in = norm(1)  # final norm (its output is lm_head's input)
+    logits_saved = 4 * b * (s - 1) * shape.vocab if causal_lm else 0  # log_softmax output (fp32)
+    outside = head_in + rope + logits_saved + 8 * tokens  # + input ids
+    saved = shape.layers * (residual * tokens * h if checkpointing else layer) + outside
+    if checkpointing:
+        saved += layer  # the layer being recomputed in backward
+    # At the loss: the logits in the compute dtype, their fp32 copy (when t != 4), the
+    # reshaped fp32 slice cross_entropy reads; in backward a gradient of the same size.
+    vocab_tokens = b * s * shape.vocab if causal_lm else 0
+    logits = vocab_tokens * (t + (4 if t != 4 else 0) + 4)
+    return Activations(saved=saved, logits=logits)
+
+
+# --------------------------------------------------------------------------------------
+# Strategies
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    kind: str  # single | ddp | fsdp | deepspeed
+    stage: int = 0
+    offload: bool = False
+    rank: int = 0  # how much it costs in speed (communication, offload), cheapest first
+
+
+STRATEGIES = [
+    StrategySpec("single", "single", rank=0),
+    StrategySpec("ddp", "ddp", rank=1),
+    StrategySpec("zero1", "deepspeed", 1, rank=2),
+    StrategySpec("zero2", "deepspeed", 2, rank=3),
+    StrategySpec("fsdp", "fsdp", rank=4),
+    StrategySpec("zero3", "deepspeed", 3, rank=5),
+    StrategySpec("zero2+offload", "deepspeed", 2, offload=True, rank=6),
+    StrategySpec("fsdp+offload", "fsdp", offload=True, rank=7),
+    StrategySpec("zero3+offload", "deepspeed", 3, offload=True, rank=8),
+]
+
+
+@dataclass
+class Memory:
+    strategy: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    cpu: int = 0  # offloaded to host memory
+    gathered: int = 0  # of `weights`: parameters gathered for compute (FSDP, ZeRO-3), not resident shards
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+@dataclass
+class RunShape:
+    """What the memory depends on besides the model: the run's settings and the cluster."""
+
+    world: int = 1
+    micro_batch: int = 1
+    seq: int = 512
+    precision: str = "fp32"  # train.precision
+    dtype: str = "float32"  # model.dtype
+    peft: str = "none"
+    double_quant: bool = True
+    optim: str = "adamw"
+    checkpointing: bool = False
+    mask: bool = True
+    attention: str = "sdpa"
+    causal_lm: bool = True
+    fsdp_reshard: bool = True
+
+
+def _shard_rows(shape: tuple[int, ...], world: int) -> int:
+    """Elements of the largest shard (rank 0) when FSDP2 splits dim 0 over `world` ranks;
+    FSDP2 pads every rank's shard to that size."""
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / world) * math.prod(shape[1:])
+
+
+def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Memory:
+    """Per-device bytes under `spec`, modelled on what each implementation does:
+
+    single/ddp   every rank holds everything. Gradients in the parameters' dtype; DDP keeps a
+                 second copy in its all-reduce buckets (gradient_as_bucket_view is off).
+                 AdamW moments like the parameters (3P with grads freed, as measured).
+    fsdp         FSDP2: each parameter split on dim 0 (shards padded to equal size): weights,
+                 gradients and moments / N (1.5P per rank at N=2, as measured); plus the
+                 gathered working set: the root's parameters and two blocks in the compute
+                 dtype, and one block's unsharded gradients. Offload keeps the shards on CPU.
+    zero1/2/3    DeepSpeed: the module in bf16 under bf16 training (else as loaded); an fp32
+                 master partition / N always, also in fp32 training (it is a separate copy:
+                 2.5P at ZeRO-2 and 2P at ZeRO-3 for N=2, as measured), fp32 moments / N.
+                 ZeRO-1 keeps full gradients, ZeRO-2/3 a partition (plus the fp32 copy the
+                 step makes, and two reduce buckets of hidden^2). ZeRO-3 partitions the
+                 parameters and gathers about two blocks at a time. Offload moves the master,
+                 moments and fp32 gradients (and at ZeRO-3 the parameters) to CPU.
+    """
+    N = run.world
+    weight_bytes = BYTES[run.dtype]
+    bf16 = run.precision == "bf16"
+    qlora = run.peft == "qlora"
+    infos = shape.params
+
+    def stored(p: ParamInfo) -> int:  # bytes per element as loaded for dtrain's torch strategies
+        if qlora and not p.quantized:
+            return 4  # prepare_model_for_kbit_training upcasts the rest; peft keeps adapters fp32
+        if p.trainable and run.peft != "none":
+            return 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
+        return weight_bytes
+
+    def weights_of(ps: list[ParamInfo], per) -> int:
+        total = 0
+        for p in ps:
+            if p.quantized:
+                total += nf4_bytes(per(p), run.double_quant)
+            else:
+                total += per(p) * stored(p)
+        return total
+
+    mode = "bf16" if weight_bytes == 2 else ("autocast" if bf16 else "fp32")
+    trainable = [p for p in infos if p.trainable]
+    if spec.kind == "deepspeed":
+        if qlora:
+            return Memory(spec.name, 0, 0, 0, 0, 0, note="QLoRA is refused with deepspeed (use fsdp)")
+        if run.optim != "adamw":
+            return Memory(spec.name, 0, 0, 0, 0, 0, note=f"{run.optim} is refused with deepspeed")
+        if bf16:
+            mode = "bf16"  # the engine casts the module to bf16
+    if spec.kind == "fsdp":
+        if run.optim != "adamw":
+            return Memory(spec.name, 0, 0, 0, 0, 0, note=f"{run.optim} is refused with fsdp")
+        if bf16:
+            mode = "bf16"  # MixedPrecisionPolicy gathers bf16 parameters for compute
+    act = activation_bytes(shape, run.micro_batch, run.seq, mode=mode, checkpointing=run.checkpointing,
+                           mask=run.mask, attention=run.attention, causal_lm=run.causal_lm)
+    if mode == "autocast":
+        # autocast casts each matmul weight to bf16 once per forward; backward needs the copies.
+        act.saved += 2 * shape.matmul_params
+
+    if spec.kind in ("single", "ddp"):
+        weights = weights_of(infos, lambda p: p.numel)
+        grads = sum(p.numel * stored(p) for p in trainable)
+        if spec.kind == "ddp" and N > 1:
+            grads *= 2  # the reducer's flat buckets hold a second copy
+        if run.optim in ("adamw_8bit", "paged_adamw_8bit"):
+            opt = adamw_8bit_bytes([p.numel for p in trainable])
+        else:
+            opt = sum(adamw_bytes([p.numel], stored(p)) for p in trainable)
+        return Memory(spec.name, weights, grads, opt, act.saved, act.logits)
+
+    if spec.kind == "fsdp":
+        compute = 2 if bf16 else None
+        shard = lambda p: _shard_rows(p.shape, N)  # noqa: E731
+        weights = weights_of(infos, shard)
+        grads = sum(shard(p) * stored(p) for p in trainable)
+        opt = sum(adamw_bytes([shard(p)], stored(p)) for p in trainable)
+        blocks: dict[int | None, list[ParamInfo]] = {}
+        for p in infos:
+            blocks.setdefault(p.block, []).append(p)
+        per_block = [weights_of(ps, lambda p: p.numel) if compute is None else
+                     sum(nf4_bytes(p.numel, run.double_quant) if p.quantized else p.numel * compute for p in ps)
+                     for k, ps in blocks.items() if k is not None]
+        root = blocks.get(None, [])
+        root_bytes = (weights_of(root, lambda p: p.numel) if compute is None
+                      else sum(p.numel * compute for p in root))
+        gathered = root_bytes + 2 * max(per_block, default=0)
+        if N == 1 and not spec.offload and compute in (None, weight_bytes):
+            gathered = 0  # one rank, on the device, no dtype cast: the shard is the parameter itself
+        block_grads = max((sum(p.numel * 4 for p in ps if p.trainable) for k, ps in blocks.items() if k is not None),
+                          default=0) if N > 1 or spec.offload else 0
+        cpu = 0
+        if spec.offload:
+            cpu, weights, grads, opt = weights + grads + opt, 0, 0, 0
+        return Memory(spec.name, weights + gathered, grads + block_grads, opt, act.saved, act.logits, cpu=cpu,
+                      gathered=gathered)
+
+    # DeepSpeed ZeRO
+    module_bytes = 2 if bf16 else weight_bytes
+    P, Pt = shape.total, sum(p.numel for p in trainable)
+    part = math.ceil(Pt / N)
+    master, moments = 4 * part, 8 * part
+    bucket = 2 * shape.hidden * shape.hidden * module_bytes  # reduce_bucket_size "auto", double-buffered
+    if spec.stage == 1:
+        grads = Pt * module_bytes + 4 * part
+    else:
+        grads = 4 * part + bucket
+    gathered = 0
+    if spec.stage == 3:
+        biggest_block = max((sum(p.numel for p in infos if p.block == i) for i in range(shape.layers)), default=0)
+        # (one rank without offload holds whole parameters: nothing to gather)
+        gathered = 2 * biggest_block * module_bytes if N > 1 or spec.offload else 0
+        weights = math.ceil(P / N) * module_bytes + gathered
+    else:
+        weights = P * module_bytes
+    opt, cpu = master + moments, 0
+    if spec.offload:
+        cpu = master + moments + 4 * part
+        opt, grads = 0, (bucket if spec.stage > 1 else Pt * module_bytes)
+        if spec.stage == 3:
+            cpu += math.ceil(P / N) * module_bytes
+            weights -= math.ceil(P / N) * module_bytes
+    return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=cpu, gathered=gathered)
+
+
+def strategies_for(world: int) -> list[StrategySpec]:
+    """What is worth comparing at this world size (one device: no data parallelism)."""
+    if world == 1:
+        return [s for s in STRATEGIES if s.kind == "single" or s.offload]
+    return [s for s in STRATEGIES if s.kind != "single"]
+
+
+# --------------------------------------------------------------------------------------
+# FLOPs and time
+
+
+def flops_per_token(shape: ModelShape, seq: int, peft: str = "none") -> float:
+    """Model FLOPs per trained token: 6N (forward 2N, backward 4N) for the matmul weights N,
+    plus 12 x layers x (heads x head_dim) x seq for the attention scores and their use
+    (PaLM's accounting, non-causal). With a frozen base (LoRA, QLoRA) the backward pass
+    computes no weight gradients for it: 4N + 2N_trainable. Activation checkpointing
+    recomputes the forward (+2N of hardware FLOPs) but MFU counts model FLOPs only."""
+    attention = 12 * shape.layers * shape.heads * shape.head_dim * seq
+    if peft == "none":
+        return 6 * shape.matmul_params + attention
+    return 4 * shape.matmul_params + 2 * shape.trainable_matmul_params + attention
+
+
+# --------------------------------------------------------------------------------------
+# The whole estimate
+
+
+@dataclass
+class Estimate:
+    cfg_name: str
+    shape: ModelShape
+    run: RunShape
+    gpus: int
+    nodes: int
+    gpu_memory: int
+    rows: list[Memory]
+    peft_rows: dict[str, list[Memory]] = field(default_factory=dict)  # other PEFT modes, same strategies
+    flops_per_token: float = 0.0
+    tokens: int | None = None
+    tokens_source: str = ""
+    mfu: float = 0.4
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS
+    recommendation: list[str] = field(default_factory=list)
+
+    @property
+    def epoch_seconds(self) -> float | None:
+        if not self.tokens:
+            return None
+        return self.tokens * self.flops_per_token / (self.run.world * self.peak_tflops * 1e12 * self.mfu)
+
+
+def parse_memory(text: str) -> int:
+    """'80GB', '80 GiB', '24000MB', '1.5TB' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m:
+        raise ConfigError(f"--gpu-memory {text!r}: expected a size such as 80GB, 80GiB or 24000MB")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    units = {"": 10**9, "g": 10**9, "gb": 10**9, "gib": GiB, "m": 10**6, "mb": 10**6, "mib": 1024**2,
+             "t": 10**12, "tb": 10**12, "tib": 1024**4}
+    if unit not in units:
+        raise ConfigError(f"--gpu-memory {text!r}: unknown unit {m.group(2)!r}; use GB, GiB, MB, MiB, TB or TiB "
+                          "(e.g. 80GB)")
+    return int(value * units[unit])
+
+
+def run_shape(cfg: Config, world: int, **changes: Any) -> RunShape:
+    flash = cfg.model.attn_implementation == "flash_attention_2" or (
+        cfg.model.attn_implementation == "auto" and importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.is_available())
+    run = RunShape(world=world, micro_batch=cfg.train.micro_batch_size, seq=cfg.data.max_seq_len,
+                   precision=cfg.train.precision, dtype=cfg.model.dtype, peft=cfg.peft.method,
+                   double_quant=cfg.peft.double_quant, optim=cfg.optim.name,
+                   checkpointing=cfg.model.gradient_checkpointing,
+                   # Padded and packed batches carry a mask, unless flash-attention takes them
+                   # flattened (packing) or unpadded.
+                   mask=not flash, attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
+                   causal_lm=cfg.model.task == "causal_lm", fsdp_reshard=cfg.parallel.fsdp.reshard_after_forward)
+    for key, value in changes.items():
+        setattr(run, key, value)
+    return run
+
+
+def _fits(m: Memory, gpu_memory: int) -> bool:
+    return not m.note and m.total <= USABLE_FRACTION * gpu_memory
+
+
+def _peft_variant(cfg: Config, method: str) -> Config:
+    return cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"method": method})})
+
+
+def estimate(cfg: Config, *, gpus: int = 1, nodes: int = 1, gpu_memory: int = 80 * 10**9, mfu: float = 0.4,
+             peak_tflops: float = DEFAULT_PEAK_TFLOPS, tokens: int | None = None, tokens_source: str = "",
+             num_labels: int | None = None, model_config: Any = None, cfg_name: str = "",
+             other_pefts: bool = True) -> Estimate:
+    """The whole estimate; `other_pefts` also sizes the other PEFT modes (a meta build each)."""
+    world = gpus * nodes
+    shape = model_shape(cfg, num_labels, model_config)
+    run = run_shape(cfg, world)
+    specs = strategies_for(world)
+    rows = [strategy_memory(shape, run, s) for s in specs]
+    peft_rows = {}
+    for method in ("none", "lora", "qlora") if other_pefts else ():
+        if method == cfg.peft.method or (cfg.peft.method == "dora" and method == "lora"):
+            continue
+        other = model_shape(_peft_variant(cfg, method), num_labels, model_config)
+        peft_rows[method] = [strategy_memory(other, run_shape(cfg, world, peft=method), s) for s in specs]
+    est = Estimate(cfg_name or cfg.model.path, shape, run, gpus, nodes, gpu_memory, rows, peft_rows,
+                   flops_per_token(shape, run.seq, cfg.peft.method), tokens, tokens_source, mfu, peak_tflops)
+    est.recommendation = recommend(cfg, est, specs, num_labels, model_config)
+    return est
+
+
+def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels: int | None,
+              model_config: Any) -> list[str]:
+    """The cheapest strategy that fits, else the changes that would make one fit."""
+    fitting = [m for m in est.rows if _fits(m, est.gpu_memory)]
+    cap = f"{USABLE_FRACTION * est.gpu_memory / GiB:.1f} GiB usable of {est.gpu_memory / GiB:.1f} GiB"
+    if fitting:
+        best = fitting[0]
+        lines = [f"use {best.strategy}: {best.total / GiB:.2f} GiB per device fits ({cap})."]
+        configured = _configured_name(cfg)
+        if configured != best.strategy and configured in [m.strategy for m in est.rows]:
+            mine = next(m for m in est.rows if m.strategy == configured)
+            lines.append(f"the configured strategy ({configured}) needs {mine.total / GiB:.2f} GiB"
+                         + ("" if _fits(mine, est.gpu_memory) else ": it does not fit") + ".")
+        return lines
+    lines = [f"nothing fits ({cap}); the smallest is "
+             f"{min((m for m in est.rows if not m.note), key=lambda m: m.total).strategy}. What would fit:"]
+    world = est.run.world
+
+    def first_fit(shape: ModelShape, run: RunShape, specs: list[StrategySpec] = specs) -> Memory | None:
+        return next((m for m in (strategy_memory(shape, run, s) for s in specs) if _fits(m, est.gpu_memory)), None)
+
+    if not est.run.checkpointing:
+        m = first_fit(est.shape, run_shape(cfg, world, checkpointing=True))
+        if m:
+            lines.append(f"  - activation checkpointing (model.gradient_checkpointing=true): {m.strategy}, "
+                         f"{m.total / GiB:.2f} GiB")
+    b = est.run.micro_batch
+    while b > 1:
+        b //= 2
+        m = first_fit(est.shape, run_shape(cfg, world, micro_batch=b))
+        if m:
+            accum = cfg.train.grad_accum_steps * cfg.train.micro_batch_size // b
+            lines.append(f"  - train.micro_batch_size={b} (grad_accum_steps={accum} keeps the batch): "
+                         f"{m.strategy}, {m.total / GiB:.2f} GiB")
+            break
+    for method, rows in est.peft_rows.items():
+        if method == "none":
+            continue
+        m = next((r for r in rows if _fits(r, est.gpu_memory)), None)
+        if m:
+            lines.append(f"  - peft.method={method}: {m.strategy}, {m.total / GiB:.2f} GiB")
+    for w in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+        if w <= world:
+            continue
+        m = first_fit(est.shape, run_shape(cfg, w), strategies_for(w))
+        if m:
+            lines.append(f"  - {w} GPUs in all (--gpus {min(w, 8)} --nodes {max(1, w // 8)}): {m.strategy}, "
+                         f"{m.total / GiB:.2f} GiB")
+            break
+    if len(lines) == 1:
+        lines.append("  - none of activation checkpointing, a smaller micro-batch, LoRA/QLoRA or up to 512 GPUs; "
+                     "shorten data.max_seq_len or choose a smaller model")
+    return lines
+
+
+def _configured_name(cfg: Config) -> str:
+    s = cfg.parallel.strategy
+    if s == "fsdp":
+        return "fsdp+offload" if cfg.parallel.fsdp.cpu_offload else "fsdp"
+    if s == "deepspeed":
+        from dtrain.parallel.deepspeed import resolve_deepspeed_config
+
+        ds = resolve_deepspeed_config(cfg, world_size=None)
+        zero = ds.get("zero_optimization", {})
+        offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+        return f"zero{zero.get('stage')}" + ("+offload" if offload else "")
+    return s
+
+
+# --------------------------------------------------------------------------------------
+# Output
+
+
+def _size(n: int, unit: int) -> str:
+    return f"{n / unit:,.2f}"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_estimate(est: Estimate) -> str:
+    s, r = est.shape, est.run
+    unit, unit_name = (GiB, "GiB") if max(m.total for m in est.rows) >= 2 * GiB else (1024**2, "MiB")
+    trainable_pct = 100 * s.trainable / s.total
+    lines = [
+        f"estimate: {est.cfg_name} | peft {r.peft} | {r.precision}, weights {r.dtype} | "
+        f"{est.nodes} node(s) x {est.gpus} GPU(s), {est.gpu_memory / 1e9:g} GB = {est.gpu_memory / GiB:.1f} GiB each",
+        f"parameters: {s.total:,} ({s.total / 1e9:.2f} B); trainable {s.trainable:,} ({trainable_pct:.2f}%)"
+        + (f"; 4-bit base {s.quantized:,}" if s.quantized else ""),
+        f"model: {s.layers} layers, hidden {s.hidden}, {s.heads} heads ({s.kv_heads} KV) x {s.head_dim}, "
+        f"intermediate {s.intermediate}, vocab {s.vocab}",
+        f"per device: micro-batch {r.micro_batch} x {r.seq} tokens, activation checkpointing "
+        f"{'on' if r.checkpointing else 'off'}, attention {r.attention}"
+        + (" with a mask (padded or packed batches)" if r.mask else " without a mask (flash-attention)")
+        + f", optimizer {r.optim}",
+        "",
+        f"memory per device ({unit_name}):",
+        f"  {'strategy':<15}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'logits':>9}"
+        f"{'total':>10}{'CPU':>9}  fits",
+    ]
+    for m in est.rows:
+        if m.note:
+            lines.append(f"  {m.strategy:<15}  n/a: {m.note}")
+            continue
+        lines.append(f"  {m.strategy:<15}{_size(m.weights, unit):>10}{_size(m.gradients, unit):>10}"
+                     f"{_size(m.optimizer, unit):>11}{_size(m.activations, unit):>13}{_size(m.logits, unit):>9}"
+                     f"{_size(m.total, unit):>10}{_size(m.cpu, unit):>9}  {'yes' if _fits(m, est.gpu_memory) else 'NO'}")
+    if est.peft_rows:
+        names = [m.strategy for m in est.rows]
+        lines += ["", f"total per device ({unit_name}) with another PEFT mode:",
+                  "  " + f"{'peft':<8}" + "".join(f"{n:>15}" for n in names)]
+        for method, rows in est.peft_rows.items():
+            cells = "".join(f"{'n/a' if m.note else _size(m.total, unit) + ('' if _fits(m, est.gpu_memory) else '!'):>15}"
+                            for m in rows)
+            lines.append(f"  {method:<8}{cells}")
+        lines.append("  (! = does not fit)")
+    lines += ["", "recommendation: " + est.recommendation[0], *est.recommendation[1:], ""]
+    fpt = est.flops_per_token
+    formula = "6N" if r.peft == "none" else "4N + 2N_trainable"
+    lines.append(f"FLOPs per token: {fpt / 1e9:,.3f} GFLOP ({formula} + 12 x layers x hidden x seq; "
+                 f"N = {s.matmul_params:,} matmul weights, seq {r.seq})")
+    if est.epoch_seconds is not None:
+        lines.append(f"time per epoch: {format_duration(est.epoch_seconds)} for {est.tokens:,} tokens "
+                     f"({est.tokens_source}) on {r.world} GPU(s) at {est.mfu:.0%} MFU of {est.peak_tflops:g} TFLOP/s")
+    else:
+        lines.append("time per epoch: give --tokens N (no token count from the data stage)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+
+
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--gpu-memory", default="80GB",
+                        help="memory of one GPU: 80GB (10^9 bytes), 80GiB, 24000MB ... (default 80GB)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the epoch time (default 0.4)")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help=f"peak TFLOP/s of one GPU (default {DEFAULT_PEAK_TFLOPS:g}: H100 SXM dense bf16)")
+    parser.add_argument("--tokens", type=int, help="training tokens per epoch (default: counted by the data stage)")
+
+
+def data_tokens(cfg: Config) -> tuple[int | None, str]:
+    """Training tokens per epoch from the data stage (its cache), or None if the data cannot be read."""
+    try:
+        from dtrain.data import prepare_data
+        from dtrain.model import load_tokenizer
+
+        data = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+        tokens = sum(len(ids) for ids in data.train["input_ids"])
+        return tokens, f"the data stage: {len(data.train):,} training {'rows' if data.packed else 'examples'}"
+    except Exception as exc:  # the estimate stands without it
+        return None, f"data not read: {exc}"
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_and_check(args)
+        gpu_memory = parse_memory(args.gpu_memory)
+        if args.gpus < 1 or args.nodes < 1:
+            raise ConfigError("--gpus and --nodes must be at least 1")
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu {args.mfu}: expected a fraction in (0, 1], e.g. 0.4")
+        tokens, source = (args.tokens, "--tokens") if args.tokens else data_tokens(cfg)
+        est = estimate(cfg, gpus=args.gpus, nodes=args.nodes, gpu_memory=gpu_memory, mfu=args.mfu,
+                       peak_tflops=args.peak_tflops, tokens=tokens, tokens_source=source, cfg_name=args.config)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_estimate(est))
+    if tokens is None:
+        print(f"  ({source})")
+    return 0
+
+
+def dry_run_lines(cfg: Config, model_config: Any, num_labels: int | None, gpus: int | None, nodes: int) -> list[str]:
+    """The estimate for the configured cluster shape, for the dry run's summary: the memory
+    table and recommendation, FLOPs per token and the time of one optimizer step."""
+    if gpus is None:  # one process unless told (dtrain train --dry-run --nproc N --nnodes M)
+        gpus = 1 if cfg.parallel.strategy == "single" else max(1, torch.cuda.device_count())
+    if torch.cuda.is_available():
+        memory, where = torch.cuda.get_device_properties(0).total_memory, "this machine's GPU"
+    else:
+        memory, where = 80 * 10**9, "assumed; no GPU here"
+    est = estimate(cfg, gpus=gpus, nodes=nodes, gpu_memory=memory, num_labels=num_labels,
+                   model_config=model_config, cfg_name=cfg.model.path, other_pefts=False)  # (kept quick)
+    step_tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.max_seq_len * est.run.world
+    step_s = step_tokens * est.flops_per_token / (est.run.world * est.peak_tflops * 1e12 * est.mfu)
+    text = format_estimate(est).split("\n")
+    text = [line for line in text if not line.startswith("time per epoch")]
+    text.append(f"time per optimizer step: {format_duration(step_s)} for up to {step_tokens:,} tokens at "
+                f"{est.mfu:.0%} MFU of {est.peak_tflops:g} TFLOP/s per GPU (GPU memory: {where}; "
+                "`dtrain estimate` gives the epoch time from the data)")
+    return text
+
+
+def load_and_check(args: argparse.Namespace) -> Config:
+    from dtrain.config import load_config
+    from dtrain.model import check_model_path
+
+    cfg = load_config(args.config, args.overrides)
+    check_model_path(cfg.model)
+    return cfg
