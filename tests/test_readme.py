@@ -23,7 +23,7 @@ def test_config_reference_matches_schema():
 
 def test_exactly_two_setup_commands_and_ci_uses_the_test_one():
     blocks = re.findall(r"```bash\n(.*?)```", _readme(), flags=re.S)
-    setup = [b.strip() for b in blocks if b.strip().startswith("python3 -m venv")]
+    setup = [b.strip() for b in blocks if "python3 -m venv .venv" in b]
     assert len(setup) == 2, setup
     main_cmd, test_cmd = setup
     assert main_cmd.endswith("dtrain train examples/tiny_alpaca.yaml")
