@@ -158,10 +158,17 @@ class SlurmCluster:
             fields[key] = value
         return fields
 
-    def sacct_states(self, job_id: str) -> list[str]:
-        """The job's allocation states as accounting recorded them (one per run, requeues included)."""
-        out = self.run("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State", check=False).stdout
-        return [line.split()[0] for line in out.splitlines() if line.strip()]
+    def sacct_states(self, job_id: str, settle_s: float = 30.0) -> list[str]:
+        """The job's allocation states as accounting recorded them (one per run, requeues included).
+        slurmctld sends a job's end to slurmdbd asynchronously, so a job scontrol already shows as
+        ended can still read RUNNING in sacct for a moment: wait (up to settle_s) for that to pass."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            out = self.run("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State", check=False).stdout
+            states = [line.split()[0] for line in out.splitlines() if line.strip()]
+            if (states and states[-1] not in ("PENDING", "RUNNING")) or time.monotonic() > deadline:
+                return states
+            time.sleep(0.5)
 
     def log(self, name: str) -> str:
         path = self.root / "log" / f"{name}.log"
