@@ -47,10 +47,18 @@ def token_losses(logits, labels):
                            reduction="none")[labels.reshape(-1) != -100]
 
 
+def equal_rows():
+    """Every example equally long (fixed-length data: one batched call on views)."""
+    rng = random.Random(2)
+    return [[Example([rng.randint(3, 259) for _ in range(50)], [rng.randint(3, 259) for _ in range(50)])]
+            for _ in range(4)]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_flattened_losses_and_gradients_equal_one_by_one(arch, monkeypatch):
+@pytest.mark.parametrize("make_rows", [rows_of, equal_rows], ids=["mixed", "equal"])
+def test_flattened_losses_and_gradients_equal_one_by_one(arch, make_rows, monkeypatch):
     plain, varlen = models(arch)
-    rows = rows_of()
+    rows = make_rows()
     alone = []
     for ex in (ex for row in rows for ex in row):
         batch = collate_flattened([[ex]])
