@@ -144,3 +144,16 @@ def test_varlen_kwargs_from_position_ids():
     kwargs = attention.varlen_kwargs(position_ids)
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10] and kwargs["cu_seq_lens_q"].dtype == torch.int32
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 4
+
+
+def test_training_on_packed_data_with_checkpointing_lora_and_bf16(make_config, monkeypatch):
+    """auto -> sdpa_varlen through dtrain's loop: flattened batches take the per-example path
+    under gradient checkpointing, LoRA and bf16 autocast."""
+    from dtrain.train import train
+
+    calls = []
+    monkeypatch.setattr(attention, "_segments", lambda *a, _s=attention._segments: calls.append(_s(*a)) or calls[-1])
+    result = train(make_config("data.packing=true", "data.max_seq_len=1024", "train.max_steps=2",
+                               "model.gradient_checkpointing=true", "peft.method=lora", "train.precision=bf16"))
+    assert len(result.train_losses) == 2 and all(0 < x < 10 for x in result.train_losses)
+    assert any(bounds is not None and len(bounds) > 2 for bounds in calls)  # several examples per flattened row
