@@ -14,7 +14,8 @@ process, sides interleaved (a, b, c, a, b, c, ...) on fresh copies of the same i
   plain    a PyTorch loop over shuffled batches padded to the batch's longest,
            `model(input_ids, attention_mask, labels).loss.backward()`.
 
-All three: fp32 on CPU, SDPA attention, AdamW (fused) lr 3e-4, no weight decay, constant LR,
+All three: fp32 on CPU, SDPA attention (dtrain: its default `auto`, i.e. `sdpa_varlen`, SDPA
+per example on the flattened packed rows), AdamW (fused) lr 3e-4, no weight decay, constant LR,
 gradient clipping at 1.0, loss on the responses only. Useful tokens are the trained (non-padding,
 non-prompt) target tokens each side actually processed; tokens/s is over the training loop:
 for dtrain from its own metrics (the last log line's tokens_per_s covers the whole loop), for
@@ -102,7 +103,9 @@ def targets_of(examples) -> int:
 def run_dtrain(args, overrides: list[str], out: Path) -> dict:
     from dtrain.train import train
 
-    cfg = load_config(None, overrides + ["data.packing=true", f"train.micro_batch_size={args.dtrain_rows}",
+    # dtrain's default attention (auto: sdpa_varlen on CPU, SDPA per example on flattened packed rows).
+    cfg = load_config(None, overrides + ["data.packing=true", "model.attn_implementation=auto",
+                                         f"train.micro_batch_size={args.dtrain_rows}",
                                          "train.log_every=1000000", f"output_dir={out}"])
     started = time.perf_counter()
     result = train(cfg)

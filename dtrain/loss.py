@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain.attention import NAME as SDPA_VARLEN, varlen_kwargs
 from dtrain.data import IGNORE_INDEX
 from dtrain.distill import kl_sum
 
@@ -19,7 +20,12 @@ def logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], task: st
     """fp32 logits and the labels they predict (shifted by one token for causal LM)."""
     # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or
     # (flattened, for flash-attention) no mask. No KV cache: nothing is generated here.
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).logits.float()
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "attention_mask" not in batch and "position_ids" in batch and batch["input_ids"].shape[0] == 1:
+        # Flattened: the example boundaries once per forward, in the keyword arguments that
+        # flash-attention and sdpa_varlen take (each layer would otherwise derive them again).
+        inputs.update(varlen_kwargs(batch["position_ids"]))
+    logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"]
     if task == "causal_lm":
         logits, labels = logits[:, :-1, :], labels[:, 1:]
@@ -68,9 +74,9 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
 
 
 def uses_varlen_attention(model: nn.Module) -> bool:
-    """Flash-attention 2 takes packed examples as one flattened, padding-free sequence
-    (`model`: the plain model, not a strategy's wrapper)."""
-    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+    """Flash-attention 2 and sdpa_varlen take packed examples as one flattened, padding-free
+    sequence (`model`: the plain model, not a strategy's wrapper)."""
+    return getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", SDPA_VARLEN)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dtrain import presets
+from dtrain import attention, presets  # (importing attention registers sdpa_varlen)
 from dtrain.config import ConfigError, DropoutConfig, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,15 +84,16 @@ def apply_dropout(config: PretrainedConfig, cfg: DropoutConfig) -> list[str]:
 
 
 def attention_implementation(requested: str, device: torch.device) -> str:
-    """`auto`: flash-attention 2 (variable-length kernels, used for packed batches) on CUDA
-    when the flash-attn package is installed, else PyTorch SDPA."""
+    """`auto`: flash-attention 2 on CUDA when the flash-attn package is installed, else
+    `sdpa_varlen` (dtrain/attention.py): both run a flattened packed row one example at a time,
+    instead of a full attention under a block-diagonal mask, and plain SDPA otherwise."""
     if requested != "auto":
         if requested == "flash_attention_2" and device.type != "cuda":
             raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; use sdpa or auto")
         return requested
     from transformers.utils import is_flash_attn_2_available
 
-    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else attention.NAME
 
 
 def quantization_config(peft: PeftConfig, precision: str, strategy: str) -> Any:

@@ -4,9 +4,10 @@ A packed row concatenates examples; `position_ids` restart at 0 for each one. Tw
 
 - mask (SDPA, eager): rows padded to the longest, with a block-diagonal causal attention
   mask (boolean, True = may attend, shape [B, 1, L, L]) that transformers passes through.
-- flattened (flash-attention 2): the whole micro-batch as one row of shape [1, total tokens]
-  and no mask at all, so no padding either; transformers reads the example boundaries off
-  the restarting position_ids and runs the variable-length kernels.
+- flattened (flash-attention 2, sdpa_varlen): the whole micro-batch as one row of shape
+  [1, total tokens] and no mask at all, so no padding either; the loss passes the example
+  boundaries (read off the restarting position_ids) to the variable-length kernels, or to
+  SDPA run per example (dtrain/attention.py).
 
 The first token of every example gets label -100, since with the one-token shift it would be
 predicted from the previous example's last token. The loss of a packed batch therefore
