@@ -55,8 +55,8 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = Field(False, description="Allow modelling code shipped inside model.path.")
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else "
-                            "sdpa_varlen (SDPA, run per example on packed rows; plain SDPA otherwise).")
+        "auto", description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa; "
+                            "on CPU sdpa_varlen (SDPA run per example on packed rows; plain SDPA otherwise).")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing: recompute activations in backward.")
     compile: bool = Field(False, description="torch.compile each transformer block (torch strategies).")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)

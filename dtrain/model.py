@@ -84,16 +84,20 @@ def apply_dropout(config: PretrainedConfig, cfg: DropoutConfig) -> list[str]:
 
 
 def attention_implementation(requested: str, device: torch.device) -> str:
-    """`auto`: flash-attention 2 on CUDA when the flash-attn package is installed, else
-    `sdpa_varlen` (dtrain/attention.py): both run a flattened packed row one example at a time,
-    instead of a full attention under a block-diagonal mask, and plain SDPA otherwise."""
+    """`auto`: flash-attention 2 on CUDA when the flash-attn package is installed; `sdpa_varlen`
+    (dtrain/attention.py) on CPU: both run a flattened packed row one example at a time instead of
+    a full attention under a block-diagonal mask. On CUDA without flash-attn, plain SDPA: for a
+    flattened row transformers still builds one (tokens in the micro-batch)^2 mask, ~1 GB at
+    8 x 4096 tokens, which sdpa_varlen ignores but cannot avoid (ask for it explicitly if that fits)."""
     if requested != "auto":
         if requested == "flash_attention_2" and device.type != "cuda":
             raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; use sdpa or auto")
         return requested
     from transformers.utils import is_flash_attn_2_available
 
-    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else attention.NAME
+    if device.type == "cuda":
+        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    return attention.NAME
 
 
 def quantization_config(peft: PeftConfig, precision: str, strategy: str) -> Any:
