@@ -509,8 +509,10 @@ def run_shape(cfg: Config, world: int, **changes: Any) -> RunShape:
                    double_quant=cfg.peft.double_quant, optim=cfg.optim.name,
                    checkpointing=cfg.model.gradient_checkpointing,
                    # Padded and packed batches carry a mask, unless flash-attention takes them
-                   # flattened (packing) or unpadded.
-                   mask=not flash, attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
+                   # flattened (packing) or unpadded, or sdpa_varlen takes packed ones flattened
+                   # (transformers still builds one square bool mask per forward then; not counted).
+                   mask=not (flash or (cfg.model.attn_implementation == "sdpa_varlen" and cfg.data.packing)),
+                   attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
                    causal_lm=cfg.model.task == "causal_lm", fsdp_reshard=cfg.parallel.fsdp.reshard_after_forward)
     for key, value in changes.items():
         setattr(run, key, value)
@@ -649,7 +651,7 @@ def format_estimate(est: Estimate) -> str:
         f"intermediate {s.intermediate}, vocab {s.vocab}",
         f"per device: micro-batch {r.micro_batch} x {r.seq} tokens, activation checkpointing "
         f"{'on' if r.checkpointing else 'off'}, attention {r.attention}"
-        + (" with a mask (padded or packed batches)" if r.mask else " without a mask (flash-attention)")
+        + (" with a mask (padded or packed batches)" if r.mask else " without a mask (flash-attention or sdpa_varlen on packed rows)")
         + f", optimizer {r.optim}",
         "",
         f"memory per device ({unit_name}):",
