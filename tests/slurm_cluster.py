@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import psutil
+from polling import wait_for
 
 CLUSTER_NAME = "dtraintest"
 NODES = ("n1", "n2")
@@ -49,13 +50,6 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def wait_for(condition, timeout: float, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return bool(condition())
 
 
 def port_open(port: int) -> bool:

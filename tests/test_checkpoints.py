@@ -17,9 +17,12 @@ import psutil
 import pytest
 import torch
 from conftest import ALPACA, REPO, read_metrics
+from polling import logged_steps, wait_for
 from test_distributed import torchrun
 
 from dtrain import checkpoint as ckpt
+
+POLL = 0.005  # seconds between looks: fast enough to catch a checkpoint while it is being written
 
 PREEMPTED = 75
 STEPS = 12
@@ -69,20 +72,8 @@ def eval_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
 
 
-def wait_for(condition, timeout: float = 120, every: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
 
 
-def logged_steps(out: Path) -> int:
-    try:
-        return sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
-    except FileNotFoundError:
-        return 0
 
 
 KILL_STRATEGIES = {
@@ -118,9 +109,9 @@ def test_kill_9_anywhere_then_resume_auto_matches_an_uninterrupted_run(tiny_mode
     writing = lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-step_") for p in checkpoints.iterdir())
     for attempt in range(5):
         proc = start(args, log)
-        wait_for(lambda: logged_steps(out) >= 1 or proc.poll() is not None, timeout=300)
+        wait_for(lambda: logged_steps(out) >= 1 or proc.poll() is not None, timeout=300, every=POLL)
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        if wait_for(lambda: writing() or proc.poll() is not None):
+        if wait_for(lambda: writing() or proc.poll() is not None, timeout=120, every=POLL):
             for pid in family:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -135,7 +126,7 @@ def test_kill_9_anywhere_then_resume_auto_matches_an_uninterrupted_run(tiny_mode
     proc = start(args, log)
     latest = checkpoints / "latest"
     past_a_checkpoint = lambda: latest.is_file() and logged_steps(out) > json.loads(latest.read_text())["step"]
-    assert wait_for(lambda: past_a_checkpoint() or proc.poll() is not None, timeout=300), log.read_text()[-3000:]
+    assert wait_for(lambda: past_a_checkpoint() or proc.poll() is not None, timeout=300, every=POLL), log.read_text()[-3000:]
     time.sleep(random.Random(f"{strategy}-kill").uniform(0.0, 1.0))
     kill_everything(proc)
     # 3. Resumed to the end.
@@ -158,7 +149,7 @@ def test_preemption_signal_saves_exits_75_and_resumes_exactly(tiny_model_dir, tm
     out, log = tmp_path / "run", tmp_path / "run.log"
     args = run_args(tiny_model_dir, out, *KILL_STRATEGIES["fsdp-async"], "checkpoint.every_steps=100")
     proc = start(args, log)
-    assert wait_for(lambda: logged_steps(out) >= 3, timeout=300), log.read_text()[-3000:]
+    assert wait_for(lambda: logged_steps(out) >= 3, timeout=300, every=POLL), log.read_text()[-3000:]
     sent = time.monotonic()
     os.kill(proc.pid, getattr(signal, sig))  # to the launcher, as SLURM signals the job step
     code = proc.wait(timeout=120)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ALPACA, REPO, read_metrics
+from polling import logged_steps, wait_for
 from slurm_cluster import ClusterError, SlurmCluster
 
 pytestmark = pytest.mark.slow
@@ -56,20 +57,8 @@ def cluster():
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_for(condition, timeout: float, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
 
 
-def logged_steps(out: Path) -> int:
-    try:
-        return sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
-    except FileNotFoundError:
-        return 0
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -160,7 +149,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cl
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-5000:]}"
 
     signal_name = "SIGUSR1" if "USR1" in how else "SIGTERM"
-    stopped = [line for line in log.splitlines() if line.startswith(f"preempted: stopped at step")]
+    stopped = [line for line in log.splitlines() if line.startswith("preempted: stopped at step")]
     assert len(stopped) == 1 and f"on {signal_name}: checkpoint" in stopped[0], log[-5000:]
     step = int(stopped[0].split("stopped at step ")[1].split()[0])
     assert 3 <= step < STEPS  # the signal came mid-run, not after it
