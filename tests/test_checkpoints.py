@@ -82,6 +82,8 @@ KILL_STRATEGIES = {
     "fsdp-async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
     "zero3": ZERO[3],
 }
+# Uninterrupted runs to compare with: the kill -9 strategies, and DDP for the corruption test.
+REFERENCE_STRATEGIES = {"ddp": ["parallel.strategy=ddp"], **KILL_STRATEGIES}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def references(tiny_model_dir, tmp_path_factory):
     """Uninterrupted runs, one per strategy, to compare the interrupted ones with."""
     root = tmp_path_factory.mktemp("reference")
     outs = {}
-    for name, extra in KILL_STRATEGIES.items():
+    for name, extra in REFERENCE_STRATEGIES.items():
         out = root / name
         proc = start(run_args(tiny_model_dir, out, *extra), root / f"{name}.log")
         assert proc.wait(timeout=600) == 0, (root / f"{name}.log").read_text()[-5000:]
