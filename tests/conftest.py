@@ -87,6 +87,20 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def losses(out: Path) -> dict[int, float]:
+    """Training loss by step from a run's metrics.jsonl (each step logged once)."""
+    by_step = {}
+    for record in read_metrics(out):
+        if "loss" in record:
+            assert record["step"] not in by_step, f"step {record['step']} logged twice"
+            by_step[record["step"]] = record["loss"]
+    return by_step
+
+
+def eval_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
+
+
 def probe_ids():
     from dtrain.presets import byte_tokenizer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ALPACA, REPO, read_metrics
+from conftest import ALPACA, REPO, eval_losses, losses, read_metrics
 from polling import logged_steps, wait_for
 from test_distributed import torchrun
 
@@ -57,19 +57,6 @@ def kill_everything(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
-
-
-def losses(out: Path) -> dict[int, float]:
-    by_step = {}
-    for record in read_metrics(out):
-        if "loss" in record:
-            assert record["step"] not in by_step, f"step {record['step']} logged twice"
-            by_step[record["step"]] = record["loss"]
-    return by_step
-
-
-def eval_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
 
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA, REPO, read_metrics
+from conftest import ALPACA, REPO, eval_losses, losses
 from polling import logged_steps, wait_for
 from slurm_cluster import ClusterError, SlurmCluster
 
@@ -59,19 +59,6 @@ def cluster():
 
 
 
-
-
-def losses(out: Path) -> dict[int, float]:
-    by_step = {}
-    for record in read_metrics(out):
-        if "loss" in record:
-            assert record["step"] not in by_step, f"step {record['step']} logged twice"
-            by_step[record["step"]] = record["loss"]
-    return by_step
-
-
-def eval_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
 
 
 def sbatch(cluster: SlurmCluster, tmp: Path, name: str, *args: str) -> str:
