@@ -1,554 +1,29 @@
-"""The run configuration: one YAML file, parsed into typed, documented sections.
+"""Loading a run's config: one YAML file plus `key=value` overrides, validated before any work starts.
 
-Every field below is a config key (`optim.lr`, `train.max_steps`, ...). `load_config`
-reads the YAML, applies `key=value` overrides from the command line and validates the
-result; any problem raises `ConfigError` naming the key, where it came from (file and
-line, or the override) and what is allowed, before any work starts.
+`load_config` reads the YAML (remembering the line of every key), applies the overrides and
+validates the result against the schema (dtrain/schema.py), then asks the run's objective and
+strategy for the rules they set on the rest of the config (`check_rules`): which data formats
+and metrics an objective has, what a strategy cannot combine with. Every problem raises
+`ConfigError` naming the key, where it came from (file and line, or the override) and the fix.
+
+The schema's types are re-exported here, so `from dtrain.config import Config` keeps working for
+users; modules of the core import them from dtrain.schema (this module imports the objectives
+and the strategies, which import the schema).
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the user."""
-
-
-class Section(BaseModel):
-    # Unknown keys are errors (typos must never be silently ignored).
-    # coerce numbers to str: `labels: [0, 1]` or `output_dir: 2024` are strings to the user too
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
-
-
-class DropoutConfig(Section):
-    """Dropout overrides; each reaches the config field(s) the architecture has for it (a model
-    without such a field gets a warning)."""
-
-    attention: float | None = Field(None, ge=0.0, lt=1.0, description="Attention-probability dropout; null: the model's.")
-    hidden: float | None = Field(None, ge=0.0, lt=1.0, description="Hidden/residual dropout; null: the model's.")
-    classifier: float | None = Field(None, ge=0.0, lt=1.0, description="Classification-head dropout; null: the model's.")
-
-
-class ModelConfig(Section):
-    path: str = Field(
-        "tiny-llama",
-        description="Local Hugging Face model directory, or a preset name "
-        "(tiny-llama, tiny-qwen2, llama3-8b, qwen2-7b, mistral-7b, llama3-70b).",
-    )
-    tokenizer: str | None = Field(
-        None, description="Tokenizer directory; default: model.path, or the built-in byte tokenizer for presets."
-    )
-    task: Literal["causal_lm", "classification"] = Field(
-        "causal_lm", description="causal_lm (next-token loss) or classification (sequence-classification head)."
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the weights are loaded in (train.precision controls autocast)."
-    )
-    trust_remote_code: bool = Field(False, description="Allow modelling code shipped inside model.path.")
-    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa; "
-                            "on CPU sdpa_varlen (SDPA run per example on packed rows; plain SDPA otherwise).")
-    gradient_checkpointing: bool = Field(False, description="Activation checkpointing: recompute activations in backward.")
-    compile: bool = Field(False, description="torch.compile each transformer block (torch strategies).")
-    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
-
-
-class FreezeConfig(Section):
-    """Partial fine-tuning: what does not train (applied after PEFT, before sharding)."""
-
-    embeddings: bool = Field(False, description="Freeze the input embeddings.")
-    layers: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
-    patterns: list[str] = Field(default_factory=list, description="Freeze parameters whose name matches (fnmatch, e.g. '*.mlp.*').")
-    head_only: bool = Field(False, description="Train only the output head (lm_head or the classification head).")
-
-
-class ParamGroupConfig(Section):
-    pattern: str = Field(description="fnmatch pattern on parameter names; the first group that matches wins.")
-    lr_scale: float = Field(1.0, ge=0.0, description="Multiplies the LR (and the schedule) of these parameters.")
-    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay of these parameters; null: the default rule.")
-
-
-class DistillConfig(Section):
-    teacher: str | None = Field(None, description="Teacher: a local model directory or a preset; null: no distillation.")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * task loss.")
-    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of both distributions.")
-
-
-class GenerationEvalConfig(Section):
-    enabled: bool = Field(False, description="Greedy generation on validation prompts: exact-match / contains-answer accuracy.")
-    max_examples: int = Field(64, ge=1, description="Validation examples to generate for (in order).")
-    max_new_tokens: int = Field(32, ge=1, description="Tokens to generate per answer.")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
-
-
-class SourceConfig(Section):
-    path: str | None = Field(None, description="A file (.jsonl .json .csv .parquet .txt .md .html) or a directory.")
-    url: str | None = Field(None, description="SQLAlchemy database URL (with query), instead of a path.")
-    query: str | None = Field(None, description="SQL query whose rows are the examples (with url).")
-    weight: float = Field(1.0, gt=0.0, description="Mixing weight: >1 repeats the source's rows, <1 samples them.")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "SourceConfig":
-        if (self.path is None) == (self.url is None):
-            raise ValueError("a data source needs either path or url (+ query)")
-        if (self.url is None) != (self.query is None):
-            raise ValueError("a SQL data source needs both url and query")
-        return self
-
-
-class CleanConfig(Section):
-    unicode: Literal["NFKC", "NFC", "none"] = Field("NFKC", description="Unicode normalisation of every text field.")
-    whitespace: bool = Field(True, description="Collapse runs of spaces, strip, at most one blank line.")
-    exact_dedup: bool = Field(True, description="Drop exact duplicates (after normalisation), within and across splits.")
-    near_dedup: bool = Field(False, description="Drop near-duplicates (MinHash LSH), within and across splits.")
-    near_dedup_threshold: float = Field(0.85, gt=0.0, le=1.0, description="Estimated Jaccard similarity that counts as a near-duplicate.")
-    min_tokens: int = Field(0, ge=0, description="Drop examples with fewer tokens.")
-    max_tokens: int | None = Field(None, ge=1, description="Drop (rather than truncate) examples with more tokens.")
-    boilerplate: Literal["drop", "strip", "off"] = Field(
-        "drop", description="Rows whose response contains a boilerplate phrase: drop them, strip the sentence, or keep.")
-    boilerplate_phrases: list[str] | None = Field(
-        None, description="Phrases that mark boilerplate; default: the 'As an AI language model' family.")
-
-
-class AugmentConfig(Section):
-    copies: int = Field(0, ge=0, description="EDA-augmented copies per training example (train split only); 0: off.")
-    p_replace: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words replaced by a synonym.")
-    p_insert: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words inserted (synonyms of other words).")
-    p_swap: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words swapped.")
-    p_delete: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of words deleted (at least one word is kept).")
-    synonyms: str = Field("wordnet", description="wordnet (Debian's wordnet-base via nltk) or a synonym file.")
-    fields: list[str] | None = Field(None, description="Fields to augment; default: the text / instruction field.")
-
-
-class DataConfig(Section):
-    train: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(path="examples/data/arithmetic_alpaca.jsonl")],
-        description="Training sources: paths, or {path|url+query, weight} mappings.",
-    )
-    validation: list[SourceConfig] = Field(
-        default_factory=list, description="Validation sources; empty: split val_ratio off the training data."
-    )
-    test: list[SourceConfig] = Field(default_factory=list, description="Test sources; empty: split test_ratio off the training data.")
-    format: Literal["text", "alpaca", "chat", "classification"] = Field(
-        "alpaca", description="How a row becomes tokens: text, alpaca, chat or classification."
-    )
-    val_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Validation fraction when no validation sources are given.")
-    test_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Test fraction when no test sources are given.")
-    max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated to this many tokens.")
-    train_on_prompt: bool = Field(
-        False, description="Also train on prompt tokens (alpaca/chat). Default: loss on the completion only."
-    )
-    add_eos: bool = Field(True, description="Append EOS to every trained completion so the model learns to stop.")
-    on_error: Literal["fail", "skip"] = Field(
-        "fail", description="A malformed row fails the run (with file and line) or is skipped and counted."
-    )
-    text_field: str = Field("text", description="Column holding the text (text and classification formats).")
-    instruction_field: str = Field("instruction", description="alpaca: the instruction column.")
-    input_field: str = Field("input", description="alpaca: the optional input column.")
-    output_field: str = Field("output", description="alpaca: the response column.")
-    messages_field: str = Field("messages", description="chat: column with a list of {role, content}.")
-    label_field: str = Field("label", description="classification: the label column.")
-    labels: list[str] | None = Field(None, description="classification: the label set; default: labels seen in train.")
-    clean: CleanConfig = Field(default_factory=CleanConfig)
-    balance: Literal["none", "oversample", "undersample", "class_weights"] = Field(
-        "none", description="classification: balance the training classes, or weight the loss by class.")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    packing: bool = Field(False, description="Pack several examples per sequence (attention kept within each).")
-    group_by_length: bool = Field(False, description="Without packing: batch examples of similar length together.")
-    shuffle: bool = Field(True, description="Shuffle the training data every epoch (seeded).")
-    cache_dir: str | None = Field(None, description="Prepared-data cache; default: $DTRAIN_CACHE/data or ~/.cache/dtrain/data.")
-    num_proc: int = Field(1, ge=1, description="Processes for cleaning and tokenization.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _sources_from_strings(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            values = dict(values)
-            for key in ("train", "validation", "test"):
-                items = values.get(key)
-                if isinstance(items, (str, dict)):
-                    items = [items]
-                if isinstance(items, list):
-                    values[key] = [{"path": s} if isinstance(s, str) else s for s in items]
-        return values
-
-    @model_validator(mode="after")
-    def _ratios(self) -> "DataConfig":
-        if self.val_ratio + self.test_ratio >= 1.0:
-            raise ValueError(f"data.val_ratio + data.test_ratio = {self.val_ratio + self.test_ratio} leaves no training data")
-        return self
-
-
-class PeftConfig(Section):
-    method: Literal["none", "lora", "dora", "qlora"] = Field(
-        "none", description="none (full fine-tune), lora, dora (weight-decomposed LoRA), or qlora (LoRA on a 4-bit base).")
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear."
-    )
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the frozen base.")
-    double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants.")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="qlora: dtype of the de-quantised matmuls; auto: bfloat16 with train.precision=bf16, else float32.")
-    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="qlora: dtype the packed 4-bit weights are stored as; auto: bfloat16 for sharding "
-        "strategies (what lets FSDP2 shard them), uint8 otherwise.")
-
-
-class FsdpConfig(Section):
-    reshard_after_forward: bool = Field(
-        True, description="Free gathered parameters after forward (ZeRO-3 like); false keeps them until backward.")
-    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimizer state in CPU memory.")
-    reduce_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype of the gradient reduce-scatter (parameters use bf16 with train.precision=bf16).")
-
-
-class ParallelConfig(Section):
-    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = Field(
-        "single", description="single (one process), ddp, fsdp (FSDP2), or deepspeed (ZeRO-1/2/3, see deepspeed_config).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
-    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto: nccl on CUDA, gloo on CPU.")
-    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
-    deepspeed_config: str | dict[str, Any] | None = Field(
-        None, description="deepspeed: a JSON file (ds_configs/zero3.json, ...) or an inline mapping; batch size, "
-        "accumulation, clipping and precision come from train.* / optim.* (\"auto\" or equal values only).")
-
-
-class OptimConfig(Section):
-    name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
-        "adamw", description="adamw (torch), or bitsandbytes' 8-bit / paged AdamW (single and ddp).")
-    lr: float = Field(3e-4, ge=0.0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
-    fused: bool | None = Field(None, description="Fused AdamW kernel; default: on where the device supports it.")
-    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this; null: off.")
-    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="Layer-wise LR decay: block i of L gets lr x decay^(L-i), the embeddings decay^(L+1); 1: off.")
-    groups: list[ParamGroupConfig] = Field(default_factory=list, description="Per-pattern LR scale / weight decay: [{pattern, lr_scale, weight_decay}].")
-    l1: float = Field(0.0, ge=0.0, description="L1 penalty on trainable weight matrices (added as l1 x sign(w) to their gradient).")
-    lr_scaling: Literal["none", "sqrt_tokens"] = Field(
-        "none", description="sqrt_tokens: the LR used is lr x sqrt(tokens per global batch / optim.lr_reference_tokens), "
-        "tokens per batch = micro_batch_size x grad_accum_steps x processes x data.max_seq_len; logged at the start.")
-    lr_reference_tokens: int | None = Field(
-        None, ge=1, description="Tokens per global batch at which optim.lr was tuned (needed by lr_scaling=sqrt_tokens).")
-
-    @model_validator(mode="after")
-    def _scaling_reference(self) -> "OptimConfig":
-        if self.lr_scaling == "sqrt_tokens" and self.lr_reference_tokens is None:
-            raise ValueError("optim.lr_scaling=sqrt_tokens needs optim.lr_reference_tokens: the tokens per global batch "
-                             "at which optim.lr was tuned")
-        return self
-
-
-class ScheduleConfig(Section):
-    name: Literal["constant", "linear", "cosine", "step", "exponential"] = Field(
-        "cosine", description="LR decay after warmup."
-    )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (overrides warmup_ratio when > 0).")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of the total steps.")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine: final LR as a fraction of the peak.")
-    step_size: int = Field(100, ge=1, description="step: multiply the LR by gamma every step_size steps.")
-    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step/exponential: decay factor.")
-
-
-class TrainConfig(Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; set this or epochs.")
-    epochs: float | None = Field(None, gt=0, description="Passes over the training data; set this or max_steps.")
-    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
-    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
-    max_bad_steps: int = Field(
-        3, ge=1, description="Stop after this many consecutive steps with a NaN/inf loss or gradient (skipped)."
-    )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy loss.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_length(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            steps, epochs = values.get("max_steps"), values.get("epochs")
-            if steps is not None and epochs is not None:
-                raise ValueError("set only one of train.max_steps and train.epochs")
-            if steps is None and epochs is None:
-                values = {**values, "epochs": 1.0}
-        return values
-
-
-class EarlyStoppingConfig(Section):
-    patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; null: off.")
-    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
-
-
-class EvalConfig(Section):
-    every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; null: only at the end.")
-    max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation; null: whole split.")
-    batch_size: int | None = Field(None, ge=1, description="Default: train.micro_batch_size.")
-    metric: str = Field("loss", description="Metric for early stopping, best checkpoint and diagnosis: loss, perplexity; "
-                        "classification: accuracy, f1_macro, f1_micro, precision_macro, recall_macro; generation: exact_match, contains_answer.")
-    mode: Literal["min", "max"] | None = Field(None, description="Whether smaller or larger is better; default: min for loss/perplexity, else max.")
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
-    worst_examples: int = Field(10, ge=0, description="Validation examples with the highest loss written to worst_examples.md at the end.")
-
-
-class CheckpointConfig(Section):
-    every_steps: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps; null: only at the end.")
-    keep_last: int = Field(2, ge=1, description="Newest complete checkpoints to keep.")
-    keep_best: int = Field(0, ge=0, description="Also keep the N checkpoints with the best eval.metric (saved at an evaluation).")
-    resume: str | None = Field(None, description="auto (newest complete checkpoint in output_dir), a checkpoint path, or null.")
-    async_save: bool = Field(False, description="Write checkpoints in the background while training goes on (not deepspeed).")
-    min_free_gb: float = Field(
-        1.0, ge=0.0, description="Refuse to start a checkpoint unless this much disk (and at least the size of the last "
-        "checkpoint) is free; nothing already written is touched.")
-
-
-class LoggingConfig(Section):
-    tensorboard: bool = Field(True, description="Write TensorBoard events to output_dir/tensorboard.")
-    wandb: bool = Field(False, description="Log to Weights & Biases (WANDB_MODE=offline works without network).")
-    wandb_project: str = Field("dtrain", description="W&B project.")
-    progress_bar: bool = Field(True, description="Progress bar on the main process.")
-
-
-class RayConfig(Section):
-    """How `python -m dtrain.ray_train` scales a run with Ray Train (the core never imports Ray)."""
-
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes), across the cluster's nodes.")
-    use_gpu: bool = Field(False, description="One GPU per worker (Ray's ScalingConfig.use_gpu).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker.")
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default: 1 with use_gpu, else 0.")
-    storage_path: str | None = Field(
-        None, description="Shared storage (a path every node sees, or s3:// gs://) for Ray's run records and "
-        "checkpoints; default: output_dir's parent.")
-    address: str | None = Field(None, description="Ray cluster address (ray://host:10001, auto); null: start Ray locally.")
-
-
-class SearchDimension(Section):
-    """One key of tune.search_space: exactly one of these."""
-
-    grid: list[Any] | None = Field(None, min_length=1, description="Every value, each in its own trial (x num_samples).")
-    choice: list[Any] | None = Field(None, min_length=1, description="One value drawn per trial.")
-    uniform: tuple[float, float] | None = Field(None, description="[lo, hi]: a float drawn uniformly.")
-    loguniform: tuple[float, float] | None = Field(None, description="[lo, hi], both > 0: uniform in log space.")
-    randint: tuple[int, int] | None = Field(None, description="[lo, hi): an integer drawn uniformly, hi excluded.")
-    quniform: tuple[float, float, float] | None = Field(None, description="[lo, hi, q]: uniform, rounded to a multiple of q.")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "SearchDimension":
-        given = [name for name in SEARCH_KINDS if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(SEARCH_KINDS)} (got {', '.join(given) or 'none'})")
-        kind = given[0]
-        bounds = getattr(self, kind)
-        if kind in ("uniform", "loguniform", "randint", "quniform") and not bounds[0] < bounds[1]:
-            raise ValueError(f"{kind}: the lower bound must be below the upper bound (got {list(bounds)})")
-        if kind == "loguniform" and bounds[0] <= 0:
-            raise ValueError(f"loguniform needs bounds > 0 (a log scale), got {list(bounds)}; use uniform to include 0")
-        if kind == "quniform" and bounds[2] <= 0:
-            raise ValueError(f"quniform: the step q must be > 0 (got {bounds[2]})")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(name for name in SEARCH_KINDS if getattr(self, name) is not None)
-
-    @property
-    def spec(self) -> Any:
-        return getattr(self, self.kind)
-
-
-SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
-
-
-class TuneSchedulerConfig(Section):
-    name: Literal["asha", "median", "none"] = Field(
-        "asha", description="Early stopping of poor trials on tune.metric: asha (async successive halving), "
-        "median (stop below the median of the others at the same step), or none.")
-    grace_period: int = Field(1, ge=1, description="Steps a trial runs before it can be stopped (both).")
-    reduction_factor: float = Field(2.0, gt=1.0, description="asha: keep 1/reduction_factor of the trials at each rung.")
-    max_t: int | None = Field(None, ge=1, description="asha: the step at which trials end; default: train.max_steps.")
-    min_samples_required: int = Field(3, ge=1, description="median: trials needed at a step before stopping any.")
-
-
-class TuneResourcesConfig(Section):
-    workers: int = Field(1, ge=1, description="Processes per trial; more than 1 runs the trial through Ray Train "
-                         "(parallel.strategy ddp or fsdp).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (a single-worker trial: per trial).")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker.")
-
-
-class TuneConfig(Section):
-    """`python -m dtrain.tune` (Ray Tune): which keys to search and how; `dtrain train` ignores it."""
-
-    search_space: dict[str, SearchDimension] = Field(
-        default_factory=dict, description="Config key (dotted, e.g. optim.lr) -> {grid | choice | uniform | "
-        "loguniform | randint | quniform: ...}.")
-    algorithm: Literal["grid", "random", "bayesian"] = Field(
-        "random", description="grid (every grid point; no sampled dimensions), random, or bayesian (Optuna TPE).")
-    num_samples: int = Field(8, ge=1, description="Trials (grid: repetitions of the whole grid).")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as the CPUs/GPUs allow.")
-    seed: int | None = Field(None, description="Seed of the search algorithm; default: the config's seed.")
-    metric: str | None = Field(None, description="Metric to optimise, as reported by evaluation: eval_loss, "
-                               "eval_accuracy, ...; default: eval_<eval.metric>.")
-    mode: Literal["min", "max"] | None = Field(None, description="Default: eval.mode for eval_<eval.metric>, else min for "
-                                               "loss/perplexity, max otherwise.")
-    scheduler: TuneSchedulerConfig = Field(default_factory=TuneSchedulerConfig)
-    resources: TuneResourcesConfig = Field(default_factory=TuneResourcesConfig)
-    storage_dir: str = Field("runs/tune", description="Directory (or s3:// gs://) holding searches; the search is "
-                             "storage_dir/name, with one dtrain run directory per trial and the results.")
-    name: str = Field("search", description="The search's name; rerun with --resume to continue it.")
-
-    @field_validator("search_space")
-    @classmethod
-    def _known_keys(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
-        for key in space:
-            if key.split(".")[0] in UNSEARCHABLE:
-                raise ValueError(f"`{key}` cannot be searched: the search sets {', '.join(UNSEARCHABLE)} itself")
-            if key not in ALL_KEYS:
-                raise PydanticCustomError("search_space_key", "unknown key {key}", {"key": key})
-            if key in SECTION_KEYS:
-                raise PydanticCustomError("search_space_section", "section {key}", {"key": key})
-        return space
-
-
-UNSEARCHABLE = ("tune", "output_dir", "ray")  # per trial, these are set by the search itself
-
-
-class Config(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    peft: PeftConfig = Field(default_factory=PeftConfig)
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    seed: int = Field(42, description="Seeds model init, data order and dropout.")
-    output_dir: str = Field("runs/default", description="Run directory: config, metrics, checkpoints, final model.")
-
-    @model_validator(mode="after")
-    def _combinations(self) -> "Config":
-        if (self.data.format == "classification") != (self.model.task == "classification"):
-            raise ValueError(
-                f"data.format={self.data.format!r} does not fit model.task={self.model.task!r}: "
-                "use data.format=classification together with model.task=classification"
-            )
-        if self.eval.mode is None:
-            self.eval.mode = "min" if self.eval.metric in ("loss", "perplexity") else "max"
-        allowed = set(self.eval_metrics())
-        if self.eval.metric not in allowed:
-            raise ValueError(f"eval.metric={self.eval.metric!r} is not reported for this task; allowed: {sorted(allowed)}")
-        if self.eval.generation.enabled and (self.model.task != "causal_lm" or self.data.format not in ("alpaca", "chat")):
-            raise ValueError("eval.generation.enabled needs instruction data with answers to check "
-                             "(data.format=alpaca or chat, model.task=causal_lm)")
-        self._check_parallel_combinations()
-        self._check_tune()
-        return self
-
-    def eval_metrics(self) -> list[str]:
-        """The metrics an evaluation reports for this config (as eval_<name>)."""
-        names = ["loss", "perplexity"]
-        if self.model.task == "classification":
-            names += ["accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"]
-        if self.eval.generation.enabled:
-            names += ["exact_match", "contains_answer"]
-        return names
-
-    def _check_tune(self) -> None:
-        """The parts of tune: that depend on the rest of the config (the search space is checked per
-        value by dtrain.tune, which builds each trial's config)."""
-        tune = self.tune
-        reported = [f"eval_{name}" for name in self.eval_metrics()]
-        if tune.metric is None:
-            tune.metric = f"eval_{self.eval.metric}"
-        elif tune.metric not in reported:
-            close = difflib.get_close_matches(tune.metric, reported, n=1)
-            raise ValueError(f"tune.metric={tune.metric!r} is not reported by any trial: evaluation reports "
-                             f"{', '.join(reported)} for this config" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if tune.mode is None:
-            tune.mode = self.eval.mode if tune.metric == f"eval_{self.eval.metric}" else (
-                "min" if tune.metric in ("eval_loss", "eval_perplexity") else "max")
-
-    def _check_parallel_combinations(self) -> None:
-        """Strategy x peft x optimizer x device combinations that cannot work, refused up front."""
-        strategy, peft, optim = self.parallel.strategy, self.peft.method, self.optim.name
-        if peft == "qlora" and strategy == "deepspeed":
-            raise ValueError(
-                "peft.method=qlora with parallel.strategy=deepspeed is not supported: DeepSpeed's engine "
-                "checkpoint cannot serialise bitsandbytes' 4-bit weights. For QLoRA use parallel.strategy=fsdp "
-                "(shards the 4-bit base), ddp or single; or keep deepspeed with peft.method=lora")
-        if optim != "adamw" and strategy in ("fsdp", "deepspeed"):
-            raise ValueError(
-                f"optim.name={optim} (bitsandbytes) with parallel.strategy={strategy} is not supported: its state "
-                f"cannot be sharded; use optim.name=adamw with {strategy}, or {optim} with single or ddp")
-        if strategy == "deepspeed":
-            if self.parallel.deepspeed_config is None:
-                raise ValueError("parallel.strategy=deepspeed needs parallel.deepspeed_config: a JSON file such as "
-                                 "ds_configs/zero2.json, or an inline mapping with zero_optimization.stage")
-            if self.model.compile:
-                raise ValueError("model.compile=true is not supported with parallel.strategy=deepspeed; "
-                                 "use ddp or fsdp to compile, or set model.compile=false")
-            from dtrain.parallel.deepspeed import resolve_deepspeed_config
-
-            resolve_deepspeed_config(self, world_size=None)  # conflicts with train.* / optim.* are errors now
-        elif self.parallel.deepspeed_config is not None:
-            raise ValueError(f"parallel.deepspeed_config is only used with parallel.strategy=deepspeed "
-                             f"(strategy is {strategy}); remove it or set parallel.strategy=deepspeed")
-        if self.optim.l1 and strategy == "deepspeed":
-            raise ValueError("optim.l1 is not supported with parallel.strategy=deepspeed (its gradients live inside the "
-                             "engine); use ddp or fsdp for an L1 penalty, or optim.weight_decay")
-        if self.checkpoint.async_save and strategy == "deepspeed":
-            raise ValueError("checkpoint.async_save=true is not supported with parallel.strategy=deepspeed (its engine "
-                             "writes its own checkpoint synchronously); set checkpoint.async_save=false")
-        if self.model.attn_implementation == "flash_attention_2" and self.parallel.device == "cpu":
-            raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA device (parallel.device=cpu); "
-                             "use sdpa or auto")
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------
-# Loading: YAML with line numbers, dotted overrides, readable errors.
-
-
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        keys.append(key)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_all_keys(ann, key + "."))
-    return keys
-
-
-ALL_KEYS = _all_keys(Config)
-SECTION_KEYS = {k for k in ALL_KEYS if k not in {leaf for leaf in ALL_KEYS if not any(o.startswith(leaf + ".") for o in ALL_KEYS)}}
-
+from pydantic import ValidationError
+
+from dtrain.objectives import objective_class
+from dtrain.parallel import check_config as check_strategy
+from dtrain.schema import *  # noqa: F401,F403  (the schema's types, for users of dtrain.config)
+from dtrain.schema import ALL_KEYS, Config, ConfigError
 
 def _yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML and remember the line of every mapping key, by dotted path."""
@@ -606,7 +81,7 @@ def _did_you_mean(key: str) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def _format_errors(exc: ValidationError, origin: dict[str, str]) -> str:
+def format_errors(exc: ValidationError, origin: dict[str, str]) -> str:
     messages = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
@@ -637,6 +112,34 @@ def _format_errors(exc: ValidationError, origin: dict[str, str]) -> str:
     return "\n  ".join(messages)
 
 
+def check_rules(cfg: Config) -> None:
+    """The rules the objective and the strategy set on the rest of the config (ValueError)."""
+    objective = objective_class(cfg)
+    objective.check_config(cfg)
+    check_strategy(cfg)
+    metrics = objective.metric_names(cfg)
+    if cfg.eval.metric not in metrics:
+        raise ValueError(f"eval.metric={cfg.eval.metric!r} is not reported for this task; allowed: {sorted(metrics)}")
+    reported = [f"eval_{name}" for name in metrics]
+    if cfg.tune.metric not in reported:
+        close = difflib.get_close_matches(cfg.tune.metric, reported, n=1)
+        raise ValueError(f"tune.metric={cfg.tune.metric!r} is not reported by any trial: evaluation reports "
+                         f"{', '.join(reported)} for this config" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+def validate(data: dict[str, Any], origin: dict[str, str] | None = None) -> Config:
+    """A Config from plain data: the schema, then the rules. ConfigError lists the problems, each
+    with where its key came from (`origin`: key -> "file:line" or the override)."""
+    try:
+        cfg = Config.model_validate(data)
+        check_rules(cfg)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, origin or {})) from None
+    except ValueError as exc:  # a rule (a ConfigError is one too)
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides, validate. Raises ConfigError."""
     data: dict[str, Any] = {}
@@ -661,26 +164,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _set_dotted(data, key, value)
         origin[key] = f"override {item!r}"
     try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid config {source}:\n  {_format_errors(exc, origin)}") from None
-
-
-def reference_markdown() -> str:
-    """The config reference table in README.md, generated from the schema (a test keeps them equal)."""
-
-    def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
-        out = []
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                out.extend(rows(ann, f"{prefix}{name}."))
-                continue
-            default = field.get_default(call_default_factory=True)
-            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
-                default = [d.model_dump(mode="json", exclude_defaults=True) for d in default]
-            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
-            out.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
-        return out
-
-    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows(Config)])
+        return validate(data, origin)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid config {source}:\n  {exc}") from None
