@@ -1,8 +1,11 @@
 """The interface every strategy implements (see dtrain/parallel/__init__.py).
 
 The defaults are those of a torch module trained by a torch optimizer in one process;
-`ddp` and `fsdp` change only what differs (wrapping, gradient sync, collectives), and
+`ddp` and `fsdp` change only what differs (wrapping, gradient sync, the process group), and
 `deepspeed` hands the step and the checkpoint to its engine.
+
+What a strategy can do is said by the capabilities at the top of `Strategy`: code outside
+dtrain/parallel/ asks those (`strategy.shards_parameters`), never the strategy's name.
 """
 
 from __future__ import annotations
@@ -10,23 +13,72 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from dtrain.parallel.collectives import Collectives
+from dtrain.parallel.mesh import ParallelDims
+
+if TYPE_CHECKING:
+    from dtrain.schema import Config
+
 
 class Strategy:
-    name = "base"
-    rank = 0
-    world_size = 1
-    local_rank = 0
-    device = torch.device("cpu")
+    name: ClassVar[str] = "base"
+
+    # ---- what it can do
+    multi_process: ClassVar[bool] = False  # its ranks are processes of one process group
+    shards_optimizer_state: ClassVar[bool] = False  # each rank keeps a part of the optimizer state
+    supports_qlora: ClassVar[bool] = True  # can train (and checkpoint) a bitsandbytes 4-bit base
+    runs_under_ray_train: ClassVar[bool] = False  # joins the process group Ray Train's workers set up
+    engine_checkpoint: ClassVar[bool] = False  # checkpoints in an engine's own format (not torch.distributed's)
+
+    comm: Collectives
+    dims: ParallelDims  # how the ranks are arranged (the device mesh's named dimensions)
+
+    def __init__(self, comm: Collectives, dims: ParallelDims):
+        self.comm, self.dims = comm, dims
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def device(self) -> torch.device:
+        return self.comm.device
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank holds a part of every parameter (gathered for compute)."""
+        return False
+
+    @property
+    def collective_forward(self) -> bool:
+        """A forward pass is a collective: every rank must make the same number of them."""
+        return self.shards_parameters and self.comm.world_size > 1
+
+    # ---- building and ending
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Strategy":
+        """The strategy `cfg` asks for, joining (or starting) its process group."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        """Refuse (ValueError, naming the keys and the fix) what this strategy cannot do with the
+        rest of `cfg`; called when the config is loaded, before any work starts."""
+        if cfg.parallel.deepspeed_config is not None:
+            raise ValueError(f"parallel.deepspeed_config is only used with parallel.strategy=deepspeed "
+                             f"(strategy is {cfg.parallel.strategy}); remove it or set parallel.strategy=deepspeed")
+
+    @classmethod
+    def memory_layout(cls, cfg: "Config") -> tuple[int, bool]:
+        """(ZeRO stage or 0, offload to CPU): which row of `dtrain estimate`'s table `cfg` runs as."""
+        return 0, False
+
+    def close(self, clean: bool) -> None:
+        """End what this strategy started (its process group). `clean`: every rank got here
+        together, so they can wait for each other first."""
 
     # ---- model and optimizer
 
@@ -80,24 +132,6 @@ class Strategy:
         optimizer.zero_grad(set_to_none=True)
         return norm, applied
 
-    # ---- collectives (no-ops in one process)
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def broadcast_object(self, obj: Any) -> Any:
-        """rank 0's `obj` on every rank."""
-        return obj
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
-
     # ---- state
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +149,7 @@ class Strategy:
         if trainable_only:
             # full_tensor() all-gathers a sharded parameter: every rank calls it, in the same order.
             full = {name: _full(p.detach()) for name, p in self.trainable_parameters(model).items()}
-            return {name: t.cpu() for name, t in full.items()} if self.is_main else {}
+            return {name: t.cpu() for name, t in full.items()} if self.comm.is_main else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -167,8 +201,6 @@ class Strategy:
         return {"parameters": sum(_local(p).numel() * p.element_size() for p in params),
                 "optimizer": _optimizer_bytes(optimizer, {id(p) for p in params})}
 
-    def shutdown(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------------------

@@ -7,21 +7,29 @@ on the others), so accumulation costs one reduction per optimizer step.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from dtrain.config import ParallelConfig
 from dtrain.parallel.distributed import Distributed
+from dtrain.parallel.mesh import ParallelDims
+
+if TYPE_CHECKING:
+    from dtrain.schema import Config, ParallelConfig
 
 
 class DDP(Distributed):
     name = "ddp"
+    runs_under_ray_train = True
 
-    def __init__(self, cfg: ParallelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: "ParallelConfig"):
+        super().__init__(cfg, lambda world: ParallelDims.of(dp_replicate=world))
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "DDP":
+        return cls(cfg.parallel)
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
         if not _is_quantized(model):  # bitsandbytes places 4-bit weights on load; .to() would refuse

@@ -28,9 +28,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dtrain.parallel.distributed import Distributed
+from dtrain.parallel.mesh import ParallelDims
 
 if TYPE_CHECKING:
-    from dtrain.config import Config
+    from dtrain.schema import Config
 
 ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"
 
@@ -104,23 +105,60 @@ def resolve_deepspeed_config(cfg: "Config", world_size: int | None, hidden_size:
 
 class DeepSpeed(Distributed):
     name = "deepspeed"
+    shards_optimizer_state = True
+    supports_qlora = False
+    engine_checkpoint = True
 
     def __init__(self, cfg: "Config"):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu"
                               else "cpu")
-        super().__init__(cfg.parallel)
+        super().__init__(cfg.parallel, lambda world: ParallelDims.of(dp_shard=world))
         self.cfg = cfg
-        self.stage = 0
+        self.stage = resolve_deepspeed_config(cfg, world_size=None)["zero_optimization"]["stage"]
         self.universal: Path | None = None  # a universal-format copy to resume from
         # DeepSpeed calls collectives torch has renamed, once per step: not the user's concern.
         for old in ("reduce_scatter_tensor", "all_gather_into_tensor"):
             warnings.filterwarnings("ignore", message=rf".*`torch\.distributed\.{old}` is deprecated", category=FutureWarning)
 
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "DeepSpeed":
+        return cls(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        if cfg.peft.method == "qlora":
+            raise ValueError(
+                "peft.method=qlora with parallel.strategy=deepspeed is not supported: DeepSpeed's engine "
+                "checkpoint cannot serialise bitsandbytes' 4-bit weights. For QLoRA use parallel.strategy=fsdp "
+                "(shards the 4-bit base), ddp or single; or keep deepspeed with peft.method=lora")
+        if cfg.parallel.deepspeed_config is None:
+            raise ValueError("parallel.strategy=deepspeed needs parallel.deepspeed_config: a JSON file such as "
+                             "ds_configs/zero2.json, or an inline mapping with zero_optimization.stage")
+        if cfg.model.compile:
+            raise ValueError("model.compile=true is not supported with parallel.strategy=deepspeed; "
+                             "use ddp or fsdp to compile, or set model.compile=false")
+        resolve_deepspeed_config(cfg, world_size=None)  # conflicts with train.* / optim.* are errors now
+        if cfg.optim.l1:
+            raise ValueError("optim.l1 is not supported with parallel.strategy=deepspeed (its gradients live inside the "
+                             "engine); use ddp or fsdp for an L1 penalty, or optim.weight_decay")
+        if cfg.checkpoint.async_save:
+            raise ValueError("checkpoint.async_save=true is not supported with parallel.strategy=deepspeed (its engine "
+                             "writes its own checkpoint synchronously); set checkpoint.async_save=false")
+
+    @classmethod
+    def memory_layout(cls, cfg: "Config") -> tuple[int, bool]:
+        zero = resolve_deepspeed_config(cfg, world_size=None).get("zero_optimization", {})
+        offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+        return zero.get("stage"), offload
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.stage == 3
+
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
         import deepspeed
 
-        ds_config = resolve_deepspeed_config(self.cfg, self.world_size, getattr(model.config, "hidden_size", None))
-        self.stage = ds_config["zero_optimization"]["stage"]
+        ds_config = resolve_deepspeed_config(self.cfg, self.comm.world_size, getattr(model.config, "hidden_size", None))
         if self.universal is not None:
             ds_config["checkpoint"] = {"load_universal": True}
         self.has_frozen = any(not p.requires_grad for p in model.parameters())
@@ -132,7 +170,7 @@ class DeepSpeed(Distributed):
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        ds_config = resolve_deepspeed_config(self.cfg, self.world_size, getattr(model.config, "hidden_size", None))
+        ds_config = resolve_deepspeed_config(self.cfg, self.comm.world_size, getattr(model.config, "hidden_size", None))
         if ds_config["zero_optimization"]["stage"] < 3:
             return model.to(self.device).eval()  # stages 1/2 keep whole parameters anyway
         import deepspeed
@@ -174,12 +212,12 @@ class DeepSpeed(Distributed):
             # ZeRO-3 holds a partition of each: gather them whole while copying them out.
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
                                                    enabled=self.stage == 3):
-                return {name: p.detach().cpu().clone() for name, p in params.items()} if self.is_main else {}
+                return {name: p.detach().cpu().clone() for name, p in params.items()} if self.comm.is_main else {}
         if self.stage == 3:
             # Gathers the partitions module by module onto rank 0 (what HF's integration uses).
             state = model._zero3_consolidated_16bit_state_dict()
-            return {k: v.cpu() for k, v in state.items()} if self.is_main else {}
-        return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()} if self.is_main else {}
+            return {k: v.cpu() for k, v in state.items()} if self.comm.is_main else {}
+        return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()} if self.comm.is_main else {}
 
     def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path, async_save: bool = False) -> None:
         # (async_save is refused for deepspeed at config time)
@@ -192,10 +230,10 @@ class DeepSpeed(Distributed):
     def prepare_resume(self, path: Path, manifest: dict[str, Any]) -> None:
         """Engine checkpoints load only at the world size that wrote them; for another one,
         convert to DeepSpeed's universal format (once, next to the checkpoint) and load that."""
-        if manifest["world_size"] == self.world_size:
+        if manifest["world_size"] == self.comm.world_size:
             return
         universal = path.parent / f".universal-{path.name}"
-        if self.is_main and not (universal / "latest_universal").is_file():
+        if self.comm.is_main and not (universal / "latest_universal").is_file():
             stage = manifest["zero_stage"]
             tmp = path.parent / f".tmp-universal-{path.name}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -207,9 +245,9 @@ class DeepSpeed(Distributed):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"converting {path} (world size {manifest['world_size']}) to DeepSpeed's universal "
-                                   f"format for world size {self.world_size} failed:\n{done.stderr[-3000:]}")
+                                   f"format for world size {self.comm.world_size} failed:\n{done.stderr[-3000:]}")
             os.rename(tmp, universal)
-        self.barrier()
+        self.comm.barrier()
         self.universal = universal
 
     def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
@@ -232,3 +270,13 @@ class DeepSpeed(Distributed):
                  if torch.is_tensor(t) and t.dim() > 0]
         return {"parameters": sum(t.numel() * t.element_size() for t in local),
                 "optimizer": sum(t.numel() * t.element_size() for t in masters + state)}
+
+
+def read_model_state(engine_dir: Path, exclude_frozen: bool) -> dict[str, torch.Tensor]:
+    """The trainable weights of an engine checkpoint as full fp32 CPU tensors, in one process:
+    DeepSpeed's zero_to_fp32 reassembles every rank's fp32 master partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=ENGINE_TAG,
+                                                     exclude_frozen_parameters=exclude_frozen)
+    return {name: tensor.float() for name, tensor in state.items()}

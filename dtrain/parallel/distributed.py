@@ -1,32 +1,32 @@
-"""The process group, and the collectives every multi-process strategy shares.
+"""The process group every multi-process strategy joins, and leaves again.
 
 Joining the process group that torchrun (or srun, or Ray Train) set up:
 torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a distributed
 strategy started without them (plain `python -m dtrain.train` with strategy ddp) runs as a
 one-process group, which is useful for debugging the same code path.
+
+Whoever creates the default group destroys it: a strategy that found one already there (Ray
+Train's workers, a test harness running several trainings in one job) leaves it as it was.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from dtrain.config import ParallelConfig
 from dtrain.parallel.base import Strategy
+from dtrain.parallel.collectives import GroupCollectives
+from dtrain.parallel.mesh import ParallelDims
 from dtrain.parallel.single import pick_device
 
+if TYPE_CHECKING:
+    from dtrain.schema import ParallelConfig
 
-@dataclass(frozen=True)
-class ProcessGroupInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
+_described_here: dict[str, str] = {}  # the launcher variables this process set itself (a group of one)
 
 
 def _free_port() -> int:
@@ -44,67 +44,55 @@ def backend_for(device: torch.device, requested: str) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(cfg: ParallelConfig) -> ProcessGroupInfo:
-    """Join (or reuse) the default process group; one device per process."""
+def init_process_group(cfg: "ParallelConfig") -> tuple[GroupCollectives, bool]:
+    """Join (or reuse) the default process group, one device per process. Returns the
+    collectives and whether this call created the group (and so must destroy it)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            # No launcher: a group of one, described the way torchrun would (DeepSpeed reads these too).
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+    created = not dist.is_initialized()
+    if created:
+        ours = _described_here and all(os.environ.get(k) == v for k, v in _described_here.items())
+        if "WORLD_SIZE" not in os.environ or ours:
+            # No launcher: a group of one, described the way torchrun would (DeepSpeed reads these
+            # too), on a port of its own each time (a group made here before may still hold its port).
+            _described_here.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                   MASTER_PORT=str(_free_port()))
+            os.environ.update(_described_here)
         dist.init_process_group(backend_for(device, cfg.backend), device_id=device if device.type == "cuda" else None)
-    return ProcessGroupInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    comm = GroupCollectives(device, dist.get_rank(), dist.get_world_size(), local_rank)
+    return comm, created
 
 
-def destroy_process_group() -> None:
-    """Every rank waits for the others, then tears down: exiting without this aborts
-    intermittently (`terminate called without an active exception`) under gloo."""
+def destroy_process_group(clean: bool = True) -> None:
+    """Tear the default group down. With `clean` (every rank is here), wait for the others first:
+    exiting without that aborts intermittently (`terminate called without an active exception`)
+    under gloo. After an error on some ranks only, a barrier would wait forever: no barrier."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 class Distributed(Strategy):
-    """Rank, device and collectives from the default process group."""
+    """A strategy whose ranks are the processes of the default process group."""
 
-    def __init__(self, cfg: ParallelConfig):
-        info = init_process_group(cfg)
-        self.rank, self.world_size, self.local_rank, self.device = (
-            info.rank, info.world_size, info.local_rank, info.device)
+    multi_process = True
 
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
+    def __init__(self, cfg: "ParallelConfig", dims: Callable[[int], ParallelDims]):
+        comm, self._owns_group = init_process_group(cfg)
+        super().__init__(comm, dims(comm.world_size))
+        self._checkpoint_group: Any = None
 
-    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return value
-
-    def broadcast_object(self, obj: Any) -> Any:
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        dist.barrier()
+    def close(self, clean: bool) -> None:
+        if self._owns_group:
+            destroy_process_group(clean)
 
     def checkpoint_group(self) -> Any:
         # An async save runs its collectives from a background thread: on a group of their
         # own they never interleave with the training step's (created once, by every rank).
-        if getattr(self, "_checkpoint_group", None) is None:
+        if self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")
         return self._checkpoint_group
-
-    def shutdown(self) -> None:
-        destroy_process_group()

@@ -1,29 +1,33 @@
 """FSDP2: parameters, gradients and optimizer state sharded across ranks.
 
-Applied the torchtitan way, as a function on the plain model: `fully_shard` on every
-transformer block, then on the root, so that one block's parameters are gathered at a time.
-LoRA (peft) is applied before sharding, so only adapter weights train; activation
-checkpointing is enabled on the model before sharding too.
+Applied the torchtitan way, as a function on the plain model over the mesh's data-parallel
+shard dimension: `fully_shard` on every transformer block, then on the root, so that one
+block's parameters are gathered at a time. LoRA (peft) is applied before sharding, so only
+adapter weights train; activation checkpointing is enabled on the model before sharding too.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dtrain.config import FsdpConfig, ParallelConfig
-from dtrain.model import transformer_blocks
 from dtrain.parallel.distributed import Distributed
+from dtrain.parallel.mesh import ParallelDims
+
+if TYPE_CHECKING:
+    from dtrain.schema import Config, FsdpConfig, ParallelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def apply_fsdp(model: nn.Module, mesh, cfg: FsdpConfig, bf16: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: Any, cfg: "FsdpConfig", bf16: bool) -> nn.Module:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from dtrain.model import transformer_blocks
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=DTYPES[cfg.reduce_dtype] if bf16 else None)
@@ -39,25 +43,40 @@ def apply_fsdp(model: nn.Module, mesh, cfg: FsdpConfig, bf16: bool) -> nn.Module
 
 class FSDP(Distributed):
     name = "fsdp"
+    shards_optimizer_state = True
+    runs_under_ray_train = True
 
-    def __init__(self, cfg: ParallelConfig, *, bf16: bool = False):
-        super().__init__(cfg)
+    def __init__(self, cfg: "ParallelConfig", *, bf16: bool = False):
+        super().__init__(cfg, lambda world: ParallelDims.of(dp_shard=world))
         self.cfg = cfg.fsdp
         self.bf16 = bf16
+        self._mesh: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "FSDP":
+        return cls(cfg.parallel, bf16=cfg.train.precision == "bf16")
+
+    @classmethod
+    def memory_layout(cls, cfg: "Config") -> tuple[int, bool]:
+        return 0, cfg.parallel.fsdp.cpu_offload
+
+    @property
+    def shards_parameters(self) -> bool:
+        return True
+
+    def mesh(self) -> Any:
+        """The device mesh (built once, by every rank); FSDP shards over its dp_shard dimension."""
+        if self._mesh is None:
+            self._mesh = self.dims.build(self.device.type)
+        return self._mesh["dp_shard"]
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        model = apply_fsdp(model, mesh, self.cfg, self.bf16)  # also moves the shards to the mesh's device
+        model = apply_fsdp(model, self.mesh(), self.cfg, self.bf16)  # also moves the shards to the mesh's device
         return model, make_optimizer(model)
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-
         model.requires_grad_(False)
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        return apply_fsdp(model, mesh, self.cfg, self.bf16).eval()  # sharded like the student
+        return apply_fsdp(model, self.mesh(), self.cfg, self.bf16).eval()  # sharded like the student
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         _reshard(model)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dtrain.config import ParallelConfig
 from dtrain.parallel.base import Strategy
+from dtrain.parallel.collectives import Collectives
+from dtrain.parallel.mesh import ParallelDims
+
+if TYPE_CHECKING:
+    from dtrain.schema import Config, ParallelConfig
 
 
 def pick_device(requested: str) -> torch.device:
@@ -23,8 +27,12 @@ def pick_device(requested: str) -> torch.device:
 class SingleDevice(Strategy):
     name = "single"
 
-    def __init__(self, cfg: ParallelConfig):
-        self.device = pick_device(cfg.device)
+    def __init__(self, cfg: "ParallelConfig"):
+        super().__init__(Collectives(pick_device(cfg.device)), ParallelDims.of(dp_replicate=1))
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "SingleDevice":
+        return cls(cfg.parallel)
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
         model = model.to(self.device)
