@@ -129,3 +129,9 @@ def register() -> None:
 
 
 register()
+
+
+def uses_varlen_attention(model: torch.nn.Module) -> bool:
+    """Flash-attention 2 and sdpa_varlen take packed examples as one flattened, padding-free
+    sequence (`model`: the plain model, not a strategy's wrapper)."""
+    return getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", NAME)

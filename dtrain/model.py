@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from transformers import (
 )
 
 from dtrain import attention, presets  # (importing attention registers sdpa_varlen)
-from dtrain.config import ConfigError, DropoutConfig, ModelConfig, PeftConfig
+from dtrain.schema import ConfigError, DropoutConfig, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,8 +101,8 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return attention.NAME
 
 
-def quantization_config(peft: PeftConfig, precision: str, strategy: str) -> Any:
-    """bitsandbytes 4-bit settings for QLoRA."""
+def quantization_config(peft: PeftConfig, precision: str, sharded: bool) -> Any:
+    """bitsandbytes 4-bit settings for QLoRA (`sharded`: the strategy shards the parameters)."""
     from transformers import BitsAndBytesConfig
 
     compute = peft.compute_dtype if peft.compute_dtype != "auto" else (
@@ -109,7 +110,7 @@ def quantization_config(peft: PeftConfig, precision: str, strategy: str) -> Any:
     # Sharding flattens and splits parameters by dtype: packed 4-bit data stored as bf16
     # shards like any other weight (its quantisation constants stay on the module).
     storage = peft.quant_storage if peft.quant_storage != "auto" else (
-        "bfloat16" if strategy in ("fsdp", "deepspeed") else "uint8")
+        "bfloat16" if sharded else "uint8")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft.quant_type,
                               bnb_4bit_use_double_quant=peft.double_quant, bnb_4bit_compute_dtype=DTYPES[compute],
                               bnb_4bit_quant_storage=DTYPES.get(storage, torch.uint8))
@@ -155,6 +156,25 @@ def load_model(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def load_frozen_model(cfg: ModelConfig, key: str, tokenizer: PreTrainedTokenizerBase, *, num_labels: int | None,
+                      seed: int, device: torch.device) -> nn.Module:
+    """A model an objective runs beside the trained one without training it (a teacher, a reference),
+    named by config key `key`. It reads the same batches, so it must have the same vocabulary."""
+    other = load_tokenizer(cfg)
+    if tokenizer.get_vocab() != other.get_vocab():
+        raise ConfigError(f"{key}={cfg.path} has another tokenizer than the student ({len(other.get_vocab())} vs "
+                          f"{len(tokenizer.get_vocab())} tokens, or other ids); its predictions are compared token "
+                          "by token with the trained model's, which needs the same vocabulary")
+    return load_model(cfg, tokenizer, num_labels=num_labels, seed=seed, device=device)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for train.precision=bf16 (fp32: no autocast)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def keep_4bit_training_kernel(model: nn.Module) -> None:

@@ -140,6 +140,20 @@ class BatchIterator:
         self.epoch, self.index, self._order = state["epoch"], index, None
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
+    """Non-padding tokens of a batch (packed batches carry a 4-D mask, so count from the ids)."""
+    mask = batch.get("attention_mask")
+    if mask is None:  # flattened packing: one row, no padding at all
+        return batch["input_ids"].numel()
+    if mask.dim() == 2:
+        return int(mask.sum().item())
+    return int((batch["input_ids"] != pad_id).sum().item())
+
+
 def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
                  max_batches: int | None = None, flatten_packed: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Every example once, in order; rank r takes every world_size-th batch.

@@ -1,0 +1,157 @@
+"""What an objective is: how a micro-batch becomes a loss, and what an evaluation reports.
+
+The training loop and evaluation call only this interface, so a new objective is a new module
+in this package plus one entry in OBJECTIVES (and the schema's `train.objective` values), never
+a branch in dtrain/train.py:
+
+    data_formats, model_task       the data.format values it trains on, the head the model needs
+    batch_fields                   the tensors each micro-batch must carry
+    check_config(cfg)              what it refuses in the rest of the config (at load time)
+    frozen_models(cfg)             extra models it needs that do not train (a teacher; a reference
+                                   model), by the config key naming them; loaded and placed (or
+                                   sharded) by the strategy like the trained model
+    from_config(cfg, data, frozen) the objective for a run (`frozen`: the loaded frozen models by key;
+                                   empty when it is built to evaluate only)
+    count(batch)                   how many things the batch's loss sums over (target tokens,
+                                   examples, pairs): the loop normalises every micro-batch's loss by
+                                   this count over the whole optimizer step, on every rank
+    loss(model, batch)             the loss *summed* over those things
+    metric_names(cfg), eval_sums(model, batch), eval_metrics(sums), worst_examples(...)
+                                   what an evaluation reports: sums over batches and ranks, then
+                                   the metrics computed from them
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from dtrain.attention import varlen_kwargs
+from dtrain.data.formats import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from dtrain.data.pipeline import PreparedData
+    from dtrain.schema import Config, ModelConfig
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class ExampleScore:
+    """One evaluated example, for the list of those with the highest loss."""
+
+    loss: float
+    index: int
+    prompt_ids: list[int]  # the input before the first trained token (the whole input for classification)
+    target_ids: list[int]
+    predicted_ids: list[int]
+
+
+class Objective:
+    name: ClassVar[str]
+    data_formats: ClassVar[tuple[str, ...]]
+    model_task: ClassVar[str]  # model.task: causal_lm (a language-model head) or classification
+    batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels")
+
+    # ---- at config time
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        """Refuse (ValueError, naming the keys and the fix) what this objective cannot train."""
+        cls.check_data(cfg)
+        if cfg.distill.teacher is not None and "distill.teacher" not in cls.frozen_models(cfg):
+            raise ValueError(f"distill.teacher is set, but train.objective={cls.name} uses no teacher; set "
+                             "train.objective=distillation (or auto), or remove distill.teacher")
+
+    @classmethod
+    def check_data(cls, cfg: "Config") -> None:
+        """The model head and the data this objective trains on."""
+        if cfg.model.task != cls.model_task:
+            raise ValueError(f"train.objective={cls.name} needs model.task={cls.model_task} "
+                             f"(got model.task={cfg.model.task}); set model.task, or another train.objective")
+        if cfg.data.format not in cls.data_formats:
+            raise ValueError(cls.format_mismatch(cfg))
+
+    @classmethod
+    def format_mismatch(cls, cfg: "Config") -> str:
+        return (f"data.format={cfg.data.format!r} does not fit train.objective={cls.name}, which trains on "
+                f"data.format {' or '.join(cls.data_formats)}")
+
+    @classmethod
+    def metric_names(cls, cfg: "Config") -> list[str]:
+        """What an evaluation reports, each as eval_<name>; the first is the loss."""
+        return ["loss", "perplexity"]
+
+    @classmethod
+    def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
+        return {}
+
+    # ---- during the run
+
+    @classmethod
+    def from_config(cls, cfg: "Config", data: "PreparedData", frozen: dict[str, nn.Module]) -> "Objective":
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """Quantities to add up over every evaluated batch and rank, and what `worst_examples` needs."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def worst_examples(self, batch: dict[str, torch.Tensor], scored: Any, index: torch.Tensor) -> list[ExampleScore]:
+        return []
+
+
+# --------------------------------------------------------------------------------------
+# Shared by the objectives that predict labels (tokens or classes)
+
+
+def logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits and the labels they predict (`shift`: causal LM, each position predicts the next token)."""
+    # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or
+    # (flattened, for flash-attention) no mask. No KV cache: nothing is generated here.
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "attention_mask" not in batch and "position_ids" in batch and batch["input_ids"].shape[0] == 1:
+        # Flattened: the example boundaries once per forward, in the keyword arguments that
+        # flash-attention and sdpa_varlen take (each layer would otherwise derive them again).
+        inputs.update(varlen_kwargs(batch["position_ids"]))
+    logits = model(**inputs, use_cache=False).logits.float()
+    labels = batch["labels"]
+    if shift:
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
+    return logits, labels
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor | None = None,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """The cross-entropy summed over the labelled positions (a sum: the loop normalises it by the
+    targets of the whole optimizer step, so that k micro-batches of any lengths give exactly the
+    gradient of one batch k times larger). Class weights scale each example's term."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum", weight=weight,
+                                             label_smoothing=label_smoothing)
+
+
+def scored_labels(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position loss (0 where unlabelled) and prediction, for evaluation."""
+    token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                   ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    return {"token_loss": token_loss, "predicted": logits.argmax(-1), "labels": labels}
+
+
+def loss_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean loss over the counted targets, and its perplexity."""
+    import math
+
+    loss = (sums["loss"] / sums["targets"].clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}

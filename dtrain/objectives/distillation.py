@@ -1,0 +1,90 @@
+"""Knowledge distillation: a frozen teacher's softened predictions as a second target.
+
+    loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * task loss
+
+(Hinton et al., 2015: the T^2 keeps the gradient scale of the soft term independent of T.)
+The task is the objective of model.task (next-token or classification), whose forward pass and
+loss are reused; both terms are sums over the task's trained positions, normalised with the
+task loss by the number of targets in the whole optimizer step, so accumulation and world size
+change nothing. The teacher is loaded like the student (same task, dtype, attention) and placed
+or sharded by the strategy like it; evaluation reports the task's metrics.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtrain.data.formats import IGNORE_INDEX
+from dtrain.objectives.base import Objective
+from dtrain.objectives.causal_lm import CausalLM
+from dtrain.objectives.classification import Classification
+
+if TYPE_CHECKING:
+    from dtrain.data.pipeline import PreparedData
+    from dtrain.schema import Config, ModelConfig
+
+TEACHER = "distill.teacher"
+TASKS = {task.model_task: task for task in (CausalLM, Classification)}  # model.task -> what the student learns
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+           temperature: float) -> torch.Tensor:
+    """Sum over the positions where `mask` is true of KL(softmax(teacher/T) || softmax(student/T)) * T^2."""
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)
+    return (per_position * mask).sum() * temperature**2
+
+
+class Distillation(Objective):
+    name = "distillation"
+    data_formats = tuple(fmt for task in TASKS.values() for fmt in task.data_formats)
+
+    def __init__(self, task: CausalLM | Classification, teacher: nn.Module | None, *, alpha: float, temperature: float):
+        self.task, self.teacher, self.alpha, self.temperature = task, teacher, alpha, temperature
+
+    @classmethod
+    def from_config(cls, cfg: "Config", data: "PreparedData", frozen: dict[str, nn.Module]) -> "Distillation":
+        task = TASKS[cfg.model.task].from_config(cfg, data, {})
+        return cls(task, frozen.get(TEACHER), alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        if cfg.distill.teacher is None:
+            raise ValueError("train.objective=distillation needs distill.teacher: a local model directory or a preset")
+        TASKS[cfg.model.task].check_data(cfg)
+
+    @classmethod
+    def metric_names(cls, cfg: "Config") -> list[str]:
+        return TASKS[cfg.model.task].metric_names(cfg)
+
+    @classmethod
+    def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
+        teacher = cfg.model.model_copy(update={"path": cfg.distill.teacher, "tokenizer": None,
+                                               "gradient_checkpointing": False, "compile": False})
+        return {TEACHER: teacher}
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.task.count(batch)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.teacher is None:
+            raise RuntimeError("distillation was built without its teacher (only for evaluation)")
+        logits, labels = self.task.predict(model, batch)
+        with torch.no_grad():
+            teacher_logits, _ = self.task.predict(self.teacher, batch)
+        soft = kl_sum(logits, teacher_logits, labels != IGNORE_INDEX, self.temperature)
+        return self.alpha * soft + (1.0 - self.alpha) * self.task.loss_of(logits, labels)
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        return self.task.eval_sums(model, batch)
+
+    def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return self.task.eval_metrics(sums)
+
+    def worst_examples(self, batch: dict[str, torch.Tensor], scored: Any, index: torch.Tensor) -> list:
+        return self.task.worst_examples(batch, scored, index)
