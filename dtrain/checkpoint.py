@@ -15,6 +15,12 @@ Every rank writes into one hidden temporary directory; once all have finished, t
 rank writes the manifest and renames the directory into place, then replaces `latest`.
 A crash at any moment therefore leaves the previous checkpoints untouched, and a
 directory whose files do not match its manifest is never resumed from.
+
+A run hands its `Checkpointer` everything that must survive a restart once (the model and
+optimizer, whose shards the strategy writes, and every object with `state_dict` /
+`load_state_dict`: scheduler, data position, loop state); it saves and restores exactly that
+set, together with every rank's RNG, and decides when to save: every `checkpoint.every_steps`,
+at the end of the run, and when the job is told to stop (SIGTERM, SIGUSR1, SIGUSR2).
 """
 
 from __future__ import annotations
@@ -25,25 +31,31 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import signal
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+
+from dtrain.schema import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
     from torch.optim import Optimizer
 
-    from dtrain.config import Config
-    from dtrain.parallel import Strategy
+    from dtrain.parallel.base import Strategy
+    from dtrain.parallel.collectives import Collectives
+    from dtrain.schema import Config
 
 log = logging.getLogger(__name__)
 
 STATE_FILE, MANIFEST_FILE, RNG_DIR = "trainer_state.pt", "manifest.json", "rng"
 PREFIX = "step_"
 FORMAT_VERSION = 2
+ENGINE_KEY = "deepspeed"  # the manifest's compatibility entry: written by an engine (DeepSpeed's format), or not
 
 
 class CheckpointError(RuntimeError):
@@ -114,21 +126,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Compatibility: what a checkpoint must agree on with the run that resumes it
 
 
-def compatibility(cfg: "Config") -> dict[str, Any]:
-    """Config values that make a checkpoint's tensors mean something: the model and its adapters.
-    (LR, steps, batch size and the like may change on resume; the data position checks the data.)"""
+def compatibility(cfg: "Config", strategy: "Strategy") -> dict[str, Any]:
+    """Config values that make a checkpoint's tensors mean something: the model and its adapters,
+    and the format they are in. (LR, steps, batch size and the like may change on resume; the data
+    position checks the data.)"""
     return {"model.path": cfg.model.path, "model.task": cfg.model.task, "model.dtype": cfg.model.dtype,
             **{f"peft.{k}": v for k, v in cfg.peft.model_dump(mode="json").items()},
-            "deepspeed": cfg.parallel.strategy == "deepspeed"}
+            ENGINE_KEY: strategy.engine_checkpoint}
 
 
-def check_compatible(path: Path, manifest: dict[str, Any], cfg: "Config") -> None:
-    saved, current = manifest.get("compatibility", {}), compatibility(cfg)
+def check_compatible(path: Path, manifest: dict[str, Any], cfg: "Config", strategy: "Strategy") -> None:
+    saved, current = manifest.get("compatibility", {}), compatibility(cfg, strategy)
     differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if not differ:
         return
-    if differ == ["deepspeed"]:
-        saved_kind = "a DeepSpeed engine checkpoint" if saved.get("deepspeed") else "a torch.distributed checkpoint"
+    if differ == [ENGINE_KEY]:
+        saved_kind = "a DeepSpeed engine checkpoint" if saved.get(ENGINE_KEY) else "a torch.distributed checkpoint"
         raise CheckpointError(
             f"checkpoint {path} is {saved_kind}, which parallel.strategy={cfg.parallel.strategy} cannot resume; "
             f"resume with the strategy family it was written by, or turn it into a model with "
@@ -157,10 +170,10 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _check_free_disk(root: Path, strategy: "Strategy", min_free_gb: float) -> None:
+def _check_free_disk(root: Path, comm: "Collectives", min_free_gb: float) -> None:
     """Refuse to start a checkpoint that may not fit: nothing is written, nothing removed."""
     problem = None
-    if strategy.is_main:
+    if comm.is_main:
         existing = list_checkpoints(root)
         needed = max(min_free_gb * 1e9, _dir_bytes(existing[-1]) if existing else 0)
         free = shutil.disk_usage(root).free
@@ -168,7 +181,7 @@ def _check_free_disk(root: Path, strategy: "Strategy", min_free_gb: float) -> No
             problem = (f"only {free / 1e9:.2f} GB free in {root}, the checkpoint needs about {needed / 1e9:.2f} GB "
                        "(the last checkpoint's size, or checkpoint.min_free_gb): free some space or lower "
                        "checkpoint.keep_last; the existing checkpoints are untouched")
-    problem = strategy.broadcast_object(problem)
+    problem = comm.broadcast_object(problem)
     if problem is not None:
         raise CheckpointError(problem)
 
@@ -178,17 +191,17 @@ def begin_save(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module
                async_save: bool = False) -> PendingSave:
     """Start writing checkpoint `step` into a temporary directory (collective). With
     `async_save` the shards are written in the background and training can go on."""
-    name = checkpoint_name(step)
+    name, comm = checkpoint_name(step), strategy.comm
     final, tmp = root / name, root / f".tmp-{name}"
-    if strategy.is_main:
+    if comm.is_main:
         root.mkdir(parents=True, exist_ok=True)
-    _check_free_disk(root, strategy, min_free_gb)
-    if strategy.is_main:
+    _check_free_disk(root, comm, min_free_gb)
+    if comm.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save of the same step
         (tmp / RNG_DIR).mkdir(parents=True)
-    strategy.barrier()
-    _torch_save(rng_state(), tmp / RNG_DIR / f"rank_{strategy.rank:05d}.pt")
-    if strategy.is_main:
+    comm.barrier()
+    _torch_save(rng_state(), tmp / RNG_DIR / f"rank_{comm.rank:05d}.pt")
+    if comm.is_main:
         _torch_save({**trainer_state, "step": step}, tmp / STATE_FILE)
     shards = strategy.save_checkpoint(model, optimizer, tmp, async_save=async_save)  # each rank its shard
     return PendingSave(step, tmp, final, metric, shards)
@@ -196,21 +209,22 @@ def begin_save(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module
 
 def finish_save(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") -> Path:
     """Wait for the shards, then manifest, rename into place, `latest`, prune (collective)."""
+    comm = strategy.comm
     if pending.shards is not None:
         pending.shards.result()
-    strategy.barrier()
+    comm.barrier()
     tmp, final, step = pending.tmp, pending.final, pending.step
     # Checksums in parallel: rank r hashes every world_size-th file.
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-            for f in files[strategy.rank::strategy.world_size]}
-    hashed = {f: meta for part in strategy.all_gather_object(mine) for f, meta in part.items()}
+            for f in files[comm.rank::comm.world_size]}
+    hashed = {f: meta for part in comm.all_gather_object(mine) for f, meta in part.items()}
 
-    if strategy.is_main:
+    if comm.is_main:
         root = final.parent
-        manifest = {"format": FORMAT_VERSION, "step": step, "world_size": strategy.world_size,
+        manifest = {"format": FORMAT_VERSION, "step": step, "world_size": comm.world_size,
                     "strategy": strategy.name, **strategy.checkpoint_info(),
-                    "compatibility": compatibility(cfg), "config": cfg.to_dict(),
+                    "compatibility": compatibility(cfg, strategy), "config": cfg.to_dict(),
                     "metric": None if pending.metric is None else {"name": f"eval_{cfg.eval.metric}",
                                                                    "value": pending.metric, "mode": cfg.eval.mode},
                     "files": {f: hashed[f] for f in files}}
@@ -227,7 +241,7 @@ def finish_save(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") ->
         _fsync(root)
         _write_json_atomic(root / "latest", {"checkpoint": final.name, "step": step})
         _prune(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
-    strategy.barrier()
+    comm.barrier()
     return final
 
 
@@ -239,20 +253,103 @@ def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.M
     return finish_save(pending, strategy=strategy, cfg=cfg)
 
 
-class CheckpointWriter:
-    """The checkpoints of one run, with at most one background (async) save in flight: it
-    is completed before the next one starts, and by `wait` (end of run, preemption)."""
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def __init__(self, cfg: "Config", strategy: "Strategy"):
-        self.cfg, self.strategy = cfg, strategy
-        self.root = checkpoint_root(cfg.output_dir)
-        self.pending: PendingSave | None = None
-        self.last: Path | None = None  # the newest complete checkpoint written by this run
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def save(self, step: int, model: "nn.Module", optimizer: "Optimizer", trainer_state: dict[str, Any],
-             metric: float | None = None) -> None:
+
+class PreemptionWatch:
+    """SIGTERM, SIGUSR1 and SIGUSR2 (what SLURM and cloud schedulers send before they stop a job)
+    only set a flag; the ranks agree on it at the next step boundary, so that every rank saves
+    the same step. A second signal, during that save say, changes nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is threading.main_thread():  # (Ray runs training in a thread)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested(self, comm: "Collectives") -> bool:
+        """Whether any rank was signalled (collective: every rank calls it at the same step)."""
+        flag = torch.tensor(1.0 if self.received else 0.0, device=comm.device)
+        return comm.all_reduce_max(flag).item() > 0
+
+
+@dataclass
+class Checkpointer:
+    """The checkpoints of one run. Handed, once, everything a restart needs: the model and the
+    optimizer (their shards written by the strategy) and `states`, objects with state_dict /
+    load_state_dict, saved by name; with every rank's RNG these are what `save` writes and
+    `restore` reads back. `step_done` applies the rule for when to save. At most one background
+    (async) save is in flight: it is completed before the next one starts, and by `wait`.
+
+    As a context manager it installs the preemption watch, and on the way out completes the
+    save in flight (unless an error on some ranks only left the others behind)."""
+
+    cfg: "Config"
+    strategy: "Strategy"
+    model: "nn.Module"
+    optimizer: "Optimizer"
+    states: dict[str, Stateful]
+    last: Path | None = None  # the newest complete checkpoint written by this run
+    preempted_by: str | None = None  # the signal the ranks agreed to stop on
+    pending: PendingSave | None = field(default=None, repr=False)
+    preemption: PreemptionWatch = field(default_factory=PreemptionWatch, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return checkpoint_root(self.cfg.output_dir)
+
+    def __enter__(self) -> "Checkpointer":
+        self.preemption.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is None or getattr(exc, "on_every_rank", False):
+                self.wait()
+        finally:
+            self.preemption.__exit__()
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load checkpoint `path` into the model, the optimizer, every state and this rank's RNG
+        (collective); returns what the trainer state file held."""
+        saved = load_checkpoint(path, strategy=self.strategy, model=self.model, optimizer=self.optimizer, cfg=self.cfg)
+        for name, state in self.states.items():
+            state.load_state_dict(saved[name])
+        return saved
+
+    def step_done(self, step: int, *, final: bool, metric: float | None = None) -> None:
+        """After optimizer step `step` (`final`: the run ends with it): save when it is one of
+        every checkpoint.every_steps, the last, or the ranks agree that a preemption signal
+        came (then `preempted_by` names it and the save is complete on return). Collective."""
+        preempted = self.preemption.requested(self.strategy.comm)
+        every = self.cfg.checkpoint.every_steps
+        if (every and step % every == 0) or final or preempted:
+            self.save(step, metric)
+        if preempted:
+            self.wait()
+            self.preempted_by = self.preemption.received or "a signal to another rank"
+
+    def save(self, step: int, metric: float | None = None) -> None:
         self.wait()
-        self.pending = begin_save(self.root, step, strategy=self.strategy, model=model, optimizer=optimizer,
+        trainer_state = {name: state.state_dict() for name, state in self.states.items()}
+        self.pending = begin_save(self.root, step, strategy=self.strategy, model=self.model, optimizer=self.optimizer,
                                   trainer_state=trainer_state, min_free_gb=self.cfg.checkpoint.min_free_gb,
                                   metric=metric, async_save=self.cfg.checkpoint.async_save)
         if not self.cfg.checkpoint.async_save:
@@ -348,24 +445,47 @@ def find_resumable(output_dir: str | Path) -> Path | None:
     return None
 
 
+def resume_path(cfg: "Config", comm: "Collectives") -> Path | None:
+    """The checkpoint checkpoint.resume names (auto: the newest complete one in output_dir), or
+    None to start afresh. The main rank looks (verifying checksums) and tells the others."""
+    found = _resume_path(cfg) if comm.is_main else None
+    return comm.broadcast_object(found)
+
+
+def _resume_path(cfg: "Config") -> Path | None:
+    spec = cfg.checkpoint.resume
+    if spec is None:
+        return None
+    if spec == "auto":
+        found = find_resumable(cfg.output_dir)
+        if found is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting from scratch", cfg.output_dir)
+        return found
+    path = Path(spec)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume: {spec} is not a checkpoint directory")
+    return path
+
+
 def load_checkpoint(path: Path, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
                     cfg: "Config") -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from `path` (collective); returns the
     trainer state (scheduler, data position, loop state). Refuses a damaged or foreign checkpoint."""
-    problem = verify(path) if strategy.is_main else None
-    problem = strategy.broadcast_object(problem)
+    comm = strategy.comm
+    problem = verify(path) if comm.is_main else None
+    problem = comm.broadcast_object(problem)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
     manifest = read_manifest(path)
-    check_compatible(path, manifest, cfg)
+    check_compatible(path, manifest, cfg, strategy)
     strategy.load_checkpoint(model, optimizer, path)
     trainer_state = torch.load(path / STATE_FILE, weights_only=True)
-    rng_file = path / RNG_DIR / f"rank_{strategy.rank:05d}.pt"
+    rng_file = path / RNG_DIR / f"rank_{comm.rank:05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:  # a rank the saving run did not have (resumed at a larger world size)
         log.warning("checkpoint %s has no RNG state for rank %d (saved at world size %d): seeding it afresh",
-                    path, strategy.rank, manifest["world_size"])
+                    path, comm.rank, manifest["world_size"])
     trainer_state["world_size"] = manifest["world_size"]
     return trainer_state
 
@@ -375,16 +495,13 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     name, from either format (torch.distributed or DeepSpeed ZeRO), in one process."""
     if (path / "dcp").is_dir():
         return read_state(path)["model"]
-    engine_dir = path / "deepspeed"
-    if not engine_dir.is_dir():
-        raise CheckpointError(f"{path} is not a dtrain checkpoint (no dcp/ or deepspeed/ inside)")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from dtrain.parallel.deepspeed import ENGINE_DIR, read_model_state as read_engine_state
 
-    # Reassembles the fp32 master partitions of every rank (DeepSpeed's zero_to_fp32).
+    engine_dir = path / ENGINE_DIR
+    if not engine_dir.is_dir():
+        raise CheckpointError(f"{path} is not a dtrain checkpoint (no dcp/ or {ENGINE_DIR}/ inside)")
     frozen_excluded = read_manifest(path)["compatibility"].get("peft.method", "none") != "none"
-    state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="state",
-                                                     exclude_frozen_parameters=frozen_excluded)
-    return {name: tensor.float() for name, tensor in state.items()}
+    return read_engine_state(engine_dir, exclude_frozen=frozen_excluded)
 
 
 def read_state(path: Path) -> dict[str, Any]:

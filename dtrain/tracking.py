@@ -1,17 +1,49 @@
 """Where metrics go: metrics.jsonl (always), TensorBoard, W&B, and a progress bar.
 
-Only the main process tracks; other ranks get a tracker that does nothing.
+Only the main process tracks; other ranks get a tracker that does nothing. metrics.jsonl is
+written and read only through this module: one JSON object per line, each with its `step`
+(training lines: loss, lr, grad_norm, ...; evaluation lines: eval_*). A line torn by a killed
+process is skipped when read, and dropped when a resumed run truncates the file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from dtrain.config import Config
+from dtrain.schema import Config
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:  # the torn last line of a killed process
+            continue
+    return records
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a run's metrics.jsonl, in order ([] when there is none)."""
+    return [record for _, record in _lines(Path(run_dir) / METRICS_FILE)]
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop the records logged after `step` (a resumed run is about to produce them again)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line, record in _lines(path) if record["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -29,7 +61,7 @@ class Tracker:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         # Appending keeps the history of a resumed run in one file.
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(out / METRICS_FILE, "a", buffering=1)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -66,6 +98,11 @@ class Tracker:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             self.bar.refresh()
 
+    def advance(self, step: int) -> None:
+        """Move the progress bar to `step` (a step that logged nothing)."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return
@@ -73,6 +110,12 @@ class Tracker:
             self.bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def close(self) -> None:
         if not self.enabled:
@@ -84,3 +127,4 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
         self.jsonl.close()
+        self.enabled = False  # (closing twice is harmless)
