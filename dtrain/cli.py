@@ -1,12 +1,111 @@
-"""`dtrain` command line: train, estimate, data prepare, config show, eval, report, export, checkpoint consolidate, generate."""
+"""The command line, all of it: `dtrain train | estimate | data prepare | config show | eval | report |
+export | checkpoint consolidate | generate`, and `python -m dtrain.train` (the same as `dtrain train`).
+
+Argument parsing lives here only; the commands call the core (dtrain.train.train and friends),
+and turn its errors into one line on stderr and an exit code: 2 for a bad config or input, 1 for
+a failed run, 75 (PREEMPTED_EXIT_CODE) for a run that saved a checkpoint and wants to be requeued.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
 
 from dtrain.config import ConfigError, load_config
-from dtrain.train import add_train_arguments, parse_with_overrides, run_from_args
+from dtrain.launch import PREEMPTED_EXIT_CODE
+
+
+# --------------------------------------------------------------------------------------
+# dtrain train / python -m dtrain.train
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 train.max_steps=50")
+    parser.add_argument("--resume", metavar="auto|PATH", help="resume from the newest checkpoint (auto) or PATH")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, build a shrunk model, run a few steps, save and reload a checkpoint")
+    launch = parser.add_argument_group("multi-process launch (dtrain starts torchrun for you)")
+    launch.add_argument("--nproc", type=int, metavar="N", help="processes (devices) per node")
+    launch.add_argument("--nnodes", default="1", metavar="M", help="number of nodes (default 1)")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="multi-node: the c10d rendezvous address, the same on every node")
+    launch.add_argument("--rdzv-id", default="dtrain", help="multi-node: a job id shared by the nodes")
+
+
+def _rank_prefix() -> str:
+    """Which rank speaks, in a multi-process run (torchrun sets RANK and WORLD_SIZE)."""
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.nproc and not args.dry_run:  # (a dry run is one process; --nproc shapes its estimate)
+        try:  # a bad config fails here, before any process starts
+            load_config(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from dtrain.launch import launch_training
+
+        return launch_training(args)
+    import torch
+
+    from dtrain.checkpoint import CheckpointError
+    from dtrain.train import NonFiniteLossError, Preempted, train
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed; say CPU is meant
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format=f"{_rank_prefix()}%(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            from dtrain.dryrun import dry_run
+
+            return dry_run(cfg, gpus=args.nproc, nodes=int(args.nnodes))
+        result = train(cfg)
+    except Preempted as exc:
+        if main_rank:
+            print(f"preempted: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except (ConfigError, NonFiniteLossError, CheckpointError, ValueError) as exc:
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    if main_rank:
+        summary = {"step": result.step, "stop_reason": result.stop_reason, **result.final_metrics}
+        print("done: " + json.dumps(summary))
+    return 0
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, also taking `key=value` overrides written after an option
+    (`CONFIG --nproc 2 optim.lr=1e-3`), which argparse alone leaves unparsed."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    return args
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`python -m dtrain.train ...`: the same as `dtrain train ...`."""
+    parser = argparse.ArgumentParser(prog="python -m dtrain.train",
+                                     description="Train or fine-tune a model from one YAML config.")
+    add_train_arguments(parser)
+    return _train(parse_with_overrides(parser, argv))
+
+
+# --------------------------------------------------------------------------------------
+# The other commands
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -21,7 +120,6 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _data_prepare(args: argparse.Namespace) -> int:
     """Build (or find) the cached, tokenized dataset and write the data report."""
-    import logging
     from pathlib import Path
 
     from dtrain.data import DataError, prepare_data
@@ -77,13 +175,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a run's model (or any model directory) on the test split of CONFIG's data."""
-    import json
     from pathlib import Path
 
     from dtrain.checkpoint import CheckpointError
     from dtrain.data import DataError, prepare_data
     from dtrain.evaluation import describe, evaluate
     from dtrain.export import load_trained
+    from dtrain.objectives import build_objective
     from dtrain.parallel.single import SingleDevice
 
     source = Path(args.source)
@@ -101,10 +199,9 @@ def _eval(args: argparse.Namespace) -> int:
         if not len(data.test):
             raise ValueError("the data has no test split: give data.test sources or a data.test_ratio > 0")
         strategy = SingleDevice(cfg.parallel)
-        num_labels = len(data.label_names) if data.label_names else None
-        metrics, worst = evaluate(model.to(strategy.device), data.test, cfg, strategy, tokenizer,
-                                  num_labels=num_labels, worst=cfg.eval.worst_examples,
-                                  generation=cfg.eval.generation.enabled)
+        objective = build_objective(cfg, data, frozen={})  # (a teacher adds nothing to the test metrics)
+        metrics, worst = evaluate(model.to(strategy.device), data.test, objective, cfg, strategy.comm, tokenizer,
+                                  worst=cfg.eval.worst_examples)
     except (ConfigError, CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
@@ -122,10 +219,11 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dtrain.diagnose import write_learning_report
+    from dtrain.tracking import METRICS_FILE
 
     run = Path(args.run)
-    if not (run / "metrics.jsonl").is_file():
-        print(f"error: {run} has no metrics.jsonl (is it a dtrain run directory?)", file=sys.stderr)
+    if not (run / METRICS_FILE).is_file():
+        print(f"error: {run} has no {METRICS_FILE} (is it a dtrain run directory?)", file=sys.stderr)
         return 2
     cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     print(write_learning_report(run, cfg.eval.metric if cfg else "loss", cfg.eval.mode if cfg else "min"), end="")
@@ -138,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train or fine-tune a model (same as python -m dtrain.train)")
     add_train_arguments(train)
-    train.set_defaults(func=run_from_args)
+    train.set_defaults(func=_train)
 
     from dtrain.estimate import add_estimate_arguments, run_estimate
 

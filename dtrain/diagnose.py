@@ -17,9 +17,10 @@ run and the validation loss:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from dtrain.tracking import read_metrics
 
 RISE, FLAT, TAIL, STEEP = 0.02, 0.02, 0.2, 0.1
 
@@ -79,11 +80,7 @@ def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]
 
 def read_curves(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], dict[int, dict]]:
     train, validation, evals = [], [], {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in read_metrics(run):
         if isinstance(record.get("loss"), float):
             train.append((record["step"], record["loss"]))
         if isinstance(record.get("eval_loss"), float):

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from dtrain import checkpoint as ckpt
-from dtrain.config import Config
+from dtrain.schema import Config
 from dtrain.data import check_sources
 from dtrain.model import count_parameters, load_model_config, load_tokenizer
 from dtrain.parallel.single import pick_device

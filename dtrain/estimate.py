@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtrain.config import Config, ConfigError
+from dtrain.schema import Config, ConfigError
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -246,23 +246,28 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
 
 @dataclass(frozen=True)
 class StrategySpec:
+    """A row of the table: one parallel.strategy in one memory layout."""
+
     name: str
-    kind: str  # single | ddp | fsdp | deepspeed
+    strategy: str  # the parallel.strategy it runs as (whose capabilities are asked: QLoRA, 8-bit optimizers)
+    layout: str  # replicated: every rank holds everything | sharded: FSDP2, each tensor split on dim 0 |
+    #              partitioned: ZeRO, flat fp32 partitions (by `stage`)
     stage: int = 0
     offload: bool = False
+    bucket_copy: bool = False  # gradients also in the all-reduce buckets (DDP's reducer)
     rank: int = 0  # how much it costs in speed (communication, offload), cheapest first
 
 
 STRATEGIES = [
-    StrategySpec("single", "single", rank=0),
-    StrategySpec("ddp", "ddp", rank=1),
-    StrategySpec("zero1", "deepspeed", 1, rank=2),
-    StrategySpec("zero2", "deepspeed", 2, rank=3),
-    StrategySpec("fsdp", "fsdp", rank=4),
-    StrategySpec("zero3", "deepspeed", 3, rank=5),
-    StrategySpec("zero2+offload", "deepspeed", 2, offload=True, rank=6),
-    StrategySpec("fsdp+offload", "fsdp", offload=True, rank=7),
-    StrategySpec("zero3+offload", "deepspeed", 3, offload=True, rank=8),
+    StrategySpec("single", "single", "replicated", rank=0),
+    StrategySpec("ddp", "ddp", "replicated", bucket_copy=True, rank=1),
+    StrategySpec("zero1", "deepspeed", "partitioned", 1, rank=2),
+    StrategySpec("zero2", "deepspeed", "partitioned", 2, rank=3),
+    StrategySpec("fsdp", "fsdp", "sharded", rank=4),
+    StrategySpec("zero3", "deepspeed", "partitioned", 3, rank=5),
+    StrategySpec("zero2+offload", "deepspeed", "partitioned", 2, offload=True, rank=6),
+    StrategySpec("fsdp+offload", "fsdp", "sharded", offload=True, rank=7),
+    StrategySpec("zero3+offload", "deepspeed", "partitioned", 3, offload=True, rank=8),
 ]
 
 
@@ -350,30 +355,27 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
                 total += per(p) * stored(p)
         return total
 
+    from dtrain.parallel import strategy_class
+
     mode = "bf16" if weight_bytes == 2 else ("autocast" if bf16 else "fp32")
     trainable = [p for p in infos if p.trainable]
-    if spec.kind == "deepspeed":
-        if qlora:
-            return Memory(spec.name, 0, 0, 0, 0, 0, note="QLoRA is refused with deepspeed (use fsdp)")
-        if run.optim != "adamw":
-            return Memory(spec.name, 0, 0, 0, 0, 0, note=f"{run.optim} is refused with deepspeed")
-        if bf16:
-            mode = "bf16"  # the engine casts the module to bf16
-    if spec.kind == "fsdp":
-        if run.optim != "adamw":
-            return Memory(spec.name, 0, 0, 0, 0, 0, note=f"{run.optim} is refused with fsdp")
-        if bf16:
-            mode = "bf16"  # MixedPrecisionPolicy gathers bf16 parameters for compute
+    can = strategy_class(spec.strategy)
+    if qlora and not can.supports_qlora:
+        return Memory(spec.name, 0, 0, 0, 0, 0, note=f"QLoRA is refused with {spec.strategy} (use fsdp)")
+    if run.optim != "adamw" and can.shards_optimizer_state:
+        return Memory(spec.name, 0, 0, 0, 0, 0, note=f"{run.optim} is refused with {spec.strategy}")
+    if bf16 and spec.layout != "replicated":
+        mode = "bf16"  # ZeRO's engine casts the module to bf16; FSDP's MixedPrecisionPolicy gathers bf16
     act = activation_bytes(shape, run.micro_batch, run.seq, mode=mode, checkpointing=run.checkpointing,
                            mask=run.mask, attention=run.attention, causal_lm=run.causal_lm)
     if mode == "autocast":
         # autocast casts each matmul weight to bf16 once per forward; backward needs the copies.
         act.saved += 2 * shape.matmul_params
 
-    if spec.kind in ("single", "ddp"):
+    if spec.layout == "replicated":
         weights = weights_of(infos, lambda p: p.numel)
         grads = sum(p.numel * stored(p) for p in trainable)
-        if spec.kind == "ddp" and N > 1:
+        if spec.bucket_copy and N > 1:
             grads *= 2  # the reducer's flat buckets hold a second copy
         if run.optim in ("adamw_8bit", "paged_adamw_8bit"):
             opt = adamw_8bit_bytes([p.numel for p in trainable])
@@ -381,7 +383,7 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
             opt = sum(adamw_bytes([p.numel], stored(p)) for p in trainable)
         return Memory(spec.name, weights, grads, opt, act.saved, act.logits)
 
-    if spec.kind == "fsdp":
+    if spec.layout == "sharded":
         compute = 2 if bf16 else None
         shard = lambda p: _shard_rows(p.shape, N)  # noqa: E731
         weights = weights_of(infos, shard)
@@ -437,9 +439,11 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
 
 def strategies_for(world: int) -> list[StrategySpec]:
     """What is worth comparing at this world size (one device: no data parallelism)."""
+    from dtrain.parallel import strategy_class
+
     if world == 1:
-        return [s for s in STRATEGIES if s.kind == "single" or s.offload]
-    return [s for s in STRATEGIES if s.kind != "single"]
+        return [s for s in STRATEGIES if not strategy_class(s.strategy).multi_process or s.offload]
+    return [s for s in STRATEGIES if strategy_class(s.strategy).multi_process]
 
 
 # --------------------------------------------------------------------------------------
@@ -604,18 +608,13 @@ def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels:
     return lines
 
 
-def _configured_name(cfg: Config) -> str:
-    s = cfg.parallel.strategy
-    if s == "fsdp":
-        return "fsdp+offload" if cfg.parallel.fsdp.cpu_offload else "fsdp"
-    if s == "deepspeed":
-        from dtrain.parallel.deepspeed import resolve_deepspeed_config
+def _configured_name(cfg: Config) -> str | None:
+    """The table row the configured strategy runs as (None: a layout the table has no row for)."""
+    from dtrain.parallel import strategy_class
 
-        ds = resolve_deepspeed_config(cfg, world_size=None)
-        zero = ds.get("zero_optimization", {})
-        offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
-        return f"zero{zero.get('stage')}" + ("+offload" if offload else "")
-    return s
+    layout = strategy_class(cfg.parallel.strategy).memory_layout(cfg)
+    return next((s.name for s in STRATEGIES if s.strategy == cfg.parallel.strategy and (s.stage, s.offload) == layout),
+                None)
 
 
 # --------------------------------------------------------------------------------------
@@ -741,7 +740,9 @@ def dry_run_lines(cfg: Config, model_config: Any, num_labels: int | None, gpus: 
     """The estimate for the configured cluster shape, for the dry run's summary: the memory
     table and recommendation, FLOPs per token and the time of one optimizer step."""
     if gpus is None:  # one process unless told (dtrain train --dry-run --nproc N --nnodes M)
-        gpus = 1 if cfg.parallel.strategy == "single" else max(1, torch.cuda.device_count())
+        from dtrain.parallel import strategy_class
+
+        gpus = max(1, torch.cuda.device_count()) if strategy_class(cfg.parallel.strategy).multi_process else 1
     if torch.cuda.is_available():
         memory, where = torch.cuda.get_device_properties(0).total_memory, "this machine's GPU"
     else:

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from dtrain import checkpoint as ckpt
-from dtrain.config import Config, ConfigError
+from dtrain.schema import Config, ConfigError
 from dtrain.model import load_model, load_tokenizer, quantization_config
 from dtrain.peft import apply_peft
 from dtrain.presets import is_preset
@@ -72,7 +72,7 @@ def base_model(cfg: Config, run_dir: Path, tokenizer: Any, num_labels: int | Non
     path = str(run_dir / "base_model") if is_preset(cfg.model.path) and cfg.peft.method != "none" else None
     if cfg.peft.method == "qlora":
         model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, path=path or cfg.model.path,
-                           quantization=quantization_config(cfg.peft, cfg.train.precision, "single"))
+                           quantization=quantization_config(cfg.peft, cfg.train.precision, sharded=False))
         return model.dequantize()
     return load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, path=path)
 

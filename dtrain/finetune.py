@@ -9,7 +9,7 @@ from __future__ import annotations
 from fnmatch import fnmatch
 
 from torch import nn
-from dtrain.config import ConfigError, FreezeConfig
+from dtrain.schema import ConfigError, FreezeConfig
 from dtrain.model import transformer_blocks
 
 def head_parameters(model: nn.Module) -> set[int]:

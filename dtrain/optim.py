@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from dtrain.config import OptimConfig, ScheduleConfig
+from dtrain.schema import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dtrain.config import PeftConfig
+from dtrain.schema import PeftConfig
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, gradient_checkpointing: bool = False) -> nn.Module:

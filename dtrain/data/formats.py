@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from dtrain.config import DataConfig
+from dtrain.schema import DataConfig
 from dtrain.data.sources import RowError
 
 IGNORE_INDEX = -100

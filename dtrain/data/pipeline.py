@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
-from dtrain.config import DataConfig, SourceConfig
+from dtrain.schema import DataConfig, SourceConfig
 from dtrain.data import clean
 from dtrain.data.balance import class_weights, resample_indices
 from dtrain.data.formats import Encoder, RowError, TooLong
