@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
 
-    from dtrain.ray_train import prepare_config
+    from dtrain.ray.train import prepare_config
 
     try:
         config = config_in_working_dir(args.config, args.working_dir)

@@ -34,13 +34,10 @@ REQUEUE_GRACE_S = 90  # how long a preempted task waits to be ended by the reque
 
 def final_metrics(output_dir: str | Path) -> dict:
     """The newest value of every metric in output_dir/metrics.jsonl (train and eval), with its step."""
+    from dtrain.tracking import read_metrics
+
     metrics: dict = {}
-    path = Path(output_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill; dtrain drops it on restart too
-            continue
+    for record in read_metrics(output_dir):  # (a line torn by a kill is skipped; dtrain drops it on restart)
         metrics.update(record)
     return metrics
 
