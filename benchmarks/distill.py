@@ -19,7 +19,6 @@ Same seed, data order, steps, schedule and optimizer for every student: only the
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dtrain.config import load_config
+from dtrain.tracking import read_metrics
 from dtrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,7 @@ def run(name: str, work: Path, overrides: list[str]) -> dict:
         f"output_dir={work / name}", *overrides])
     start = time.perf_counter()
     result = train(cfg)
-    evals = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()
-             if '"eval_loss"' in line]
+    evals = [record for record in read_metrics(work / name) if "eval_loss" in record]
     return {"best": min(e["eval_loss"] for e in evals), "final": evals[-1]["eval_loss"],
             "seconds": time.perf_counter() - start, "path": result.output_dir}
 

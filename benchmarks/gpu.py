@@ -10,7 +10,7 @@
    packed rows (micro-batch x seq tokens, no padding), full fine-tune and LoRA (r=16, all
    linear layers), through each strategy of dtrain at world size 1 (single, fsdp, deepspeed
    ZeRO-2/3 and the offload variants). Every case runs in its own process (a clean allocator
-   and process group), the real dtrain step: build_model -> strategy.wrap -> loss_and_counts ->
+   and process group), the real dtrain step: build_model -> strategy.wrap -> the objective's loss ->
    strategy.backward -> strategy.optimizer_step. Warm-up steps, then timed steps.
    tokens/s = micro-batch x seq x steps / time; MFU = tokens/s x model FLOPs per token
    (`dtrain.estimate.flops_per_token`: 6N + 12 L h s, or 4N + 2N_trainable for LoRA) / peak.
@@ -108,16 +108,21 @@ def strategy_overrides(case: str) -> list[str]:
 def run_case(args, case: str, peft: str) -> dict:
     """One strategy x peft case, in this process: dtrain's step, timed, with peak memory."""
     from dtrain.config import load_config
-    from dtrain.estimate import estimate, flops_per_token
-    from dtrain.loss import autocast, loss_and_counts
-    from dtrain.model import load_tokenizer
-    from dtrain.optim import build_optimizer
     from dtrain.parallel import build_strategy
-    from dtrain.train import build_model
 
     extra = ["peft.method=lora", "peft.r=16", "peft.alpha=32", "peft.dropout=0"] if peft == "lora" else []
     cfg = load_config(None, llama_overrides(args) + strategy_overrides(case) + extra + [f"output_dir={args.work}/run"])
-    strategy = build_strategy(cfg)
+    with build_strategy(cfg) as strategy:
+        return _timed_case(args, cfg, case, peft, strategy)
+
+
+def _timed_case(args, cfg, case: str, peft: str, strategy) -> dict:
+    from dtrain.estimate import estimate, flops_per_token
+    from dtrain.model import autocast, load_tokenizer
+    from dtrain.objectives import CausalLM
+    from dtrain.optim import build_optimizer
+    from dtrain.train import build_model
+
     device = strategy.device
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, None, strategy, Path(args.work))
@@ -131,8 +136,7 @@ def run_case(args, case: str, peft: str) -> dict:
     def step() -> float:
         with strategy.gradient_sync(model, enabled=True):
             with autocast("bf16", device):
-                loss_sum, _, _ = loss_and_counts(model, batch, "causal_lm")
-                loss = loss_sum / targets
+                loss = CausalLM().loss(model, batch) / targets
             strategy.backward(model, loss)
         strategy.optimizer_step(model, optimizer, 1.0)
         return loss.item()
@@ -156,7 +160,6 @@ def run_case(args, case: str, peft: str) -> dict:
     spec = next(s for s in STRATEGIES if s.name == case)
     mem = strategy_memory(model_shape(cfg), run_shape(cfg, 1, mask=False), spec)
     fpt = flops_per_token(est.shape, args.seq, cfg.peft.method)
-    strategy.shutdown()
     return {"case": case, "peft": peft, "tokens_per_s": tps, "mfu": tps * fpt / (args.peak_tflops * 1e12),
             "flops_per_token": fpt, "peak_bytes": peak, "estimate_bytes": mem.total, "loss": loss,
             "params": est.shape.total, "trainable": est.shape.trainable}
@@ -174,8 +177,8 @@ def qlora_peak(args) -> dict:
 
     from dtrain.config import load_config
     from dtrain.estimate import model_shape, run_shape, strategy_memory, STRATEGIES
-    from dtrain.loss import autocast, loss_and_counts
-    from dtrain.model import keep_4bit_training_kernel
+    from dtrain.model import autocast, keep_4bit_training_kernel
+    from dtrain.objectives import CausalLM
     from dtrain.optim import build_optimizer
     from dtrain.peft import apply_peft
     from dtrain.presets import preset_config
@@ -224,7 +227,7 @@ def qlora_peak(args) -> dict:
     batch = {"input_ids": ids, "labels": ids}
     for _ in range(2):  # the second step has the optimizer state from the start
         with autocast("bf16", device):
-            loss_sum, _, _ = loss_and_counts(model, batch, "causal_lm")
+            loss_sum = CausalLM().loss(model, batch)
         (loss_sum / (seq - 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

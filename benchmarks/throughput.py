@@ -49,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dtrain.config import load_config  # noqa: E402
 from dtrain.data import IGNORE_INDEX, prepare_data  # noqa: E402
 from dtrain.data.loader import BatchIterator  # noqa: E402
-from dtrain.loss import count_targets  # noqa: E402
+from dtrain.objectives import CausalLM  # noqa: E402
 from dtrain.presets import byte_tokenizer  # noqa: E402
+from dtrain.tracking import read_metrics  # noqa: E402
 
 WORDS = ("the model data train value answer number list sum compute explain short long result question "
          "write describe example token batch step loss rate").split()
@@ -116,10 +117,9 @@ def run_dtrain(args, overrides: list[str], out: Path) -> dict:
     real = useful = 0
     for _ in range(result.step):
         b = next(batches)
-        useful += count_targets(b, "causal_lm")
+        useful += CausalLM().count(b)
         real += int((b["input_ids"] != 0).sum())
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "tokens_per_s" in line][-1]
+    last = [record for record in read_metrics(out) if "tokens_per_s" in record][-1]
     loop = real / last["tokens_per_s"]  # dtrain's own timing of the whole loop (one log window)
     return {"useful": useful, "seconds": loop, "end_to_end": end_to_end, "steps": result.step,
             "loss": result.train_losses[-1]}
