@@ -46,7 +46,8 @@ pipeline.build = _counting_build
 def full_values(strategy, model, optimizer) -> dict[str, torch.Tensor]:
     """Every trainable parameter and its Adam moments, whole (collective; filled on rank 0)."""
     out = {}
-    if strategy.name == "deepspeed" and strategy.stage == 3:
+    engine = strategy.engine_checkpoint  # DeepSpeed: the values live in the engine's (ZeRO) optimizer
+    if engine and strategy.shards_parameters:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         for name, p in strategy.unwrap(model).named_parameters():
@@ -55,7 +56,7 @@ def full_values(strategy, model, optimizer) -> dict[str, torch.Tensor]:
                 for key in ("exp_avg", "exp_avg_sq"):
                     out[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).cpu().clone()
         return out
-    if strategy.name == "deepspeed":
+    if engine:
         # ZeRO-1/2: each rank holds one contiguous slice of every group's flat fp32 master and
         # its Adam moments; concatenated in rank order they are the group's parameters, in order.
         zero = model.optimizer
@@ -64,7 +65,7 @@ def full_values(strategy, model, optimizer) -> dict[str, torch.Tensor]:
             master = zero.single_partition_of_fp32_groups[i]
             state = zero.optimizer.state[master]
             pieces = {"param": master, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
-            full = {k: torch.cat(strategy.all_gather_object(v.detach().cpu())) for k, v in pieces.items()}
+            full = {k: torch.cat(strategy.comm.all_gather_object(v.detach().cpu())) for k, v in pieces.items()}
             offset = 0
             for p in group:
                 for key, flat in full.items():
@@ -85,24 +86,24 @@ def full_values(strategy, model, optimizer) -> dict[str, torch.Tensor]:
 
 def _dump(cfg, strategy, model, optimizer, kind: str, step: int) -> None:
     values = full_values(strategy, model, optimizer)
-    if strategy.is_main:
+    if strategy.comm.is_main:
         torch.save(values, Path(cfg.output_dir) / f"values_{kind}_{step}.pt")
 
 
 def enable_dumps() -> None:
-    real_save, real_load = ckpt.CheckpointWriter.save, ckpt.load_checkpoint
+    real_save, real_restore = ckpt.Checkpointer.save, ckpt.Checkpointer.restore
 
-    def save(self, step, model, optimizer, trainer_state, metric=None):
-        real_save(self, step, model, optimizer, trainer_state, metric)
-        _dump(self.cfg, self.strategy, model, optimizer, "saved", step)
+    def save(self, step, metric=None):
+        real_save(self, step, metric)
+        _dump(self.cfg, self.strategy, self.model, self.optimizer, "saved", step)
 
-    def load(path, *, strategy, model, optimizer, cfg):
-        state = real_load(path, strategy=strategy, model=model, optimizer=optimizer, cfg=cfg)
-        _dump(cfg, strategy, model, optimizer, "loaded", state["step"])
+    def restore(self, path):
+        state = real_restore(self, path)
+        _dump(self.cfg, self.strategy, self.model, self.optimizer, "loaded", state["step"])
         return state
 
-    ckpt.CheckpointWriter.save = save
-    ckpt.load_checkpoint = load
+    ckpt.Checkpointer.save = save
+    ckpt.Checkpointer.restore = restore
 
 
 def main() -> None:
@@ -110,6 +111,8 @@ def main() -> None:
     out = Path(sys.argv[2])
     if spec.get("dump"):
         enable_dumps()
+    # The job's process group, made here: every training below joins it (and leaves it as it was).
+    dist.init_process_group("gloo")
     results = {}
     for name, overrides in spec["runs"].items():
         before = builds["n"]

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 import dtrain.attention as attention
 from dtrain.data.formats import Example
 from dtrain.data.packing import collate_flattened, collate_packed
-from dtrain.loss import logits_and_labels, uses_varlen_attention
+from dtrain.attention import uses_varlen_attention
+from dtrain.objectives.base import logits_and_labels
 from dtrain.model import attention_implementation
 
 CONFIGS = {
@@ -63,7 +64,7 @@ def test_flattened_losses_and_gradients_equal_one_by_one(arch, make_rows, monkey
     for ex in (ex for row in rows for ex in row):
         batch = collate_flattened([[ex]])
         logits, labels = logits_and_labels(plain, {**batch, "attention_mask": torch.ones_like(batch["input_ids"])},
-                                           "causal_lm")
+                                           shift=True)
         alone.append(token_losses(logits, labels))
     alone = torch.cat(alone)
     alone.sum().backward()
@@ -74,7 +75,7 @@ def test_flattened_losses_and_gradients_equal_one_by_one(arch, make_rows, monkey
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
                         lambda q, *a, **k: calls.append(q.shape) or sdpa(q, *a, **k))
     batch = collate_flattened(rows)
-    logits, labels = logits_and_labels(varlen, batch, "causal_lm")
+    logits, labels = logits_and_labels(varlen, batch, shift=True)
     flat = token_losses(logits, labels)
     assert calls and all(shape[2] < batch["input_ids"].shape[1] for shape in calls)
     assert flat.shape == alone.shape
@@ -85,7 +86,7 @@ def test_flattened_losses_and_gradients_equal_one_by_one(arch, make_rows, monkey
 
     # Negative control: without the boundaries it would be one long causal sequence.
     del batch["position_ids"]
-    leaky = token_losses(*logits_and_labels(varlen, batch, "causal_lm"))
+    leaky = token_losses(*logits_and_labels(varlen, batch, shift=True))
     assert (leaky - alone).abs().max() > 1e-3
 
 

@@ -15,8 +15,8 @@ from dtrain.data.loader import collate
 from dtrain.data.packing import collate_packed, pack_examples
 from dtrain.estimate import (RunShape, STRATEGIES, activation_bytes, estimate, model_shape, parse_memory,
                              strategy_memory)
-from dtrain.loss import loss_and_counts
 from dtrain.model import count_parameters, load_tokenizer
+from dtrain.objectives import CausalLM
 from dtrain.optim import build_optimizer
 from dtrain.parallel.single import SingleDevice
 from dtrain.train import build_model
@@ -72,7 +72,7 @@ def saved_activation_bytes(model, batch, autocast: bool = False) -> int:
 
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        loss, _, _ = loss_and_counts(model, batch, "causal_lm")
+        loss = CausalLM().loss(model, batch)
     del loss
     return sum(saved.values())
 
@@ -133,7 +133,7 @@ def test_weights_gradients_and_optimizer_bytes_are_exact(make_config, tmp_path, 
     model, strategy = built(cfg, tmp_path)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     batch = batch_of(2, 32, 260, packed=True)
-    loss, _, _ = loss_and_counts(model, batch, "causal_lm")
+    loss = CausalLM().loss(model, batch)
     loss.backward()
     grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)
     optimizer.step()
@@ -178,7 +178,7 @@ def _step_peak(model, optimizer, batch) -> dict:
     tracker.track_external(model, optimizer)
     with tracker:
         for i in range(2):  # the second step: optimizer state exists from the start, as in training
-            loss, _, _ = loss_and_counts(model, batch, "causal_lm")
+            loss = CausalLM().loss(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -229,7 +229,7 @@ def test_sharding_follows_the_measured_per_rank_state(make_config):
     resident = {}
     for spec in STRATEGIES:
         m = strategy_memory(shape, run, spec)
-        steps = 4 * sum(1 for p in shape.params if p.trainable) if spec.kind in ("ddp", "fsdp") else 0
+        steps = 4 * sum(1 for p in shape.params if p.trainable) if spec.strategy in ("ddp", "fsdp") else 0
         resident[spec.name] = (m.weights - m.gathered + m.optimizer - steps) / P
     assert resident["ddp"] == pytest.approx(3.0, abs=1e-9)
     assert resident["fsdp"] == pytest.approx(1.5, rel=0.02)  # dim-0 shards of odd sizes round up
@@ -313,7 +313,7 @@ def test_per_rank_state_matches_the_running_strategies(tiny_model_dir, tmp_path)
     for name in names:
         spec = next(s for s in STRATEGIES if s.name == name)
         m = strategy_memory(shape, RunShape(world=2), spec)
-        steps = 4 * sum(1 for p in shape.params if p.trainable) if spec.kind in ("ddp", "fsdp") else 0
+        steps = 4 * sum(1 for p in shape.params if p.trainable) if spec.strategy in ("ddp", "fsdp") else 0
         measured = ranks[0][name]["state_bytes"]  # rank 0 holds the larger shard of an odd split
         estimated = {"parameters": m.weights - m.gathered, "optimizer": m.optimizer - steps}
         print(f"{name}: estimate {estimated}, measured {measured}")

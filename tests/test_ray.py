@@ -181,7 +181,7 @@ def test_the_test_cluster_is_stopped_by_pid(cluster_run):
 
 
 def test_ray_config_checks(tmp_path):
-    from dtrain.ray_train import prepare_config, run_config, scaling_config
+    from dtrain.ray.train import prepare_config, run_config, scaling_config
 
     cfg = load_config(TINY, ["parallel.strategy=ddp", "output_dir=runs/x", "ray.num_workers=4", "ray.use_gpu=true"])
     ready = prepare_config(cfg)
@@ -213,7 +213,8 @@ def test_submit_refuses_before_uploading(tmp_path):
 
 
 CORE_MODULES = ["dtrain.config", "dtrain.data", "dtrain.model", "dtrain.peft", "dtrain.parallel", "dtrain.train",
-                "dtrain.checkpoint", "dtrain.tracking", "dtrain.cli", "dtrain.optim", "dtrain.evaluation"]
+                "dtrain.checkpoint", "dtrain.tracking", "dtrain.cli", "dtrain.optim", "dtrain.evaluation",
+                "dtrain.objectives", "dtrain.tune", "dtrain.ray_train"]
 
 
 def test_core_never_imports_ray(tmp_path):

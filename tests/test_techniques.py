@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dtrain.config import DropoutConfig, FreezeConfig, OptimConfig, load_config
 from dtrain.diagnose import Diagnosis, diagnose
-from dtrain.distill import kl_sum
-from dtrain.evaluation import classification_metrics, generation_scores, prompt_and_answer
+from dtrain.evaluation import generation_scores, prompt_and_answer
+from dtrain.objectives import CausalLM, Distillation
+from dtrain.objectives.classification import classification_metrics
+from dtrain.objectives.distillation import kl_sum
 from dtrain.finetune import freeze
-from dtrain.loss import loss_and_counts
 from dtrain.model import apply_dropout
 from dtrain.optim import build_optimizer
 from dtrain.parallel.single import SingleDevice
@@ -122,7 +123,8 @@ def test_label_smoothing_is_the_smoothed_cross_entropy():
     batch = {"input_ids": torch.tensor([[1, 5, 9, 7, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
              "labels": torch.tensor([[-100, -100, 9, 7, 3]])}
     with torch.no_grad():
-        loss, n, _ = loss_and_counts(model, batch, "causal_lm", label_smoothing=0.1)
+        lm = CausalLM(label_smoothing=0.1)
+        loss, n = lm.loss(model, batch), lm.count(batch)
         logits = model(input_ids=batch["input_ids"]).logits[0, 1:4]
     assert n == 3
     expected = F.cross_entropy(logits, torch.tensor([9, 7, 3]), reduction="sum", label_smoothing=0.1)
@@ -150,10 +152,9 @@ def test_distillation_from_the_student_itself_with_alpha_1_is_zero():
              "labels": torch.tensor([[1, 5, 9, 7]])}
     distill = load_config(None, ["distill.alpha=1.0", "distill.temperature=3.0"]).distill
     with torch.no_grad():
-        loss, _, _ = loss_and_counts(model, batch, "causal_lm", teacher=model, distill=distill)
-        task, _, _ = loss_and_counts(model, batch, "causal_lm")
-        half, _, _ = loss_and_counts(model, batch, "causal_lm", teacher=model,
-                                     distill=distill.model_copy(update={"alpha": 0.5}))
+        loss = Distillation(CausalLM(), model, alpha=distill.alpha, temperature=distill.temperature).loss(model, batch)
+        task = CausalLM().loss(model, batch)
+        half = Distillation(CausalLM(), model, alpha=0.5, temperature=distill.temperature).loss(model, batch)
     assert abs(loss.item()) < 1e-6 and half.item() == pytest.approx(0.5 * task.item(), rel=1e-6)
 
 
@@ -213,7 +214,7 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(make_config, tmp_
     examples = prepare_data(cfg.data, tokenizer, cfg.seed).validation
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     strategy = SingleDevice(cfg.parallel)
-    scores = generation_scores(model, examples, cfg, strategy, tokenizer)
+    scores = generation_scores(model, examples, cfg, strategy.comm, tokenizer)
     exact = contains = 0
     for i in range(6):
         prompt, answer = prompt_and_answer(list(examples[i]["input_ids"]), list(examples[i]["labels"]))

@@ -16,14 +16,27 @@ import torch.nn.functional as F
 from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, probe_ids, read_metrics, run_cli
 
 import dtrain.evaluation as evaluation_mod
-import dtrain.train as train_mod
 from dtrain import checkpoint as ckpt
 from dtrain.config import ConfigError, ParallelConfig
 from dtrain.data import IGNORE_INDEX, Example, collate
 from dtrain.parallel.single import SingleDevice
 from dtrain.peft import apply_peft
 from dtrain.presets import byte_tokenizer
-from dtrain.train import NonFiniteLossError, count_targets, loss_and_counts, train
+from dtrain.objectives import CausalLM
+from dtrain.train import NonFiniteLossError, train
+
+LM = CausalLM()  # the objective of these runs, to compute losses and counts by hand
+
+
+def count_targets(batch, task):
+    assert task == "causal_lm"
+    return LM.count(batch)
+
+
+def loss_and_counts(model, batch, task):
+    """(the summed loss, its count) as the run's objective computes them."""
+    assert task == "causal_lm"
+    return LM.loss(model, batch), LM.count(batch)
 
 FAST = ("eval.max_batches=2",)
 
@@ -63,19 +76,19 @@ def eval_spy(monkeypatch):
 
 
 def nan_from(monkeypatch, bad_calls):
-    """Make loss_and_counts return NaN (with NaN gradients) on the given 0-based call numbers."""
+    """Make the objective's loss NaN (with NaN gradients) on the given 0-based call numbers."""
     calls = {"n": 0}
-    original = train_mod.loss_and_counts
+    original = CausalLM.loss
 
-    def fake(model, batch, task, class_weights=None, **kwargs):
-        loss, n, correct = original(model, batch, task, class_weights, **kwargs)
+    def fake(self, model, batch):
+        loss = original(self, model, batch)
         i = calls["n"]
         calls["n"] += 1
         if i in bad_calls:
             loss = loss * float("nan")
-        return loss, n, correct
+        return loss
 
-    monkeypatch.setattr(train_mod, "loss_and_counts", fake)
+    monkeypatch.setattr(CausalLM, "loss", fake)
     return calls
 
 
@@ -118,7 +131,7 @@ def test_gradient_accumulation_over_variable_length_micro_batches_equals_one_bat
 
     # One batch of all nine examples, mean over its target tokens.
     full = collate(examples, pad)
-    loss_full, n_full, _ = loss_and_counts(model, full, "causal_lm")
+    loss_full, n_full = loss_and_counts(model, full, "causal_lm")
     assert n_full == count_targets(full, "causal_lm") == sum(counts)
     (loss_full / n_full).backward()
     g_full = _grads(model)
@@ -128,7 +141,7 @@ def test_gradient_accumulation_over_variable_length_micro_batches_equals_one_bat
     total = sum(counts)
     summed = 0.0
     for batch, count in zip(micro, counts):
-        loss, n, _ = loss_and_counts(model, batch, "causal_lm")
+        loss, n = loss_and_counts(model, batch, "causal_lm")
         assert n == count
         summed += loss.item()
         (loss / total).backward()
@@ -143,7 +156,7 @@ def test_gradient_accumulation_over_variable_length_micro_batches_equals_one_bat
 
     # Averaging per-micro-batch means (the classic mistake) is visibly different: the check has teeth.
     for batch, count in zip(micro, counts):
-        loss, _, _ = loss_and_counts(model, batch, "causal_lm")
+        loss, _ = loss_and_counts(model, batch, "causal_lm")
         (loss / count / len(micro)).backward()
     g_naive = _grads(model)
     assert max((g_naive[n] - g_full[n]).abs().max().item() for n in g_full) > 1e-4

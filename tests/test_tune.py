@@ -301,7 +301,7 @@ def test_resumed_scheduler_remembers_the_trials_that_ran_before(tmp_path, name):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from dtrain.tune import ResumableASHA, ResumableMedian
+    from dtrain.ray.tune import ResumableASHA, ResumableMedian
 
     for i, losses in enumerate([[3.0, 2.5, 2.0], [3.2, 2.6, 2.1], [3.1, 2.7, 2.2]]):  # steps 4, 8, 12
         run_dir = tmp_path / "trials" / f"t_{i:05d}"
@@ -351,7 +351,7 @@ def test_two_worker_trial_runs_through_ray_train(tmp_path):
 
 
 def tune_error(*overrides: str) -> str:
-    from dtrain.tune import check_search
+    from dtrain.ray.tune import check_search
 
     with pytest.raises(ConfigError) as info:
         check_search(load_config(TUNE_YAML, list(overrides)))
