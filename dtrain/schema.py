@@ -488,8 +488,7 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 ALL_KEYS = _all_keys(Config)
-SECTION_KEYS = {k for k in ALL_KEYS if k not in {leaf for leaf in ALL_KEYS if not any(o.startswith(leaf + ".") for o in ALL_KEYS)}}
-
+SECTION_KEYS = {key.rsplit(".", 1)[0] for key in ALL_KEYS if "." in key}  # the keys that hold others
 
 
 def reference_markdown() -> str:
