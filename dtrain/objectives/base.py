@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from dtrain.attention import varlen_kwargs
 from dtrain.data.formats import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -124,6 +123,8 @@ def logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], *, shift
     if "attention_mask" not in batch and "position_ids" in batch and batch["input_ids"].shape[0] == 1:
         # Flattened: the example boundaries once per forward, in the keyword arguments that
         # flash-attention and sdpa_varlen take (each layer would otherwise derive them again).
+        from dtrain.attention import varlen_kwargs  # (transformers' attention code: loaded only to run a model)
+
         inputs.update(varlen_kwargs(batch["position_ids"]))
     logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"]
