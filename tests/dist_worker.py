@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SPEC.json OUT_DIR
 
-SPEC.json: {"base": [overrides], "runs": {name: [overrides]}, "dump": false}; each run trains
-in OUT_DIR/<name> (an override `output_dir=...` picks another directory). Every rank writes
+SPEC.json: {"config": null, "base": [overrides], "runs": {name: [overrides]}, "dump": false}; each
+run trains as the config file (if any) with the base and its own overrides, in OUT_DIR/<name> (an
+override `output_dir=...` picks another directory). Every rank writes
 OUT_DIR/rank<r>.json with, per run: the losses, final metrics and state bytes `train`
 returned, how many times this rank built the prepared data, or the configuration error.
 Any other exception ends the job with its traceback.
@@ -117,7 +118,7 @@ def main() -> None:
     for name, overrides in spec["runs"].items():
         before = builds["n"]
         try:
-            cfg = load_config(None, spec["base"] + [f"output_dir={out / name}"] + overrides)
+            cfg = load_config(spec.get("config"), spec["base"] + [f"output_dir={out / name}"] + overrides)
         except ConfigError as exc:
             results[name] = {"config_error": str(exc)}
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,15 +27,19 @@ POLL = 0.005  # seconds between looks: fast enough to catch a checkpoint while i
 
 PREEMPTED = 75
 STEPS = 12
+TINY = REPO / "examples" / "tiny_alpaca.yaml"
 ZERO = {z: ["parallel.strategy=deepspeed", f"parallel.deepspeed_config=ds_configs/zero{z}.json"] for z in (2, 3)}
 
 
 def run_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [str(REPO / "examples" / "tiny_alpaca.yaml"), f"model.path={model_dir}", f"data.train={ALPACA}",
-            "data.max_seq_len=256", f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.log_every=1",
-            "optim.lr=2e-3", "eval.every_steps=4", "eval.max_batches=2", "checkpoint.every_steps=1",
-            "checkpoint.keep_last=2", "logging.tensorboard=false", "logging.progress_bar=false", f"output_dir={out}",
-            *extra]
+    return [str(TINY), *run_overrides(model_dir), f"output_dir={out}", *extra]
+
+
+def run_overrides(model_dir: Path) -> list[str]:
+    return [f"model.path={model_dir}", f"data.train={ALPACA}", "data.max_seq_len=256", f"train.max_steps={STEPS}",
+            "train.micro_batch_size=2", "train.log_every=1", "optim.lr=2e-3", "eval.every_steps=4",
+            "eval.max_batches=2", "checkpoint.every_steps=1", "checkpoint.keep_last=2", "logging.tensorboard=false",
+            "logging.progress_bar=false"]
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -59,31 +64,26 @@ def kill_everything(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-
-
-
-
 # (DDP saves through the same DCP writer and atomic rename as FSDP, only synchronously; its exact
 # resume after preemption is checked by tests/test_slurm.py on a 2-node DDP run, loss for loss.)
 KILL_STRATEGIES = {
     "fsdp-async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
     "zero3": ZERO[3],
 }
-# Uninterrupted runs to compare with: the kill -9 strategies, and DDP for the corruption test.
-REFERENCE_STRATEGIES = {"ddp": ["parallel.strategy=ddp"], **KILL_STRATEGIES}
+# Uninterrupted runs to compare with: the kill -9 strategies, and DDP (with the checkpoints the
+# damaged-checkpoint test starts from).
+REFERENCE_STRATEGIES = {"ddp": ["parallel.strategy=ddp", "checkpoint.every_steps=3"], **KILL_STRATEGIES}
 
 
 @pytest.fixture(scope="module")
 def references(tiny_model_dir, tmp_path_factory):
-    """Uninterrupted runs, one per strategy, to compare the interrupted ones with."""
+    """Uninterrupted runs, one per strategy, to compare the interrupted ones with: what `dtrain
+    train CONFIG ... --nproc 2` trains, one run after another in one torchrun job (on CPU,
+    start-up would dominate three separate jobs)."""
     root = tmp_path_factory.mktemp("reference")
-    outs = {}
-    for name, extra in REFERENCE_STRATEGIES.items():
-        out = root / name
-        proc = start(run_args(tiny_model_dir, out, *extra), root / f"{name}.log")
-        assert proc.wait(timeout=600) == 0, (root / f"{name}.log").read_text()[-5000:]
-        outs[name] = out
-    return outs
+    torchrun({"config": str(TINY), "base": run_overrides(tiny_model_dir),
+              "runs": REFERENCE_STRATEGIES}, root)
+    return {name: root / name for name in REFERENCE_STRATEGIES}
 
 
 @pytest.mark.slow
@@ -164,8 +164,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tiny_model_dir, t
     """Delete one rank's shard of the newest checkpoint: resume takes the previous one, says
     so, and still ends where the uninterrupted run did."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    args = run_args(tiny_model_dir, out, "parallel.strategy=ddp", "checkpoint.every_steps=3")
-    assert start(args, log).wait(timeout=600) == 0
+    args = run_args(tiny_model_dir, out, *REFERENCE_STRATEGIES["ddp"])
+    shutil.copytree(references["ddp"], out)  # the finished run, checkpoints at steps 9 and 12
     newest = ckpt.list_checkpoints(ckpt.checkpoint_root(out))[-1]
     assert newest.name == f"step_{STEPS:08d}"
     (newest / "dcp" / "__1_0.distcp").unlink()

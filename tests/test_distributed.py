@@ -1,7 +1,7 @@
 """Distributed strategies on this CPU machine: 2 processes, gloo, real torchrun.
 
 One torchrun job trains every strategy (and its LoRA variant) for 20 steps on the same
-global batch; the tests below compare each loss curve with the single-process run,
+global batch, then the configuration matrix; the tests below compare each loss curve with the single-process run,
 check the saved adapters, the per-rank memory and that only the main rank built the data.
 """
 
@@ -55,17 +55,26 @@ def torchrun(spec: dict, out: Path, *, nproc: int = 2, timeout: float = 900, env
 
 
 @pytest.fixture(scope="module")
-def strategy_runs(tiny_model_dir, tmp_path_factory):
-    """Every strategy, full and LoRA, 20 steps, 2 processes x micro-batch 4 (global batch 8)."""
-    out = tmp_path_factory.mktemp("strategies")
+def distributed_runs(tiny_model_dir, tmp_path_factory):
+    """One torchrun job (2 processes) for every distributed run of this module: the strategy
+    runs, then the configuration matrix. Returns (output root, each rank's results by run)."""
+    out = tmp_path_factory.mktemp("distributed")
+    strategies = common(tiny_model_dir) + ["train.micro_batch_size=4", f"data.cache_dir={out / 'cache'}"]
     runs = {}
     for name, overrides in STRATEGIES.items():
-        runs[name] = overrides
-        runs[f"{name}_lora"] = overrides + LORA
-    spec = {"base": common(tiny_model_dir) + ["train.micro_batch_size=4", f"data.cache_dir={out / 'cache'}"],
-            "runs": runs}
-    ranks = torchrun(spec, out)
-    return out, ranks
+        runs[name] = strategies + overrides
+        runs[f"{name}_lora"] = strategies + overrides + LORA
+    runs.update({name: matrix_base(tiny_model_dir, out / "matrix-cache") + overrides
+                 for name, overrides in matrix(tiny_model_dir).items()})
+    return out, torchrun({"base": [], "runs": runs}, out)
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(distributed_runs):
+    """Every strategy, full and LoRA, 20 steps, 2 processes x micro-batch 4 (global batch 8)."""
+    out, ranks = distributed_runs
+    names = [*STRATEGIES, *(f"{name}_lora" for name in STRATEGIES)]
+    return out, [{name: rank[name] for name in rank if name in names} for rank in ranks]
 
 
 @pytest.fixture(scope="module")
@@ -179,17 +188,21 @@ def matrix_base(model_dir: Path, cache: Path) -> list[str]:
             f"data.cache_dir={cache}"]
 
 
-@pytest.fixture(scope="module")
-def matrix_runs(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("matrix")
+def matrix(model_dir: Path) -> dict[str, list[str]]:
+    """The matrix's runs: every strategy x peft x precision, the switches, the techniques."""
     runs = {f"{s}-{peft}-{prec}": STRATEGIES[s] + [f"peft.method={peft}", f"train.precision={prec}"]
             for s in STRATEGIES for peft in PEFTS for prec in PRECISIONS}
     runs.update(EXTRAS)
-    runs.update({f"{strategy}-{name}": STRATEGIES[strategy] + overrides(tiny_model_dir)
+    runs.update({f"{strategy}-{name}": STRATEGIES[strategy] + overrides(model_dir)
                  for name, overrides in TECHNIQUES.items() for strategy in ("ddp", "fsdp", "zero3")
                  if not (strategy == "zero3" and name == "l1")})
-    ranks = torchrun({"base": matrix_base(tiny_model_dir, out / "cache"), "runs": runs}, out)
-    return ranks[0]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def matrix_runs(distributed_runs, tiny_model_dir):
+    _, ranks = distributed_runs
+    return {name: ranks[0][name] for name in matrix(tiny_model_dir)}
 
 
 # Fine-tuning techniques under each strategy (the teacher is sharded like the student).
