@@ -19,6 +19,20 @@ TEXT = EXAMPLES / "data" / "arithmetic_text.jsonl"
 CLASSIFICATION = EXAMPLES / "data" / "compare_classification.csv"
 
 torch.set_num_threads(1)  # the suite's numbers must not depend on the thread count
+# ... nor those of the processes it starts. pytest-xdist runs one worker per core (pyproject's
+# addopts): a process with more threads than its share only oversubscribes the cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    """A module's tests run in one xdist worker (--dist loadgroup), so that its module-scoped
+    fixtures, the reference runs and clusters, are built once; a module that shares a session
+    fixture with another names their common group instead (pytestmark = xdist_group(...))."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)
