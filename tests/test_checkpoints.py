@@ -133,27 +133,48 @@ def test_kill_9_anywhere_then_resume_auto_matches_an_uninterrupted_run(tiny_mode
     assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())  # debris cleared
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGUSR2"])
-def test_preemption_signal_saves_exits_75_and_resumes_exactly(tiny_model_dir, tmp_path, references, sig):
-    out, log = tmp_path / "run", tmp_path / "run.log"
+SIGNALS = ["SIGTERM", "SIGUSR1", "SIGUSR2"]
+
+
+@pytest.fixture(scope="module")
+def preempted(tiny_model_dir, tmp_path_factory):
+    """One run stopped by each preemption signal in turn, resumed with --resume auto after each,
+    then to its end: what each leg did, and the run's directory and log."""
+    root = tmp_path_factory.mktemp("preempted")
+    out, log = root / "run", root / "run.log"
     args = run_args(tiny_model_dir, out, *KILL_STRATEGIES["fsdp-async"], "checkpoint.every_steps=100")
-    proc = start(args, log)
-    assert wait_for(lambda: logged_steps(out) >= 3, timeout=300, every=POLL), log.read_text()[-3000:]
-    sent = time.monotonic()
-    os.kill(proc.pid, getattr(signal, sig))  # to the launcher, as SLURM signals the job step
-    code = proc.wait(timeout=120)
-    elapsed = time.monotonic() - sent
-    text = log.read_text()
+    legs, resume = {}, []
+    for sig in SIGNALS:
+        begun = logged_steps(out)  # the steps a resumed run keeps (those up to its checkpoint)
+        proc = start(args + resume, log)
+        # The first run trains 3 steps, each resumed one 2 more, before its signal comes.
+        wanted = 3 if not resume else begun + 2
+        assert wait_for(lambda: logged_steps(out) >= wanted, timeout=300, every=POLL), log.read_text()[-3000:]
+        sent = time.monotonic()
+        os.kill(proc.pid, getattr(signal, sig))  # to the launcher, as SLURM signals the job step
+        code = proc.wait(timeout=120)
+        elapsed = time.monotonic() - sent
+        latest = json.loads((out / "checkpoints" / "latest").read_text())
+        legs[sig] = {"code": code, "elapsed": elapsed, "latest": latest, "text": log.read_text(),
+                     "verified": ckpt.verify(out / "checkpoints" / latest["checkpoint"]),
+                     "final_exists": (out / "final").exists()}
+        resume = ["--resume", "auto"]
+    proc = start(args + resume, log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    return {"legs": legs, "out": out}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_preemption_signal_saves_exits_75_and_resumes_exactly(preempted, references, sig):
+    leg, out = preempted["legs"][sig], preempted["out"]
+    code, elapsed, text, latest = leg["code"], leg["elapsed"], leg["text"], leg["latest"]
     assert code == PREEMPTED, text[-5000:]
     assert elapsed < 30, f"{elapsed:.1f} s from {sig} to exit"  # within SLURM's default KillWait
-    latest = json.loads((out / "checkpoints" / "latest").read_text())
     assert 3 <= latest["step"] < STEPS and f"preempted: stopped at step {latest['step']} on {sig}" in text
-    assert ckpt.verify(out / "checkpoints" / latest["checkpoint"]) is None
-    assert not (out / "final").exists()
+    assert leg["verified"] is None
+    assert not leg["final_exists"]
 
-    proc = start(args + ["--resume", "auto"], log)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
     reference, got = losses(references["fsdp-async"]), losses(out)
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference[step], abs=1e-6, rel=0), f"step {step}"
