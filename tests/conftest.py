@@ -24,22 +24,15 @@ torch.set_num_threads(1)  # the suite's numbers must not depend on the thread co
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
-# The modules that take minutes on 2 cores, longest first: the workers take them in this order
-# (--no-loadscope-reorder), so that no worker is left with the longest ones at the end.
+# pytest-xdist gives each worker whole files (--dist loadfile): a module's fixtures, the reference
+# runs and clusters, are built once. The modules that take minutes on 2 cores go out first, longest
+# first (--no-loadscope-reorder keeps this order), so that no worker is left with them at the end.
 LONGEST_FIRST = ["test_checkpoints", "test_tune", "test_slurm", "test_ray", "test_dryrun", "test_distributed"]
 
 
-@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items):
-    """A module's tests run in one xdist worker (--dist loadgroup), so that its module-scoped
-    fixtures, the reference runs and clusters, are built once; a module that shares a session
-    fixture with another names their common group instead (pytestmark = xdist_group(...))."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # (stable: file order kept)
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)
