@@ -115,6 +115,12 @@ class Objective:
 # Shared by the objectives that predict labels (tokens or classes)
 
 
+def head_format_mismatch(cls: type[Objective], cfg: "Config") -> str:
+    """format_mismatch of the two model heads (causal LM, classification), given the other's data."""
+    return (f"data.format={cfg.data.format!r} does not fit model.task={cfg.model.task!r}: "
+            "use data.format=classification together with model.task=classification")
+
+
 def logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits and the labels they predict (`shift`: causal LM, each position predicts the next token)."""
     # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or

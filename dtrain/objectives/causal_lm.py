@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
-from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, logits_and_labels, loss_metrics,
-                                    scored_labels)
+from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, logits_and_labels,
+                                    loss_metrics, scored_labels)
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -38,10 +38,7 @@ class CausalLM(Objective):
             raise ValueError("eval.generation.enabled needs instruction data with answers to check "
                              "(data.format=alpaca or chat, model.task=causal_lm)")
 
-    @classmethod
-    def format_mismatch(cls, cfg: "Config") -> str:
-        return (f"data.format={cfg.data.format!r} does not fit model.task={cfg.model.task!r}: "
-                "use data.format=classification together with model.task=classification")
+    format_mismatch = classmethod(head_format_mismatch)
 
     @classmethod
     def metric_names(cls, cfg: "Config") -> list[str]:

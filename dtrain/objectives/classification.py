@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
-from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, logits_and_labels, loss_metrics,
-                                    scored_labels)
+from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, logits_and_labels,
+                                    loss_metrics, scored_labels)
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -53,10 +53,7 @@ class Classification(Objective):
         weights = torch.tensor(data.class_weights) if data.class_weights is not None else None
         return cls(len(data.label_names), weights, label_smoothing=cfg.train.label_smoothing)
 
-    @classmethod
-    def format_mismatch(cls, cfg: "Config") -> str:
-        return (f"data.format={cfg.data.format!r} does not fit model.task={cfg.model.task!r}: "
-                "use data.format=classification together with model.task=classification")
+    format_mismatch = classmethod(head_format_mismatch)
 
     @classmethod
     def metric_names(cls, cfg: "Config") -> list[str]:
