@@ -510,10 +510,12 @@ def read_state(path: Path) -> dict[str, Any]:
     For inspection and `dtrain checkpoint consolidate`; resuming goes through load_checkpoint."""
     import warnings
 
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    from dtrain.safe_load import dcp_load
 
     if not (path / "dcp").is_dir():
         raise CheckpointError(f"checkpoint {path} holds no torch.distributed checkpoint (dcp/)")
+    state: dict[str, Any] = {}
     with warnings.catch_warnings():  # "assuming ... a single process": that is the intent here
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        return _load_state_dict_from_keys(checkpoint_id=str(path / "dcp"))
+        dcp_load(state, path / "dcp", no_dist=True, whole=True)
+    return state

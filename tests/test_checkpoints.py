@@ -270,6 +270,108 @@ def test_consolidate_a_sharded_checkpoint_into_one_model(resharded, run, tmp_pat
 
 
 # --------------------------------------------------------------------------------------
+# A crafted checkpoint runs no code: each kind of pickle a checkpoint holds, for each format,
+# with the manifest's checksums rewritten to match (so that only the loading path defends).
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`, as a crafted checkpoint file would run anything."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def reseal(checkpoint: Path) -> None:
+    """Rewrite the manifest's sizes and checksums to match the files, as an attacker would."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    files = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()
+                   and p.name != "manifest.json")
+    manifest["files"] = {f: {"bytes": (checkpoint / f).stat().st_size, "sha256": ckpt._sha256(checkpoint / f)}
+                         for f in files}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert ckpt.verify(checkpoint) is None
+
+
+def craft_dcp_metadata(checkpoint: Path, marker: Path) -> None:
+    import pickle
+
+    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+
+
+def craft_dcp_value(checkpoint: Path, marker: Path) -> None:
+    """A DCP checkpoint whose metadata is clean but one non-tensor value (an LR) is the payload."""
+    import torch.distributed.checkpoint as dcp
+
+    state = ckpt.read_state(checkpoint)
+    state["optimizer"]["param_groups"][0]["lr"] = Payload(marker)
+    shutil.rmtree(checkpoint / "dcp")
+    dcp.save(state, checkpoint_id=checkpoint / "dcp", no_dist=True)
+
+
+def craft_deepspeed(checkpoint: Path, marker: Path) -> None:
+    (model_states,) = checkpoint.glob("deepspeed/*/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    state = torch.load(model_states, weights_only=False)  # (our own file, from the fixture's run)
+    state["ds_version"] = Payload(marker)
+    torch.save(state, model_states)
+
+
+CRAFTED = {  # name: (saved run, how it is crafted, the strategy that resumes it in one process)
+    "dcp-metadata": ("save1/single", craft_dcp_metadata, []),
+    "dcp-value-fsdp": ("save2/fsdp", craft_dcp_value, []),
+    "deepspeed": ("save2/zero3", craft_deepspeed, ZERO[3]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_checkpoint_runs_no_code_on_resume_or_consolidate(resharded, case, tmp_path, tiny_model_dir):
+    run, craft, strategy = CRAFTED[case]
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "step_00000003"
+    shutil.copytree(resharded / run / "checkpoints" / "step_00000003", checkpoint)
+    marker = tmp_path / "owned"
+    craft(checkpoint, marker)
+    reseal(checkpoint)
+    assert not marker.exists()
+
+    resume = subprocess.run(
+        [sys.executable, "-m", "dtrain", "train", *run_args(tiny_model_dir, out, *RESHARD_BASE, *strategy,
+                                                            "train.max_steps=4"), "--resume", str(checkpoint)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    consolidate = subprocess.run([sys.executable, "-m", "dtrain", "checkpoint", "consolidate", str(checkpoint),
+                                  "--out", str(tmp_path / "model")], cwd=REPO, capture_output=True, text=True,
+                                 timeout=300)
+    for proc in (resume, consolidate):
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "refusing to load it" in proc.stderr and "runs code" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists(), "the crafted checkpoint ran its payload"
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_unpickler_admits_real_metadata_and_refuses_anything_else(tmp_path):
+    import io
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from dtrain.safe_load import UnsafeCheckpointError, load_dcp_metadata
+
+    model = torch.nn.Linear(3, 2)
+    dcp.save({"model": model.state_dict(), "lr": 0.5, "betas": (0.9, 0.95), "step": torch.tensor(3.0),
+              "half": torch.zeros(2, dtype=torch.bfloat16)}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    real = (tmp_path / "dcp" / ".metadata").read_bytes()
+    assert load_dcp_metadata(io.BytesIO(real), "x").state_dict_metadata.keys() == pickle.loads(real).state_dict_metadata.keys()
+    for smuggled in (Payload(tmp_path / "owned"), [1, {"a": eval}], getattr):
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load it"):
+            load_dcp_metadata(io.BytesIO(pickle.dumps(smuggled)), "x")
+    assert not (tmp_path / "owned").exists()
+
+
+# --------------------------------------------------------------------------------------
 # One process: async save, keep_best, disk check, compatibility, export.
 
 

@@ -186,13 +186,14 @@ class Strategy:
     def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
         """Load what save_checkpoint wrote, resharding to this run's world size and strategy.
         The parameters are read in place; dcp.load fails on any name the checkpoint lacks."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from dtrain.safe_load import dcp_load
 
         params = {name: p.detach() for name, p in self.trainable_parameters(model).items()}
         state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
         with _single_process_is_meant():
-            dcp.load(state, checkpoint_id=path / "dcp", no_dist=_no_dist())
+            dcp_load(state, path / "dcp", no_dist=_no_dist())  # (safe_load: a checkpoint runs no code)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_trainable_only())
 
     def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:

@@ -229,7 +229,11 @@ class DeepSpeed(Distributed):
 
     def prepare_resume(self, path: Path, manifest: dict[str, Any]) -> None:
         """Engine checkpoints load only at the world size that wrote them; for another one,
-        convert to DeepSpeed's universal format (once, next to the checkpoint) and load that."""
+        convert to DeepSpeed's universal format (once, next to the checkpoint) and load that.
+        DeepSpeed unpickles its files unrestricted: each is first proven plain data (safe_load)."""
+        from dtrain.safe_load import refuse_unsafe_files
+
+        refuse_unsafe_files(path / ENGINE_DIR, self.comm)
         if manifest["world_size"] == self.comm.world_size:
             return
         universal = path.parent / f".universal-{path.name}"
@@ -248,6 +252,7 @@ class DeepSpeed(Distributed):
                                    f"format for world size {self.comm.world_size} failed:\n{done.stderr[-3000:]}")
             os.rename(tmp, universal)
         self.comm.barrier()
+        refuse_unsafe_files(universal, self.comm)  # (a directory beside the checkpoint: not covered by its manifest)
         self.universal = universal
 
     def load_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path) -> None:
@@ -277,6 +282,9 @@ def read_model_state(engine_dir: Path, exclude_frozen: bool) -> dict[str, torch.
     DeepSpeed's zero_to_fp32 reassembles every rank's fp32 master partitions."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from dtrain.safe_load import scan_torch_files
+
+    scan_torch_files(sorted(engine_dir.rglob("*.pt")))  # zero_to_fp32 unpickles them unrestricted
     state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=ENGINE_TAG,
                                                      exclude_frozen_parameters=exclude_frozen)
     return {name: tensor.float() for name, tensor in state.items()}
