@@ -224,7 +224,7 @@ def finish_save(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") ->
         root = final.parent
         manifest = {"format": FORMAT_VERSION, "step": step, "world_size": comm.world_size,
                     "strategy": strategy.name, **strategy.checkpoint_info(),
-                    "compatibility": compatibility(cfg, strategy), "config": cfg.to_dict(),
+                    "compatibility": compatibility(cfg, strategy), "config": cfg.public_dict(),
                     "metric": None if pending.metric is None else {"name": f"eval_{cfg.eval.metric}",
                                                                    "value": pending.metric, "mode": cfg.eval.mode},
                     "files": {f: hashed[f] for f in files}}

@@ -463,10 +463,27 @@ class Config(Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every value, secrets included: for handing the config to another process of this run."""
         return self.model_dump(mode="json")
 
+    def public_dict(self) -> dict[str, Any]:
+        """What may be written or logged (config.yaml, manifests, W&B, `config show`): every data
+        source's database password as *** (a resumed run reads it again from the user's config, or
+        from the environment when the URL says `${NAME}`)."""
+        from dtrain.data.sources import is_sql_source, redact_url
+
+        data = self.to_dict()
+        for split in ("train", "validation", "test"):
+            for source in data["data"].get(split) or []:
+                if source.get("url"):
+                    source["url"] = redact_url(source["url"])
+                if source.get("path") and is_sql_source(source["path"]):
+                    source["path"] = redact_url(source["path"])
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as written to a run's config.yaml (public_dict: no secrets)."""
+        return yaml.safe_dump(self.public_dict(), sort_keys=False)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

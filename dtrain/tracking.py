@@ -71,7 +71,7 @@ class Tracker:
             import wandb
 
             self.wandb = wandb.init(
-                project=cfg.logging.wandb_project, dir=str(out), config=cfg.to_dict(),
+                project=cfg.logging.wandb_project, dir=str(out), config=cfg.public_dict(),
                 name=out.name, resume="allow", id=f"{out.name}-{cfg.fingerprint()}",
             )
         if cfg.logging.progress_bar:

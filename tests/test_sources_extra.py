@@ -285,6 +285,8 @@ def test_password_redaction():
     assert redact_url("sql:postgresql://u:secret@h/db::SELECT 1") == "sql:postgresql://u:***@h/db::SELECT 1"
     assert redact_url("sqlite:///a.db") == "sqlite:///a.db"
     assert "secret" not in redact_url("not a url://u:secret@host/db")
+    # An environment reference is no secret: it is shown as written, and read when connecting.
+    assert redact_url("postgresql://u:${PGPASS}@h/db?token=${TOK}") == "postgresql://u:${PGPASS}@h/db?token=${TOK}"
 
 
 def test_password_never_in_errors(tmp_path, sqlite_db):
@@ -533,3 +535,36 @@ def test_prepare_data_reads_a_directory_of_documents(tmp_path):
     data = prepare_data(cfg, tok, 0)
     texts = [tok.decode(ids, skip_special_tokens=True) for ids in data.train["input_ids"]]
     assert sorted(texts) == ["five\n\nsix", "one two", "three four"]
+
+
+@pytest.mark.parametrize("secret", ["literal", "environment"])
+def test_a_database_password_is_written_nowhere_in_the_run(make_config, tmp_path, monkeypatch, secret):
+    """A run trained from a database whose URL holds a secret: no file of the run directory
+    (config.yaml, checkpoint manifests, metrics, TensorBoard events, report) holds it. Given as
+    ${NAME}, the secret is read from the environment and the saved config keeps the reference."""
+    from conftest import ALPACA
+
+    from dtrain.train import train
+
+    db = tmp_path / "alpaca.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE alpaca (instruction TEXT, input TEXT, output TEXT)")
+    rows = [json.loads(line) for line in ALPACA.read_text().splitlines()]
+    con.executemany("INSERT INTO alpaca VALUES (?, ?, ?)", [(r["instruction"], r.get("input", ""), r["output"])
+                                                           for r in rows])
+    con.commit()
+    con.close()
+    monkeypatch.setenv("DTRAIN_TEST_TOKEN", "hunter2-from-env")
+    token = "hunter2-literal" if secret == "literal" else "${DTRAIN_TEST_TOKEN}"
+    out = tmp_path / "run"
+    # (pysqlite ignores the parameter, with a warning: it stands for a server's password here)
+    cfg = make_config(f"data.train=sql:sqlite:///{db}?access_token={token}::SELECT * FROM alpaca",
+                      "checkpoint.every_steps=2", "logging.tensorboard=true", "eval.every_steps=2", output_dir=out)
+    train(cfg)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in files) and any("tfevents" in p.name for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert b"hunter2" not in data, path
+    saved = (out / "config.yaml").read_text()
+    assert ("access_token=***" if secret == "literal" else "access_token=${DTRAIN_TEST_TOKEN}") in saved

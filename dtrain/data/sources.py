@@ -17,6 +17,8 @@ Source kinds (a path's suffix decides; `check_source` / `iter_rows` take any of 
 - `sql:<SQLAlchemy URL>::<query>`: the rows of a query (see `iter_sql_rows`), e.g.
   `sql:sqlite:///data/qa.db::SELECT q AS instruction, a AS output FROM qa`. The URL ends at the
   first "::" outside square brackets (so an IPv6 host `[::1]` and a `x::text` cast both work).
+  `${NAME}` in the URL is the environment variable NAME, read when connecting: a password given
+  so is never in the config at all. A literal one is shown and saved as `***` (`redact_url`).
 
 Fast path: given `StringFields`, `iter_rows` hands over runs of JSONL lines and Parquet record
 batches that Arrow parses in C++ as `ArrowRows` blocks (the fields as string columns) instead of
@@ -31,6 +33,7 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,6 +525,23 @@ def _join_html_pieces(pieces: list[Any]) -> str:
 # SQL (SQLAlchemy)
 
 _SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(url: str) -> str:
+    """`url` with each `${NAME}` replaced by the environment variable NAME (DataError if unset)."""
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise DataError(f"{redact_url(url)}: the environment variable {name} (${{{name}}} in the URL) is not set")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(value, url)
+
+
+def _keep(value: str | None) -> bool:
+    """A secret written as ${NAME} is a reference, not the secret: it may be shown."""
+    return value is not None and _ENV_REFERENCE.fullmatch(value) is not None
 _LIMIT_DIALECTS = frozenset({"sqlite", "postgresql", "mysql", "mariadb", "duckdb"})
 
 
@@ -562,16 +582,18 @@ def redact_url(url: str) -> str:
         # unparseable: hide everything between "://" and the last "@" (over-hiding is safe)
         return re.sub(r"(?<=://).*@", "***@", url, count=1)
     if parsed.query:
-        parsed = parsed.set(query={k: ("***" if _SECRET_PARAM.search(k) else v) for k, v in parsed.query.items()})
-    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+        parsed = parsed.set(query={k: ("***" if _SECRET_PARAM.search(k) and not _keep(v) else v)
+                                   for k, v in parsed.query.items()})
+    shown = parsed.render_as_string(hide_password=not _keep(parsed.password))
+    return shown.replace("%2A%2A%2A", "***").replace("%24%7B", "${").replace("%7D", "}")
 
 
 def _scrub(message: str, url: str) -> str:
     """`message` without the URL's password, should a driver echo it."""
     from sqlalchemy.engine import make_url
 
-    try:
-        parsed = make_url(url)
+    try:  # (the secrets as the driver saw them: environment references expanded)
+        parsed = make_url(_ENV_REFERENCE.sub(lambda m: os.environ.get(m.group(1), m.group(0)), url))
     except Exception:  # noqa: BLE001 - an unparseable URL has no parsed password to scrub
         return message
     secrets = [parsed.password] + [v for k, v in parsed.query.items() if _SECRET_PARAM.search(k)]
@@ -602,6 +624,7 @@ def _engine(url: str) -> Engine:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     name = redact_url(url)
+    url = expand_env(url)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError):

@@ -437,7 +437,7 @@ def check_same_search(cfg: Config, directory: str, resume: bool) -> None:
         return
     import yaml
 
-    before, now = flatten(yaml.safe_load(saved.read_text())), flatten(cfg.to_dict())
+    before, now = flatten(yaml.safe_load(saved.read_text())), flatten(cfg.public_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"--resume: the config differs from the one the search in {directory} started with, at "
