@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from dtrain.config import ConfigError, load_config
 from dtrain.launch import PREEMPTED_EXIT_CODE
@@ -42,6 +43,9 @@ def _rank_prefix() -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        print(f"error: --nproc {args.nproc}: the number of processes per node must be at least 1", file=sys.stderr)
+        return 2
     if args.nproc and not args.dry_run:  # (a dry run is one process; --nproc shapes its estimate)
         try:  # a bad config fails here, before any process starts
             load_config(args.config, args.overrides)
@@ -51,9 +55,18 @@ def _train(args: argparse.Namespace) -> int:
         from dtrain.launch import launch_training
 
         return launch_training(args)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:  # first: a bad config fails in a second, before torch and transformers are imported
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from dtrain.checkpoint import CheckpointError
+    from dtrain.safe_load import UnsafeCheckpointError
     from dtrain.train import NonFiniteLossError, Preempted, train
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -61,11 +74,7 @@ def _train(args: argparse.Namespace) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed; say CPU is meant
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
                         format=f"{_rank_prefix()}%(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
     try:
-        cfg = load_config(args.config, overrides)
         if args.dry_run:
             from dtrain.dryrun import dry_run
 
@@ -75,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
         if main_rank:
             print(f"preempted: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (ConfigError, NonFiniteLossError, CheckpointError, ValueError) as exc:
+    except (ConfigError, NonFiniteLossError, CheckpointError, UnsafeCheckpointError, ValueError) as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     if main_rank:
@@ -98,10 +107,36 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m dtrain.train ...`: the same as `dtrain train ...`."""
-    parser = argparse.ArgumentParser(prog="python -m dtrain.train",
+    parser = argparse.ArgumentParser(prog="python -m dtrain.train", parents=[DEBUG_FLAG],
                                      description="Train or fine-tune a model from one YAML config.")
     add_train_arguments(parser)
-    return _train(parse_with_overrides(parser, argv))
+    return run_command(_train, parse_with_overrides(parser, argv))
+
+
+# Every command takes it: the traceback of an unexpected failure, instead of one line.
+DEBUG_FLAG = argparse.ArgumentParser(add_help=False)
+DEBUG_FLAG.add_argument("--debug", action="store_true",
+                        help="on an unexpected failure, show the traceback (also: DTRAIN_DEBUG=1)")
+
+
+def run_command(command: Any, args: argparse.Namespace) -> int:
+    """Run one command. It reports the failures it expects itself; anything else still ends in
+    one `error:` line naming what failed, with exit code 2 for a bad config and 1 otherwise, and
+    the traceback only with --debug or DTRAIN_DEBUG=1 (which torchrun's workers inherit)."""
+    if getattr(args, "debug", False):
+        os.environ["DTRAIN_DEBUG"] = "1"
+    try:
+        return command(args)
+    except ConfigError as exc:
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence; --debug re-raises
+        if os.environ.get("DTRAIN_DEBUG") == "1":
+            raise
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        print(f"{_rank_prefix()}error: {type(exc).__name__}: {lines[0] if lines else 'no message'}\n"
+              "  (an unexpected failure: rerun with --debug, or DTRAIN_DEBUG=1, for the traceback)", file=sys.stderr)
+        return 1
 
 
 # --------------------------------------------------------------------------------------
@@ -149,6 +184,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dtrain.checkpoint import CheckpointError
+    from dtrain.safe_load import UnsafeCheckpointError
     from dtrain.export import export
 
     source = Path(getattr(args, "checkpoint", None) or args.source)
@@ -157,7 +193,7 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     try:
         out = export(source, Path(args.out), adapter_only=getattr(args, "adapter_only", False))
-    except (CheckpointError, ConfigError, ValueError, FileExistsError) as exc:
+    except (CheckpointError, UnsafeCheckpointError, ConfigError, ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"exported to {out}")
@@ -169,7 +205,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     from dtrain.export import generate
 
-    print(generate(Path(args.model), args.prompt, template=args.template, max_new_tokens=args.max_new_tokens))
+    model = Path(args.model)
+    if not (model / "config.json").is_file() and (model / "final" / "config.json").is_file():
+        model = model / "final"  # a run directory: its trained model
+    if not (model / "config.json").is_file():
+        print(f"error: {args.model} is not a model directory (no config.json) nor a run directory with a final/ "
+              "model; give an exported model or a finished run", file=sys.stderr)
+        return 2
+    print(generate(model, args.prompt, template=args.template, max_new_tokens=args.max_new_tokens))
     return 0
 
 
@@ -178,6 +221,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dtrain.checkpoint import CheckpointError
+    from dtrain.safe_load import UnsafeCheckpointError
     from dtrain.data import DataError, prepare_data
     from dtrain.evaluation import describe, evaluate
     from dtrain.export import load_trained
@@ -202,14 +246,19 @@ def _eval(args: argparse.Namespace) -> int:
         objective = build_objective(cfg, data, frozen={})  # (a teacher adds nothing to the test metrics)
         metrics, worst = evaluate(model.to(strategy.device), data.test, objective, cfg, strategy.comm, tokenizer,
                                   worst=cfg.eval.worst_examples)
-    except (ConfigError, CheckpointError, DataError, ValueError) as exc:
+    except (ConfigError, CheckpointError, UnsafeCheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     result = {"source": str(source), "split": "test", "examples": len(data.test),
               **{k.replace("eval_", "test_", 1): v for k, v in metrics.items()},
               "worst_examples": [describe(ex, tokenizer, data.label_names) for ex in worst]}
+    from dtrain.outputs import write_text_atomic
+
     out = Path(args.out) if args.out else (source / "eval.json")
-    out.write_text(json.dumps(result, indent=2))
+    if args.out and (out.is_dir() or args.out.endswith(os.sep) or not out.suffix):
+        out = out / "eval.json"  # --out DIR, as the README writes it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
     print(f"written to {out}")
     return 0
@@ -234,20 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Fine-tune and train language models from one YAML file.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train or fine-tune a model (same as python -m dtrain.train)")
+    train = commands.add_parser("train", parents=[DEBUG_FLAG], help="train or fine-tune a model (same as python -m dtrain.train)")
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
     from dtrain.estimate import add_estimate_arguments, run_estimate
 
-    estimate = commands.add_parser("estimate", help="parameters, memory per device for each strategy, FLOPs and "
+    estimate = commands.add_parser("estimate", parents=[DEBUG_FLAG], help="parameters, memory per device for each strategy, FLOPs and "
                                    "time per epoch; which strategy fits")
     add_estimate_arguments(estimate)
     estimate.set_defaults(func=run_estimate)
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    show = config_commands.add_parser("show", help="print the fully resolved config, defaults included")
+    show = config_commands.add_parser("show", parents=[DEBUG_FLAG], help="print the fully resolved config, defaults included")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=_config_show)
@@ -255,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="prepare data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     prepare = data_commands.add_parser(
-        "prepare", help="clean, dedup, split, tokenize and pack into the cache; write data_report.md")
+        "prepare", parents=[DEBUG_FLAG], help="clean, dedup, split, tokenize and pack into the cache; write data_report.md")
     prepare.add_argument("config")
     prepare.add_argument("overrides", nargs="*")
     prepare.add_argument("--on-error", choices=["fail", "skip"], help="malformed rows: fail (default) or skip and count")
@@ -263,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--report-dir", help="where data_report.md goes (default: output_dir)")
     prepare.set_defaults(func=_data_prepare)
 
-    export = commands.add_parser("export", help="a run or checkpoint as a plain Hugging Face model (adapters merged)")
+    export = commands.add_parser("export", parents=[DEBUG_FLAG], help="a run or checkpoint as a plain Hugging Face model (adapters merged)")
     export.add_argument("source", help="run directory (its final/ model) or a checkpoint directory")
     export.add_argument("--out", required=True, help="new directory for the model")
     export.add_argument("--adapter-only", action="store_true", help="write the LoRA/DoRA adapter alone, unmerged")
@@ -272,23 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint = commands.add_parser("checkpoint", help="work with checkpoints")
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
     consolidate = checkpoint_commands.add_parser(
-        "consolidate", help="reassemble a sharded checkpoint (any strategy, any world size) into one full model")
+        "consolidate", parents=[DEBUG_FLAG], help="reassemble a sharded checkpoint (any strategy, any world size) into one full model")
     consolidate.add_argument("checkpoint", help="a checkpoint directory (output_dir/checkpoints/step_N)")
     consolidate.add_argument("--out", required=True, help="new directory for the model")
     consolidate.set_defaults(func=_export)
 
-    evaluation = commands.add_parser("eval", help="evaluate a run or a model directory on the test split; writes eval.json")
+    evaluation = commands.add_parser("eval", parents=[DEBUG_FLAG], help="evaluate a run or a model directory on the test split; writes eval.json")
     evaluation.add_argument("source", help="run directory, checkpoint, or Hugging Face model directory")
     evaluation.add_argument("config", help="YAML config whose data (test split) and eval settings to use")
     evaluation.add_argument("overrides", nargs="*")
-    evaluation.add_argument("--out", help="where eval.json goes (default: inside SOURCE)")
+    evaluation.add_argument("--out", metavar="DIR|FILE.json",
+                            help="where eval.json goes: a directory, or a file name (default: inside SOURCE)")
     evaluation.set_defaults(func=_eval)
 
-    report = commands.add_parser("report", help="learning curves and a written diagnosis of a run")
+    report = commands.add_parser("report", parents=[DEBUG_FLAG], help="learning curves and a written diagnosis of a run")
     report.add_argument("run", help="run directory")
     report.set_defaults(func=_report)
 
-    gen = commands.add_parser("generate", help="greedy generation from a model directory, for a quick look")
+    gen = commands.add_parser("generate", parents=[DEBUG_FLAG], help="greedy generation from a model directory, for a quick look")
     gen.add_argument("model", help="an exported model directory (or a run's final/)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--template", choices=["none", "alpaca", "chat"], default="none",
@@ -301,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,11 @@ def _yaml_with_lines(text: str, filename: str) -> tuple[Any, dict[str, int]]:
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
                 key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key in lines:  # YAML would keep the last value silently
+                    raise ConfigError(f"{filename}:{line}: `{key}` is given twice (first at line {lines[key]}); "
+                                      "keep one of them")
+                lines[key] = line
                 walk(value_node, key + ".")
 
     walk(node, "")
@@ -150,7 +154,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded, lines = _yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as "
+                              "UTF-8") from None
+        loaded, lines = _yaml_with_lines(text, str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

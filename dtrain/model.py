@@ -34,8 +34,50 @@ def check_model_path(cfg: ModelConfig) -> None:
             )
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path: {cfg.path!r} has no config.json (is it a Hugging Face model directory?)")
+        _check_config_json(path / "config.json", trust_remote_code=cfg.trust_remote_code)
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer: {cfg.tokenizer!r} is not a directory")
+
+
+def _check_config_json(path: Path, trust_remote_code: bool) -> None:
+    """config.json is JSON, and names an architecture this transformers knows (or ships its code)."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"model.path: {path}{where} is not valid JSON ({exc}); the model directory is damaged "
+                          "(an interrupted download or copy?)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.path: {path} is not a JSON object")
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"model.path: {path} has no model_type; is it a Hugging Face model's config.json?")
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in data):
+        import transformers
+
+        hint = (" (it ships its own code: set model.trust_remote_code=true if you trust it)" if "auto_map" in data
+                else "; a newer transformers may know it")
+        raise ConfigError(f"model.path: {path} says model_type {model_type!r}, an architecture transformers "
+                          f"{transformers.__version__} does not know{hint}")
+
+
+@contextlib.contextmanager
+def _loading(key: str, path: str, what: str, fix: str):
+    """A library's failure to load `what` from `path`, as a ConfigError naming the key."""
+    from safetensors import SafetensorError  # (a truncated or damaged .safetensors file)
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        raise ConfigError(f"{key}: cannot load the {what} from {path}: {reason}; {fix}") from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -43,9 +85,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if cfg.tokenizer is None and presets.is_preset(cfg.path):
         tokenizer = presets.preset_tokenizer(cfg.path)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.tokenizer or cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
-        )
+        source = cfg.tokenizer or cfg.path
+        key = "model.tokenizer" if cfg.tokenizer else "model.path"
+        with _loading(key, source, "tokenizer", "the directory needs tokenizer files (tokenizer.json or "
+                      "tokenizer_config.json + vocabulary); or set model.tokenizer to a directory that has them"):
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                                      trust_remote_code=cfg.trust_remote_code)
+        if isinstance(tokenizer, bool) or not hasattr(tokenizer, "pad_token_id"):
+            raise ConfigError(f"{key}: {source} holds no tokenizer; set model.tokenizer to a directory that has one")
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels -100, attention mask 0).
         tokenizer.pad_token = tokenizer.eos_token
@@ -57,7 +104,8 @@ def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     check_model_path(cfg)
     if presets.is_preset(cfg.path):
         return presets.preset_config(cfg.path)
-    return AutoConfig.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    with _loading("model.path", cfg.path, "model config", "check config.json"):
+        return AutoConfig.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
 
 
 # Config fields each architecture family uses for each kind of dropout.
@@ -137,7 +185,8 @@ def load_model(
             raise ValueError("a preset is quantised from its saved base directory (pass path=)")
         config = presets.preset_config(path)
     else:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        with _loading("model.path", str(path), "model config", "check config.json"):
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
     if cfg.task == "classification":
         config.num_labels = num_labels
     apply_dropout(config, cfg.dropout)  # (train() reports the overrides a model has no field for)
@@ -146,8 +195,10 @@ def load_model(
         model = model_cls.from_config(config, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
     else:
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
-        model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[cfg.dtype], attn_implementation=attn,
-                                          local_files_only=True, trust_remote_code=cfg.trust_remote_code, **extra)
+        with _loading("model.path", str(path), "weights", "the directory needs model.safetensors (or sharded "
+                      "*.safetensors with their index); re-download or re-export the model"):
+            model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[cfg.dtype], attn_implementation=attn,
+                                              local_files_only=True, trust_remote_code=cfg.trust_remote_code, **extra)
     if quantization is not None:
         keep_4bit_training_kernel(model)
     if cfg.task == "classification":

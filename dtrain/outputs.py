@@ -23,18 +23,47 @@ if TYPE_CHECKING:
     from dtrain.schema import Config
 
 
-def prepare_output_dir(cfg: "Config", resuming: bool) -> Path:
-    """output_dir with this run's config.yaml in it; refused (nothing touched) when it holds
-    another run's checkpoints and this run does not resume."""
+def check_output_dir(cfg: "Config", resuming: bool) -> Path:
+    """output_dir, created if new, once it is known to be usable: a writable directory, and one
+    that holds no other run's checkpoints unless this run resumes. Writes nothing into it: a run's
+    files are written by write_config once every check of the run's setup has passed."""
     out = Path(cfg.output_dir)
     if not resuming and ckpt.list_checkpoints(ckpt.checkpoint_root(out)):
         raise ConfigError(
             f"output_dir {out} already holds checkpoints of another run: resume it with --resume auto, "
             "or choose a new output_dir (nothing was overwritten)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"output_dir {out}: {_first_file(out)} is a file, not a directory; "
+                          "choose another output_dir") from None
+    except OSError as exc:  # read-only file system, permissions
+        raise ConfigError(f"output_dir {out}: cannot create it ({exc.strerror}); choose a writable output_dir") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out}: not writable (read-only file system or permissions); "
+                          "choose a writable output_dir")
     return out
+
+
+def write_config(cfg: "Config", out: Path) -> None:
+    """The run's config.yaml (without secrets: Config.to_yaml)."""
+    write_text_atomic(out / "config.yaml", cfg.to_yaml())
+
+
+def _first_file(path: Path) -> Path:
+    """The first component of `path` (itself included) that exists and is not a directory."""
+    for part in [*reversed(path.parents), path]:
+        if part.exists() and not part.is_dir():
+            return part
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` beside its final name and rename it into place (readers see old or new)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

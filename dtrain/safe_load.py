@@ -29,11 +29,11 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from dtrain.checkpoint import CheckpointError
 
 
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file names a class or function that plain data never needs."""
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file names a class or function that plain data never needs. (Not a
+    CheckpointError: this module sits below dtrain.checkpoint, which imports it.)"""
 
 
 # What a DCP `.metadata` pickle may name: module -> names. The dataclasses of DCP's metadata and

@@ -156,7 +156,8 @@ class DataConfig(Section):
     output_field: str = Field("output", description="alpaca: the response column.")
     messages_field: str = Field("messages", description="chat: column with a list of {role, content}.")
     label_field: str = Field("label", description="classification: the label column.")
-    labels: list[str] | None = Field(None, description="classification: the label set; default: labels seen in train.")
+    labels: list[str] | None = Field(None, min_length=1,
+                                     description="classification: the label set; default: labels seen in train.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     balance: Literal["none", "oversample", "undersample", "class_weights"] = Field(
         "none", description="classification: balance the training classes, or weight the loss by class.")

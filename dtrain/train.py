@@ -40,7 +40,7 @@ from dtrain.model import (apply_dropout, autocast, compile_blocks, count_paramet
                           load_model_config, load_tokenizer, quantization_config)
 from dtrain.objectives import Objective, build_objective, objective_class, objective_name
 from dtrain.optim import build_optimizer, build_scheduler, scaled_lr
-from dtrain.outputs import prepare_output_dir, save_final_model, save_preset_base, write_worst_examples
+from dtrain.outputs import check_output_dir, save_final_model, save_preset_base, write_config, write_worst_examples
 from dtrain.parallel import Strategy, build_strategy
 from dtrain.peft import apply_peft
 from dtrain.presets import is_preset
@@ -194,14 +194,11 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         comm, tcfg = strategy.comm, cfg.train
         seed_everything(cfg.seed)
         resume = ckpt.resume_path(cfg, comm)
-        out = prepare_output_dir(cfg, resuming=resume is not None) if comm.is_main else Path(cfg.output_dir)
+        out = check_output_dir(cfg, resuming=resume is not None) if comm.is_main else Path(cfg.output_dir)
 
         # Data: the main rank prepares (or finds) the cached data; the others then read that cache.
         tokenizer = load_tokenizer(cfg.model)
         data = comm.main_first(lambda: prepare_data(cfg.data, tokenizer, cfg.seed, rows_per_file=rows_per_file))
-        if comm.is_main:
-            write_report(data, tokenizer, out, batch_size=tcfg.micro_batch_size, max_seq_len=cfg.data.max_seq_len,
-                         seed=cfg.seed)
         if cfg.eval.early_stopping.patience and not data.validation:
             raise ConfigError("eval.early_stopping.patience is set but there is no validation data "
                               "(give data.validation or a data.val_ratio > 0)")
@@ -237,6 +234,10 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         if resume is not None:
             checkpointer.restore(resume)  # also this rank's RNG, and the data position at any world size
         if comm.is_main:
+            # Every check has passed (data, model, checkpoint): only now is the run directory written to.
+            write_config(cfg, out)
+            write_report(data, tokenizer, out, batch_size=tcfg.micro_batch_size, max_seq_len=cfg.data.max_seq_len,
+                         seed=cfg.seed)
             # Lines logged after the checkpoint (or, starting afresh, by an attempt that died before
             # its first checkpoint) are about to be produced again.
             truncate_metrics(out, state.step)

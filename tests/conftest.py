@@ -138,3 +138,21 @@ def final_spy(monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_final_model", spy)
     return seen
+
+
+# tests/test_bad_inputs.py records each bad input's verdict (exit code, traceback or not); the
+# summary counts them. (A hook on the controller: with pytest-xdist, the reports carry them here.)
+_BAD_INPUT_VERDICTS: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        for key, verdict in report.user_properties:
+            if key.startswith("bad_input_verdict"):
+                _BAD_INPUT_VERDICTS[verdict] = _BAD_INPUT_VERDICTS.get(verdict, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _BAD_INPUT_VERDICTS:
+        counts = ", ".join(f"{n} {verdict}" for verdict, n in sorted(_BAD_INPUT_VERDICTS.items()))
+        terminalreporter.write_line(f"bad inputs through the CLI: {sum(_BAD_INPUT_VERDICTS.values())} ({counts})")

@@ -6,12 +6,20 @@
 
 from __future__ import annotations
 
-from dtrain.data.formats import IGNORE_INDEX, Example
-from dtrain.data.loader import BatchIterator, collate
-from dtrain.data.pipeline import PreparedData, check_sources, prepare_data
-from dtrain.data.sources import DataError
+import importlib
+from typing import Any
 
-__all__ = [
-    "IGNORE_INDEX", "BatchIterator", "DataError", "Example", "PreparedData", "check_sources", "collate",
-    "prepare_data",
-]
+# name -> the module of dtrain.data that defines it. Imported on first use, so that what needs one
+# constant (IGNORE_INDEX, for the objectives, which config validation imports) does not pay for
+# datasets and transformers, which the pipeline imports.
+_EXPORTS = {
+    "IGNORE_INDEX": "formats", "Example": "formats", "BatchIterator": "loader", "collate": "loader",
+    "PreparedData": "pipeline", "check_sources": "pipeline", "prepare_data": "pipeline", "DataError": "sources",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dtrain.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"dtrain.data.{_EXPORTS[name]}"), name)

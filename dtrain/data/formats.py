@@ -8,15 +8,18 @@ boundary between the masked and the trained part is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from dtrain.schema import DataConfig
 from dtrain.data.sources import RowError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # (the roles chat templates render)
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -238,6 +241,9 @@ class Encoder:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RowError(where, f"{self.cfg.messages_field}[{i}] must be {{role: str, content: str}}")
+            if m["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as context
+                raise RowError(where, f"{self.cfg.messages_field}[{i}] has role {m['role']!r}; "
+                                      f"expected one of {', '.join(CHAT_ROLES)}")
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError(where, "no assistant message: nothing to train on")
         if self.tok.chat_template is None:

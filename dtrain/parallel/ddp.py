@@ -7,6 +7,7 @@ on the others), so accumulation costs one reduction per optimizer step.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Callable, ContextManager
 
 from torch import nn
@@ -19,6 +20,8 @@ from dtrain.parallel.mesh import ParallelDims
 if TYPE_CHECKING:
     from dtrain.schema import Config, ParallelConfig
 
+log = logging.getLogger(__name__)
+
 
 class DDP(Distributed):
     name = "ddp"
@@ -26,6 +29,10 @@ class DDP(Distributed):
 
     def __init__(self, cfg: "ParallelConfig"):
         super().__init__(cfg, lambda world: ParallelDims.of(dp_replicate=world))
+        if self.comm.world_size == 1:  # valid, and what a forgotten --nproc looks like
+            log.warning("parallel.strategy=ddp in one process: there is nothing to replicate across, so this "
+                        "trains as parallel.strategy=single would, with DDP's overhead; start more processes "
+                        "(dtrain train CONFIG --nproc N) or set parallel.strategy=single")
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "DDP":

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto")
+        from dtrain.schema import ConfigError
+
+        raise ConfigError("parallel.device=cuda but torch sees no CUDA device (a CPU build of torch, or no GPU "
+                          "visible to this process); use parallel.device=cpu or auto")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
