@@ -72,7 +72,7 @@ def _loading(key: str, path: str, what: str, fix: str):
 
     try:
         yield
-    except ConfigError:
+    except (ConfigError, torch.OutOfMemoryError):  # (running out of memory is no damaged directory)
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
