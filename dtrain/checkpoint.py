@@ -86,11 +86,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` beside its final name, flush it to disk and rename it into place (readers see
+    the old file or the new one, never half of it)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _torch_save(obj: Any, path: Path) -> None:

@@ -252,7 +252,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = {"source": str(source), "split": "test", "examples": len(data.test),
               **{k.replace("eval_", "test_", 1): v for k, v in metrics.items()},
               "worst_examples": [describe(ex, tokenizer, data.label_names) for ex in worst]}
-    from dtrain.outputs import write_text_atomic
+    from dtrain.checkpoint import write_text_atomic
 
     out = Path(args.out) if args.out else (source / "eval.json")
     if args.out and (out.is_dir() or args.out.endswith(os.sep) or not out.suffix):

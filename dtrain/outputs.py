@@ -48,7 +48,7 @@ def check_output_dir(cfg: "Config", resuming: bool) -> Path:
 
 def write_config(cfg: "Config", out: Path) -> None:
     """The run's config.yaml (without secrets: Config.to_yaml)."""
-    write_text_atomic(out / "config.yaml", cfg.to_yaml())
+    ckpt.write_text_atomic(out / "config.yaml", cfg.to_yaml())
 
 
 def _first_file(path: Path) -> Path:
@@ -57,13 +57,6 @@ def _first_file(path: Path) -> Path:
         if part.exists() and not part.is_dir():
             return part
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` beside its final name and rename it into place (readers see old or new)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -30,7 +30,6 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _Em
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 
-
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file names a class or function that plain data never needs. (Not a
     CheckpointError: this module sits below dtrain.checkpoint, which imports it.)"""
