@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from dtrain.schema import OptimConfig, ScheduleConfig
+from dtrain.schema import ConfigError, OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -46,19 +46,31 @@ BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """The optimizer optim.* describes. Its argument checks are the schema's constraints on optim.*
+    (dtrain/schema.py), checked when the config is loaded; what the library still refuses (a fused
+    kernel on a device or dtype it lacks, ...) is a ConfigError naming the keys."""
     groups = param_groups(model, cfg)
-    if cfg.name in BNB_OPTIMIZERS:
-        # 8-bit states (a quarter of AdamW's memory) and paged states that spill to CPU
-        # memory instead of failing on a CUDA out-of-memory spike.
-        import bitsandbytes as bnb
-
-        return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.name])(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     fused = cfg.fused
-    if fused is None:
-        # torch's fused AdamW covers CUDA and CPU; other devices use the foreach kernel.
-        device = next(model.parameters()).device.type
-        fused = device in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    try:
+        if cfg.name in BNB_OPTIMIZERS:
+            # 8-bit states (a quarter of AdamW's memory) and paged states that spill to CPU
+            # memory instead of failing on a CUDA out-of-memory spike.
+            import bitsandbytes as bnb
+
+            return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.name])(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        if fused is None:
+            # torch's fused AdamW covers CUDA and CPU; other devices use the foreach kernel.
+            device = next(model.parameters()).device.type
+            fused = device in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    except (ValueError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "fused" not in str(exc):
+            raise  # (not an argument check)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        hint = "; set optim.fused=false" if fused and "fused" in str(exc).lower() else ""
+        raise ConfigError(f"optim.name={cfg.name} (optim.lr={cfg.lr}, optim.betas={list(cfg.betas)}, optim.eps={cfg.eps}, "
+                          f"optim.weight_decay={cfg.weight_decay}, optim.fused={cfg.fused}): the optimizer refuses "
+                          f"its arguments: {lines[0] if lines else type(exc).__name__}{hint}") from None
 
 
 def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:

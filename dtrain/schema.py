@@ -71,6 +71,8 @@ class FreezeConfig(Section):
 
 
 class ParamGroupConfig(Section):
+    model_config = ConfigDict(allow_inf_nan=False)  # (the optimizer takes no inf / NaN)
+
     pattern: str = Field(description="fnmatch pattern on parameter names; the first group that matches wins.")
     lr_scale: float = Field(1.0, ge=0.0, description="Multiplies the LR (and the schedule) of these parameters.")
     weight_decay: float | None = Field(None, ge=0.0, description="Weight decay of these parameters; null: the default rule.")
@@ -84,7 +86,7 @@ class DistillConfig(Section):
 
 class GenerationEvalConfig(Section):
     enabled: bool = Field(False, description="Greedy generation on validation prompts: exact-match / contains-answer accuracy.")
-    max_examples: int = Field(64, ge=1, description="Validation examples to generate for (in order).")
+    max_examples: int = Field(64, ge=1, description="Validation examples to generate for (a seeded sample, the same at every evaluation).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens to generate per answer.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
 
@@ -205,6 +207,17 @@ class PeftConfig(Section):
         "auto", description="qlora: dtype the packed 4-bit weights are stored as; auto: bfloat16 for sharding "
         "strategies (what lets FSDP2 shard them), uint8 otherwise.")
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        # (Which names the model has is checked when the adapter is built: dtrain.peft.)
+        if isinstance(value, str) and value != "all-linear":
+            raise ValueError(f"give a list of module names, e.g. peft.target_modules=[{value}], or all-linear")
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError("the list is empty: give the names of the modules to adapt, e.g. [q_proj, v_proj], "
+                             "or all-linear")
+        return value
+
 
 class FsdpConfig(Section):
     reshard_after_forward: bool = Field(
@@ -226,6 +239,10 @@ class ParallelConfig(Section):
 
 
 class OptimConfig(Section):
+    # torch's optimizers check their arguments only when built, minutes into a run, and name no key:
+    # every rule they have is a constraint here (and an infinite or NaN value is refused too).
+    model_config = ConfigDict(allow_inf_nan=False)
+
     name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
         "adamw", description="adamw (torch), or bitsandbytes' 8-bit / paged AdamW (single and ddp).")
     lr: float = Field(3e-4, ge=0.0, description="Peak learning rate.")
@@ -242,6 +259,16 @@ class OptimConfig(Section):
         "tokens per batch = micro_batch_size x grad_accum_steps x processes x data.max_seq_len; logged at the start.")
     lr_reference_tokens: int | None = Field(
         None, ge=1, description="Tokens per global batch at which optim.lr was tuned (needed by lr_scaling=sqrt_tokens).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # torch.optim.AdamW (and bitsandbytes' optimizers) need 0 <= beta < 1 for each
+        bad = [f"beta{i + 1}={b}" for i, b in enumerate(betas) if not 0.0 <= b < 1.0]
+        if bad:
+            raise ValueError(f"{' and '.join(bad)} out of range: both betas (the decay rates of AdamW's moment "
+                             "estimates) must be >= 0 and < 1, e.g. [0.9, 0.999]")
+        return betas
 
     @model_validator(mode="after")
     def _scaling_reference(self) -> "OptimConfig":
@@ -297,9 +324,9 @@ class EarlyStoppingConfig(Section):
 
 class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; null: only at the end.")
-    max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation; null: whole split.")
+    max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation (per rank): a seeded sample of max_batches x batch size x ranks rows, the same at every evaluation; null: whole split.")
     batch_size: int | None = Field(None, ge=1, description="Default: train.micro_batch_size.")
-    metric: str = Field("loss", description="Metric for early stopping, best checkpoint and diagnosis: loss, perplexity; "
+    metric: str = Field("loss", description="Metric for early stopping, best checkpoint and diagnosis: loss; causal_lm: perplexity; "
                         "classification: accuracy, f1_macro, f1_micro, precision_macro, recall_macro; generation: exact_match, contains_answer.")
     mode: Literal["min", "max"] | None = Field(None, description="Whether smaller or larger is better; default: min for loss/perplexity, else max.")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from dtrain.parallel.distributed import Distributed
 from dtrain.parallel.mesh import ParallelDims
+from dtrain.schema import ConfigError
 
 if TYPE_CHECKING:
     from dtrain.schema import Config
@@ -58,6 +59,10 @@ def resolve_deepspeed_config(cfg: "Config", world_size: int | None, hidden_size:
     validation) the checks that need them are left for later."""
     ds, origin = _read_json(cfg.parallel.deepspeed_config)
     where = f"parallel.deepspeed_config ({origin})"
+    sections = [f"`{key}` must be a JSON object (got {json.dumps(ds[key])})"
+                for key in ("zero_optimization", "bf16", "fp16") if key in ds and not isinstance(ds[key], dict)]
+    if sections:
+        raise ValueError(f"{where}: " + "; ".join(sections) + ', e.g. "zero_optimization": {"stage": 2}')
     problems = []
     for section, dtrain_keys in (("optimizer", "optim.*"), ("scheduler", "schedule.*")):
         if section in ds:
@@ -103,6 +108,214 @@ def resolve_deepspeed_config(cfg: "Config", world_size: int | None, hidden_size:
     return ds
 
 
+# --------------------------------------------------------------------------------------
+# The JSON against DeepSpeed's own schema, at config time
+
+# Top-level keys read outside DeepSpeedConfig (by deepspeed.initialize), or left out of the check below.
+_READ_ELSEWHERE = {"sequence_parallel_size", "data_parallel_size", "train_batch_size"}
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys are asked for (get, [], in, keys() membership): DeepSpeed reads
+    its top-level keys one by one and ignores the others, so a key it never asks for is unknown."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()  # (a copy.copy of this dict shares it)
+
+    def get(self, key: Any, *default: Any) -> Any:
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self.read.add(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().setdefault(key, default)
+
+    def keys(self) -> Any:
+        return _ReadKeysView(self)
+
+
+class _ReadKeysView:
+    def __init__(self, owner: _ReadKeys):
+        self.owner = owner
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.owner
+
+    def __iter__(self) -> Any:
+        return iter(dict.keys(self.owner))
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+
+def _deepspeed_key_names() -> set[str]:
+    """Every string constant of DeepSpeed's config modules: names it may read somewhere else."""
+    import importlib
+
+    names: set[str] = set()
+    for module in ("deepspeed.runtime.constants", "deepspeed.runtime.zero.constants",
+                   "deepspeed.elasticity.constants", "deepspeed.autotuning.constants", "deepspeed.profiling.constants",
+                   "deepspeed.runtime.swap_tensor.constants", "deepspeed.runtime.data_pipeline.constants",
+                   "deepspeed.compression.constants", "deepspeed.nebula.constants", "deepspeed.monitor.constants",
+                   "deepspeed.runtime.model_checkpointing.constants", "deepspeed.comm.constants"):
+        try:
+            mod = importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - another DeepSpeed version: fewer names, a stricter check
+            continue
+        names |= {v for k, v in vars(mod).items() if k.isupper() and isinstance(v, str)}
+    return names
+
+
+def _json_line(spec: str | dict[str, Any], path: list[str]) -> str:
+    """':LINE' of the key at `path` in the JSON file `spec` (each key searched after its parent), or ''."""
+    if isinstance(spec, dict) or not path:
+        return ""
+    try:
+        text = Path(spec).read_text()
+    except OSError:
+        return ""
+    pos = -1
+    for key in path:
+        pos = text.find(json.dumps(key), pos + 1)
+        if pos < 0:
+            return ""
+    return f":{text.count(chr(10), 0, pos) + 1}"
+
+
+def _locate(ds: dict[str, Any], loc: tuple, key_in_parent: bool) -> list[str] | None:
+    """The full path in the JSON of a pydantic error's location inside one of its sections."""
+    loc = [str(p) for p in loc]
+
+    def has(node: Any, parts: list[str]) -> bool:
+        for part in parts:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return False
+        return True
+
+    parts = loc if key_in_parent else loc[:-1]
+    found = [key for key, value in ds.items() if isinstance(value, dict) and has(value, parts)]
+    return [found[0], *loc] if len(found) == 1 else None
+
+
+def _model_fields(title: str, loc: tuple) -> list[str]:
+    """The keys DeepSpeed's model `title` accepts at `loc` (its parent): for "did you mean"."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    model = next((c for c in subclasses(DeepSpeedConfigModel) if c.__name__ == title), None)
+    for part in loc:
+        if model is None:
+            return []
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or (ann,)
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, DeepSpeedConfigModel)), None)
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _close(key: str, names: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def check_deepspeed_json(cfg: "Config") -> None:
+    """The resolved JSON through DeepSpeed's own config parser (CPU only, no process group), so that an
+    unknown or mistyped key is a ConfigError naming parallel.deepspeed_config, the file (and line) and
+    the key, before any process starts. Without DeepSpeed installed: nothing to check against."""
+    spec = cfg.parallel.deepspeed_config
+    ds = resolve_deepspeed_config(cfg, world_size=None)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu"
+                          else "cpu")  # (else importing DeepSpeed probes for accelerators and says so on stdout)
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+        from deepspeed.utils import logger as ds_logger
+    except ImportError:
+        return
+    from pydantic import ValidationError
+
+    origin = "inline parallel.deepspeed_config" if isinstance(spec, dict) else f"parallel.deepspeed_config ({spec})"
+    probe = _ReadKeys(copy.deepcopy(ds))
+    probe.pop("train_batch_size", None)  # checked against the world size when it is known
+    probe.read.clear()
+    level = ds_logger.level
+    ds_logger.setLevel("ERROR")  # (its info and deprecation lines go to stdout)
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as exc:
+        raise ConfigError(explain_deepspeed_error(exc, ds, spec)) from None
+    except Exception as exc:  # noqa: BLE001 - its own checks: assertions, DeepSpeedConfigError, ...
+        raise ConfigError(f"{origin}: DeepSpeed refuses the config: {_first_line(exc).rstrip('.')}; fix the "
+                          "JSON (see ds_configs/ for examples)") from None
+    finally:
+        ds_logger.setLevel(level)
+    known = probe.read | _READ_ELSEWHERE | _deepspeed_key_names()
+    unknown = [key for key in ds if key not in known]
+    if unknown:
+        problems = [f"unknown key `{key}`" + (f" (line {_json_line(spec, [key])[1:]})" if _json_line(spec, [key])
+                                              else "") + _close(key, probe.read | _READ_ELSEWHERE)
+                    for key in unknown]
+        raise ConfigError(f"{origin}: {_end('; '.join(problems))} DeepSpeed would ignore "
+                          f"{'it' if len(unknown) == 1 else 'them'} silently: correct or remove "
+                          f"{'it' if len(unknown) == 1 else 'them'} (see ds_configs/ for examples)")
+
+
+def explain_deepspeed_error(exc: Any, ds: dict[str, Any], spec: str | dict[str, Any]) -> str:
+    """A pydantic ValidationError of one of DeepSpeed's config sections, as dtrain's message:
+    parallel.deepspeed_config, the file:line, each offending key by its full path, and the fix."""
+    origin = "inline parallel.deepspeed_config" if isinstance(spec, dict) else f"parallel.deepspeed_config ({spec})"
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        extra = err["type"] == "extra_forbidden"
+        path = _locate(ds, loc, key_in_parent=extra or err["type"] != "missing")
+        shown = ".".join(path) if path else ".".join(str(p) for p in loc) + f" (in DeepSpeed's {exc.title})"
+        at = _json_line(spec, path) if path else ""
+        at = f" (line {at[1:]})" if at else ""
+        if extra:
+            problems.append(f"unknown key `{shown}`{at}{_close(str(loc[-1]), _model_fields(exc.title, loc[:-1]))}")
+        else:
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
+            problems.append(f"`{shown}`{at}: {msg}{got}")
+    return (f"{origin}: " + _end("; ".join(problems)) + " Fix the JSON (see ds_configs/ for examples, and DeepSpeed's "
+            "config documentation for the keys of each section)")
+
+
+def _end(text: str) -> str:
+    return text if text.endswith(("?", ".")) else text + "."
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class DeepSpeed(Distributed):
     name = "deepspeed"
     shards_optimizer_state = True
@@ -138,6 +351,7 @@ class DeepSpeed(Distributed):
             raise ValueError("model.compile=true is not supported with parallel.strategy=deepspeed; "
                              "use ddp or fsdp to compile, or set model.compile=false")
         resolve_deepspeed_config(cfg, world_size=None)  # conflicts with train.* / optim.* are errors now
+        check_deepspeed_json(cfg)  # and what DeepSpeed's own parser refuses (or would ignore)
         if cfg.optim.l1:
             raise ValueError("optim.l1 is not supported with parallel.strategy=deepspeed (its gradients live inside the "
                              "engine); use ddp or fsdp for an L1 penalty, or optim.weight_decay")
@@ -165,8 +379,20 @@ class DeepSpeed(Distributed):
         # Build the model normally and let initialize() partition it: building inside
         # zero.Init would initialise the weights differently from every other strategy.
         optimizer = make_optimizer(model)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        with self._config_errors(ds_config):
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                              dist_init_required=False)
         return engine, optimizer
+
+    @contextlib.contextmanager
+    def _config_errors(self, ds_config: dict[str, Any]) -> Any:
+        """DeepSpeed's schema errors at initialisation (the values filled in at run time) as ConfigErrors."""
+        from pydantic import ValidationError
+
+        try:
+            yield
+        except ValidationError as exc:
+            raise ConfigError(explain_deepspeed_error(exc, ds_config, self.cfg.parallel.deepspeed_config)) from None
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
@@ -179,7 +405,8 @@ class DeepSpeed(Distributed):
         for key in ("gradient_clipping", "zero_force_ds_cpu_optimizer"):
             ds_config.pop(key, None)
         ds_config["zero_optimization"].pop("offload_optimizer", None)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+        with self._config_errors(ds_config):
+            engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
         engine.eval()  # (DeepSpeedEngine.train() returns None, so eval() cannot be chained)
         return engine
 

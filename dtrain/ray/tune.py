@@ -400,13 +400,42 @@ def build_tuner(cfg: Config, fn: Any) -> tune.Tuner:
     )
 
 
+# Keys besides data.* that change what the prepared data is (the tokenizer's files).
+DATA_KEYS = ("data.", "model.path", "model.tokenizer")
+
+
+def data_variants(cfg: Config) -> list[tuple[str, Config]]:
+    """The run configs whose data the trials will read, as far as the search space lists them: the
+    base config, and each grid / choice value of a searched data key (one key at a time, as
+    check_search probes them). Sampled ranges of data keys (uniform, ...) are met by the trials."""
+    variants = [("", cfg)]
+    base = base_run_config(cfg)
+    for key, dim in cfg.tune.search_space.items():
+        if key.startswith(DATA_KEYS) and dim.kind in ("grid", "choice"):
+            variants += [(f" (tune.search_space: {key}={value!r})", trial_config(base, {key: value}, "probe"))
+                         for value in dim.spec]
+    seen, out = set(), []
+    for label, variant in variants:
+        fingerprint = json.dumps([variant.to_dict()["data"], variant.model.path, variant.model.tokenizer],
+                                 sort_keys=True)
+        if fingerprint not in seen:
+            seen.add(fingerprint)
+            out.append((label, variant))
+    return out
+
+
 def prepare_data_once(cfg: Config) -> None:
-    """Tokenize the data in the driver (a bad data file fails here, not in every trial); trials
-    whose data options are not searched then find it in the cache."""
-    from dtrain.data import prepare_data
+    """Tokenize the data in the driver, before Ray starts (a bad data file fails here, naming the file
+    and line, not in every trial); the trials then find it in the cache. With searched data keys,
+    the data of each listed value is prepared too. Raises DataError (or ConfigError for the model)."""
+    from dtrain.data import DataError, prepare_data
     from dtrain.model import load_tokenizer
 
-    prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    for label, variant in data_variants(cfg):
+        try:
+            prepare_data(variant.data, load_tokenizer(variant.model), variant.seed)
+        except DataError as exc:
+            raise DataError(f"{exc}{label}") from None
 
 
 def connect(address: str | None, num_cpus: int | None, cfg: Config) -> None:
@@ -501,10 +530,45 @@ def collect_rows(cfg: Config, grid: Any, directory: str) -> list[dict]:
         row = {"trial_id": trial_id, **{k: result.config.get(k) for k in keys},
                metric: best[1] if best else None, "best_step": best[0] if best else None,
                "steps": evals[-1][0] if evals else 0, "status": status,
-               "error": str(result.error).strip().splitlines()[-1][:200] if result.error else ""}
+               "error": trial_error(result.error) if result.error else ""}
         row["_curve"] = evals
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def trial_error(error: BaseException) -> str:
+    """A failed trial's error as one line: dtrain's own message (a DataError names the file and
+    line), not the worker's traceback that Ray wraps around it."""
+    seen: set[int] = set()
+    while id(error) not in seen:  # RayTaskError -> .cause; Ray Train / Tune errors -> __cause__
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    from ray.exceptions import RayError
+
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if isinstance(error, RayError) or "Traceback (most recent call last)" in text or '  File "' in text:
+        return lines[-1][:300]  # (a traceback as text, Tune's error.txt: the exception is its last line)
+    name = type(error).__name__
+    return (lines[0] if name in ("DataError", "ConfigError", "ValueError") else f"{name}: {lines[0]}")[:300]
+
+
+def failure_summary(rows: list[dict], directory: str) -> str | None:
+    """The `error:` line of a search whose trials failed: how many, and each distinct error once."""
+    failed = [r for r in rows if r["status"] == "error"]
+    if not failed:
+        return None
+    by_error: dict[str, list[str]] = {}
+    for r in failed:
+        by_error.setdefault(r["error"] or "no message", []).append(r["trial_id"])
+    details = "\n  ".join(f"trial {', '.join(ids)}: {message}" for message, ids in list(by_error.items())[:5])
+    return (f"{len(failed)} of {len(rows)} trials failed (see {Path(directory) / 'results.csv'} and the trials' "
+            f"run directories):\n  {details}")
 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
@@ -610,27 +674,48 @@ def plot_search(rows: list[dict], keys: list[str], metric: str, cfg: Config, pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dtrain.tune", description=__doc__.splitlines()[0])
+    from dtrain.cli import DEBUG_FLAG, parse_with_overrides, run_command
+
+    parser = argparse.ArgumentParser(prog="python -m dtrain.tune", description=__doc__.splitlines()[0],
+                                     parents=[DEBUG_FLAG])
     parser.add_argument("config", help="YAML config file with a tune: section")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=20 train.max_steps=100")
     parser.add_argument("--address", help="Ray cluster to run on (HOST:PORT of its head, or auto); default: "
                         "ray.address, $RAY_ADDRESS, else a Ray started here")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search in tune.storage_dir/tune.name")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
-    from dtrain.cli import parse_with_overrides
-
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
+    # (run_command: any other failure is one `error:` line too, exit 1; the traceback with --debug)
+    return run_command(_search, args)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from dtrain.data import DataError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()
     try:
         cfg = load_config(args.config, args.overrides)
         check_search(cfg)
-        prepare_data_once(cfg)
+        prepare_data_once(cfg)  # before Ray starts: a bad data file is one error line, exit 1
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError) as exc:  # (as `dtrain train` reports them: exit 1)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
         rows = run_search(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = sum(r["status"] == "error" for r in rows)
     print(f"done: {len(rows)} trials ({failed} failed) in {time.monotonic() - t0:.0f} s", flush=True)
-    return 1 if rows and failed == len(rows) else 0
+    summary = failure_summary(rows, search_dir(cfg))
+    if summary and failed == len(rows):
+        print(f"error: {summary}", file=sys.stderr)
+        return 1
+    if summary:
+        print(f"warning: {summary}", file=sys.stderr)
+    return 0
 
