@@ -2,40 +2,71 @@
 
 At the end of every run (and with `dtrain report RUN`) the run directory gets
 learning_curves.png (training and validation loss, and the chosen metric, against steps)
-and diagnosis.md: underfitting, overfitting or a good fit, with the numbers behind the
-verdict and the best checkpoint. The rules, on the training loss smoothed over ~5% of the
-run and the validation loss:
+and diagnosis.md: underfitting, overfitting, still improving or a good fit, with the numbers
+behind the verdict and the best checkpoint; or, when the curves are too short to tell, that
+plainly. The rules, on the training loss smoothed over ~5% of its points (at least 3) and the
+validation loss (every threshold is in the block below, with the reason for it):
 
+- not enough data: fewer training-loss points than a smoothed curve needs (MIN_POINTS), or, for
+  a run whose training loss has flattened, fewer evaluations than it takes to tell a good fit
+  from overfitting (MIN_EVALS).
 - overfitting: the validation loss rose from its minimum by more than 2% (and 0.01) while the
   training loss kept falling; the step where it turned is named.
 - underfitting: the training loss is flat (it fell by less than 2% over the run: nothing is
   being learned, e.g. LR 0 or everything frozen), or it is still falling steeply at the end
   (the last 20% of the run brought more than 10% of the whole improvement: it still falls at
   half its average rate or more).
+- still improving: slower than that, but the end of the curve still falls clearly (more than 1%
+  of the loss, and more than its noise explains), or the last evaluation was still 1% below the
+  one before; training longer would likely help, so it is not yet a fit of any kind.
 - a good fit otherwise: both curves have flattened; the generalisation gap is reported.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from dtrain.tracking import read_metrics
 
-RISE, FLAT, TAIL, STEEP = 0.02, 0.02, 0.2, 0.1
+# ---- Every threshold of the diagnosis, and why.
+SMOOTH_SHARE = 0.05  # the training loss is smoothed by a trailing mean over ~5% of its points ...
+MIN_WINDOW = 3  # ... and never fewer than 3: one logged loss is one micro-batch's (as much noise as signal);
+#                 a mean of 3 has 1/sqrt(3) of its spread
+TAIL = 0.2  # "the end of the run": the last 20% of the logged points
+# The tail must span a whole window, so that the smoothed loss where the tail starts and at the end
+# are means of different points (else "the end still falls" compares a point with itself), and hold
+# the 3 points a fitted line needs to have a scatter: MIN_WINDOW / TAIL + 1 points.
+MIN_POINTS = 16
+MIN_EVALS = 3  # a turn of the validation loss (down, then up) shows in 3 evaluations at the least
+RISE, RISE_ABS = 0.02, 0.01  # overfitting: the validation loss rose from its minimum by > 2% (and > 0.01)
+FLAT = 0.02  # underfitting: the training loss fell by less than 2% over the whole run
+STEEP = 0.1  # underfitting: the tail (20% of the run) brought > 10% of the improvement: >= half the average rate
+STILL = 0.01  # still improving: the loss fell by > 1% over the tail (or between the last two evaluations) ...
+CLEAR = 2.0  # ... and (training loss) by more than 2 standard errors of a line fitted to the tail's raw points
+#              (the evaluations need no such test: every evaluation of a run scores the same rows)
 
 
 @dataclass
 class Diagnosis:
-    verdict: str  # overfitting | underfitting | good fit | not enough data
+    verdict: str  # overfitting | underfitting | still improving | good fit | not enough data
     reason: str
     turn_step: int | None = None  # overfitting: where the validation loss was lowest
     gap: float | None = None  # validation minus training loss at the end
 
 
+def points(count: int) -> str:
+    return f"{count} point" + ("" if count == 1 else "s")
+
+
+def smoothing_window(count: int) -> int:
+    return max(MIN_WINDOW, int(count * SMOOTH_SHARE))
+
+
 def smooth(values: list[float]) -> list[float]:
-    """Trailing moving average over ~5% of the points (at least 1)."""
-    window = max(1, len(values) // 20)
+    """Trailing moving average over smoothing_window(len(values)) points (fewer at the start)."""
+    window = smoothing_window(len(values))
     out, total = [], 0.0
     for i, value in enumerate(values):
         total += value
@@ -45,19 +76,36 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
+def fitted_fall(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """How much a least-squares line through (step, loss) `points` falls from the first step to
+    the last, and the standard error of that fall (from the scatter around the line)."""
+    xs, ys = [float(s) for s, _ in points], [v for _, v in points]
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if n < 3 or sxx == 0:
+        return 0.0, math.inf
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    residual = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in zip(xs, ys)) / (n - 2)
+    span = xs[-1] - xs[0]
+    return -slope * span, math.sqrt(residual / sxx) * span
+
+
 def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]) -> Diagnosis:
     """Verdict on (step, loss) curves: see the module docstring for the rules."""
-    if len(train) < 5:
-        return Diagnosis("not enough data", f"only {len(train)} training loss points were logged")
+    if len(train) < MIN_POINTS:
+        return Diagnosis("not enough data", f"too few training loss points to judge: {points(len(train))}; a smoothed "
+                         f"curve needs at least {MIN_POINTS} (log more often with train.log_every, or train longer)")
     steps = [s for s, _ in train]
     curve = smooth([v for _, v in train])
-    start, end = curve[0], curve[-1]
-    if len(validation) >= 3:
+    window = smoothing_window(len(curve))
+    start, end = curve[window - 1], curve[-1]  # the means of the first and of the last `window` points
+    if len(validation) >= MIN_EVALS:
         best = min(range(len(validation)), key=lambda i: validation[i][1])
         turn_step, lowest = validation[best]
         last_step, last = validation[-1]
         train_at_turn = curve[max(i for i, s in enumerate(steps) if s <= turn_step)] if turn_step >= steps[0] else start
-        if best < len(validation) - 1 and last - lowest > max(RISE * abs(lowest), 0.01) and end < train_at_turn:
+        if best < len(validation) - 1 and last - lowest > max(RISE * abs(lowest), RISE_ABS) and end < train_at_turn:
             return Diagnosis(
                 "overfitting",
                 f"the validation loss fell to {lowest:.4f} at step {turn_step}, then rose to {last:.4f} by step "
@@ -68,11 +116,27 @@ def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]
     if drop < FLAT * abs(start):
         return Diagnosis("underfitting", f"the training loss is flat ({start:.4f} -> {end:.4f}): the model is not "
                          "learning; check the learning rate, what is frozen, and the data", gap=gap)
-    tail_start = curve[int((1 - TAIL) * (len(curve) - 1))]
+    tail_index = int((1 - TAIL) * (len(curve) - 1))
+    tail_start = curve[tail_index]
     if tail_start - end > STEEP * drop:
         return Diagnosis("underfitting", f"the training loss is still falling steeply at the end: the last "
                          f"{TAIL:.0%} of the run brought {100 * (tail_start - end) / drop:.0f}% of its improvement "
                          f"({start:.4f} -> {end:.4f}); train longer or raise the learning rate", gap=gap)
+    fall, error = fitted_fall(train[tail_index:])
+    if fall > STILL * abs(end) and fall > CLEAR * error:
+        return Diagnosis("still improving", f"the training loss still falls at the end: by {fall:.4f} over the last "
+                         f"{TAIL:.0%} of the run (+- {error:.4f}; {start:.4f} -> {end:.4f}); train longer before "
+                         "judging the fit", gap=gap)
+    if len(validation) >= 2:
+        (previous_step, previous), (last_step, last) = validation[-2], validation[-1]
+        if previous - last > STILL * abs(previous):
+            return Diagnosis("still improving", f"the validation loss still fell at the last evaluation ({previous:.4f} "
+                             f"at step {previous_step} -> {last:.4f} at step {last_step}); train longer before "
+                             "judging the fit", gap=gap)
+    if len(validation) < MIN_EVALS:
+        return Diagnosis("not enough data", f"too few evaluations to judge: {points(len(validation))}; the training "
+                         f"loss has flattened ({start:.4f} -> {end:.4f}), but telling a good fit from overfitting "
+                         f"takes at least {MIN_EVALS} evaluations (set eval.every_steps)", gap=gap)
     gap_text = f"; generalisation gap (validation - training) {gap:+.4f}" if gap is not None else ""
     return Diagnosis("good fit", f"the training loss has flattened ({start:.4f} -> {end:.4f}) and the validation "
                      f"loss did not turn up{gap_text}", gap=gap)
@@ -81,6 +145,8 @@ def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]
 def read_curves(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], dict[int, dict]]:
     train, validation, evals = [], [], {}
     for record in read_metrics(run):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue  # not a line dtrain wrote (the file was edited, or is another tool's)
         if isinstance(record.get("loss"), float):
             train.append((record["step"], record["loss"]))
         if isinstance(record.get("eval_loss"), float):
@@ -123,7 +189,8 @@ def plot(run: Path, train: list, validation: list, evals: dict, metric: str, dia
         other.plot([s for s, _ in points], [v for _, v in points], "s-", color="tab:green", label=key)
         other.set_ylabel(key)
         other.legend(loc="upper center")
-    ax.legend(loc="upper right")
+    if ax.get_legend_handles_labels()[0]:  # (an empty metrics file: no curve, no legend, no warning)
+        ax.legend(loc="upper right")
     ax.set_title(f"{run.name}: {diagnosis.verdict}")
     fig.tight_layout()
     path = run / "learning_curves.png"
@@ -140,6 +207,11 @@ def write_learning_report(run: Path, metric: str = "loss", mode: str = "min") ->
     text = (f"# How the run went\n\n**{diagnosis.verdict}**: {diagnosis.reason}.\n\n"
             f"- best checkpoint (by eval_{metric}): {best_checkpoint(run, evals, metric, mode)}\n"
             f"- learning curves: {picture.name}\n")
+    last_eval = evals[max(evals)] if evals else {}
+    if last_eval.get("eval_sampled"):
+        text += (f"- the validation metrics are on a seeded sample of {last_eval.get('eval_examples')} of the "
+                 f"{last_eval.get('eval_examples_total')} validation examples, the same rows at every evaluation "
+                 "(eval.max_batches)\n")
     if (run / "worst_examples.md").is_file():
         text += "- the validation examples with the highest loss: worst_examples.md\n"
     (run / "diagnosis.md").write_text(text)

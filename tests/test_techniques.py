@@ -264,7 +264,9 @@ def test_diagnosis_of_synthetic_curves():
 
     good = diagnose(curve(falling_then_flat), curve([1.9, 0.9, 0.70, 0.68, 0.68], every=20))
     assert good.verdict == "good fit" and good.gap == pytest.approx(0.68 - falling_then_flat[-1], abs=0.01)
-    assert diagnose(curve([1.0, 0.9]), []) == Diagnosis("not enough data", "only 2 training loss points were logged")
+    assert diagnose(curve([1.0, 0.9]), []) == Diagnosis(
+        "not enough data", "too few training loss points to judge: 2 points; a smoothed curve needs at least 16 "
+        "(log more often with train.log_every, or train longer)")
 
 
 @pytest.mark.slow

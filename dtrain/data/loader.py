@@ -155,22 +155,25 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
 
 
 def eval_batches(examples: Sequence, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
-                 max_batches: int | None = None, flatten_packed: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Every example once, in order; rank r takes every world_size-th batch.
+                 max_batches: int | None = None, flatten_packed: bool = False,
+                 ids: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Every example once, in order (or only rows `ids`, in their order: a sample of the split);
+    rank r takes every world_size-th batch, so the ranks score disjoint parts of the same rows.
 
     Every rank yields the same number of batches, because a sharded model's forward is a
     collective: a rank with no batch left repeats one with all its labels ignored (it adds
     nothing to the loss or the counts)."""
-    starts = list(range(0, len(examples), batch_size))
+    rows = list(range(len(examples))) if ids is None else list(ids)
+    starts = list(range(0, len(rows), batch_size))
     per_rank = -(-len(starts) // world_size)
     if max_batches is not None:
         per_rank = min(per_rank, max_batches)
     for n in range(per_rank):
         index = n * world_size + rank
         start = starts[index] if index < len(starts) else 0
-        ids = list(range(start, min(start + batch_size, len(examples))))
-        batch = collate_rows(take(examples, ids), pad_id, flatten_packed)
-        batch["index"] = torch.tensor(ids)  # which examples these are (-1: a repeat that counts for nothing)
+        batch_ids = rows[start : start + batch_size]
+        batch = collate_rows(take(examples, batch_ids), pad_id, flatten_packed)
+        batch["index"] = torch.tensor(batch_ids)  # which examples these are (-1: a repeat that counts for nothing)
         if index >= len(starts):
             batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
             batch["index"] = torch.full_like(batch["index"], -1)

@@ -81,8 +81,9 @@ class Objective:
 
     @classmethod
     def metric_names(cls, cfg: "Config") -> list[str]:
-        """What an evaluation reports, each as eval_<name>; the first is the loss."""
-        return ["loss", "perplexity"]
+        """What an evaluation reports, each as eval_<name>; the first is the loss. (The counts of
+        what was scored, eval_examples and the like, are reported too, but are not metrics.)"""
+        return ["loss"]
 
     @classmethod
     def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
@@ -156,9 +157,16 @@ def scored_labels(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
     return {"token_loss": token_loss, "predicted": logits.argmax(-1), "labels": labels}
 
 
+def mean_loss(sums: dict[str, torch.Tensor]) -> float:
+    """Mean loss over the counted targets."""
+    return (sums["loss"] / sums["targets"].clamp(min=1)).item()
+
+
 def loss_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean loss over the counted targets, and its perplexity."""
+    """Mean loss over the counted target tokens, and its perplexity (for language models only:
+    exp of a per-token cross-entropy is the effective vocabulary the model hesitates between;
+    for a classifier's per-example loss it means nothing)."""
     import math
 
-    loss = (sums["loss"] / sums["targets"].clamp(min=1)).item()
+    loss = mean_loss(sums)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}

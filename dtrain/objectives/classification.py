@@ -1,5 +1,6 @@
 """Sequence classification: the head's cross-entropy over the classes, one label per example;
-evaluated by accuracy, macro precision / recall / F1, micro F1 and the confusion matrix."""
+evaluated by the loss, accuracy, macro precision / recall / F1, micro F1 and the confusion matrix
+(no perplexity: that is a language model's)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
 from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, logits_and_labels,
-                                    loss_metrics, scored_labels)
+                                    mean_loss, scored_labels)
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -56,8 +57,16 @@ class Classification(Objective):
     format_mismatch = classmethod(head_format_mismatch)
 
     @classmethod
+    def check_data(cls, cfg: "Config") -> None:
+        super().check_data(cfg)
+        if cfg.eval.generation.enabled:
+            raise ValueError("eval.generation.enabled scores generated answers: a classifier generates none; "
+                             "its eval reports accuracy and F1 (set eval.generation.enabled=false)")
+
+    @classmethod
     def metric_names(cls, cfg: "Config") -> list[str]:
-        return ["loss", "perplexity", *METRICS]
+        # No perplexity: exp of a per-example cross-entropy over a few classes is no perplexity of anything.
+        return ["loss", *METRICS]
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return logits_and_labels(model, batch, shift=False)
@@ -81,7 +90,7 @@ class Classification(Objective):
         return {"loss": scored["token_loss"].sum(), "targets": targets.sum(), "confusion": confusion}, scored
 
     def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {**loss_metrics(sums), **classification_metrics(sums["confusion"]),
+        return {"loss": mean_loss(sums), **classification_metrics(sums["confusion"]),
                 "confusion_matrix": sums["confusion"].long().tolist()}
 
     def worst_examples(self, batch: dict[str, torch.Tensor], scored: Any, index: torch.Tensor) -> list[ExampleScore]:
