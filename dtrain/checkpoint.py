@@ -25,6 +25,7 @@ at the end of the run, and when the job is told to stop (SIGTERM, SIGUSR1, SIGUS
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dtrain.schema import ConfigError
 
@@ -192,6 +194,35 @@ def _check_free_disk(root: Path, comm: "Collectives", min_free_gb: float) -> Non
         raise CheckpointError(problem)
 
 
+def _remove_leftovers(root: Path) -> None:
+    """Remove the temporary directories of saves that crashed or failed (they hold no complete
+    checkpoint), so that their space counts as free; say what was removed."""
+    for leftover in sorted(root.glob(".tmp-*")):
+        size = _dir_bytes(leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.warning("removed %s (%.2f GB), the unfinished save of an earlier attempt", leftover, size / 1e9)
+
+
+class SaveFailed(CheckpointError):
+    """Writing a checkpoint failed (disk full, I/O error); its partial files are removed."""
+
+
+def _save_failed(tmp: Path, step: int, exc: BaseException) -> SaveFailed:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(tmp.parent).free < 1 << 20:
+        reason = "no space left on the device"  # (torch.save says only "unexpected pos")
+    else:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SaveFailed(f"writing the checkpoint of step {step} failed: {reason} ({tmp.parent}); its partial files were "
+                      "removed and the earlier checkpoints are untouched. Free some space (or lower "
+                      "checkpoint.keep_last) and resume with --resume auto")
+
+
+# What a failed write raises: OSError from Python's files, RuntimeError from torch.save's zip
+# writer, CheckpointException (a BaseException) from torch.distributed.checkpoint's ranks.
+_WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
+
+
 def begin_save(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
                trainer_state: dict[str, Any], min_free_gb: float, metric: float | None = None,
                async_save: bool = False) -> PendingSave:
@@ -201,24 +232,38 @@ def begin_save(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module
     final, tmp = root / name, root / f".tmp-{name}"
     if comm.is_main:
         root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)  # before the free-space check: they are not checkpoints
     _check_free_disk(root, comm, min_free_gb)
-    if comm.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save of the same step
-        (tmp / RNG_DIR).mkdir(parents=True)
-    comm.barrier()
-    _torch_save(rng_state(), tmp / RNG_DIR / f"rank_{comm.rank:05d}.pt")
-    if comm.is_main:
-        _torch_save({**trainer_state, "step": step}, tmp / STATE_FILE)
-    shards = strategy.save_checkpoint(model, optimizer, tmp, async_save=async_save)  # each rank its shard
+    try:
+        if comm.is_main:
+            (tmp / RNG_DIR).mkdir(parents=True)
+        comm.barrier()
+        _torch_save(rng_state(), tmp / RNG_DIR / f"rank_{comm.rank:05d}.pt")
+        if comm.is_main:
+            _torch_save({**trainer_state, "step": step}, tmp / STATE_FILE)
+        shards = strategy.save_checkpoint(model, optimizer, tmp, async_save=async_save)  # each rank its shard
+    except _WRITE_ERRORS as exc:
+        raise _save_failed(tmp, step, exc) from None
     return PendingSave(step, tmp, final, metric, shards)
 
 
 def finish_save(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") -> Path:
     """Wait for the shards, then manifest, rename into place, `latest`, prune (collective)."""
     comm = strategy.comm
-    if pending.shards is not None:
-        pending.shards.result()
+    tmp, final, step = pending.tmp, pending.final, pending.step
+    try:
+        if pending.shards is not None:
+            pending.shards.result()
+        comm.barrier()
+        _hash_and_publish(pending, strategy=strategy, cfg=cfg)
+    except _WRITE_ERRORS as exc:
+        raise _save_failed(tmp, step, exc) from None
     comm.barrier()
+    return final
+
+
+def _hash_and_publish(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") -> None:
+    comm = strategy.comm
     tmp, final, step = pending.tmp, pending.final, pending.step
     # Checksums in parallel: rank r hashes every world_size-th file.
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -247,8 +292,6 @@ def finish_save(pending: PendingSave, *, strategy: "Strategy", cfg: "Config") ->
         _fsync(root)
         _write_json_atomic(root / "latest", {"checkpoint": final.name, "step": step})
         _prune(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
-    comm.barrier()
-    return final
 
 
 def save_checkpoint(root: Path, step: int, *, strategy: "Strategy", model: "nn.Module", optimizer: "Optimizer",
@@ -340,17 +383,20 @@ class Checkpointer:
             state.load_state_dict(saved[name])
         return saved
 
-    def step_done(self, step: int, *, final: bool, metric: float | None = None) -> None:
+    def step_done(self, step: int, *, final: bool, metric: float | None = None) -> bool:
         """After optimizer step `step` (`final`: the run ends with it): save when it is one of
         every checkpoint.every_steps, the last, or the ranks agree that a preemption signal
-        came (then `preempted_by` names it and the save is complete on return). Collective."""
+        came (then `preempted_by` names it and the save is complete on return). Collective.
+        Whether a save was made (or, async, started)."""
         preempted = self.preemption.requested(self.strategy.comm)
         every = self.cfg.checkpoint.every_steps
-        if (every and step % every == 0) or final or preempted:
+        saving = bool((every and step % every == 0) or final or preempted)
+        if saving:
             self.save(step, metric)
         if preempted:
             self.wait()
             self.preempted_by = self.preemption.received or "a signal to another rank"
+        return saving
 
     def save(self, step: int, metric: float | None = None) -> None:
         self.wait()
@@ -464,12 +510,22 @@ def _resume_path(cfg: "Config") -> Path | None:
         return None
     if spec == "auto":
         found = find_resumable(cfg.output_dir)
+        if found is None and list_checkpoints(checkpoint_root(cfg.output_dir)):
+            # Starting afresh here would mix a new run with the remains of the old one.
+            raise CheckpointError(
+                f"--resume auto: every checkpoint in {checkpoint_root(cfg.output_dir)} is damaged (see the warnings "
+                "above), so there is nothing to resume from and nothing was changed. To start afresh, move "
+                "them away or choose a new output_dir; to resume an older copy, give --resume PATH")
         if found is None:
-            log.info("--resume auto: no complete checkpoint in %s, starting from scratch", cfg.output_dir)
+            log.info("--resume auto: no checkpoint in %s yet, starting from scratch", cfg.output_dir)
         return found
     path = Path(spec)
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume: {spec} is not a checkpoint directory")
+    problem = verify(path, checksums=False)  # (the checksums: when it is loaded, still before any write)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint.resume: {path} is not usable: {problem}. Nothing was changed; give "
+                              "another checkpoint, or --resume auto for the newest complete one in output_dir")
     return path
 
 

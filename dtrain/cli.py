@@ -9,9 +9,11 @@ a failed run, 75 (PREEMPTED_EXIT_CODE) for a run that saved a checkpoint and wan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -35,6 +37,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                         help="multi-node: the c10d rendezvous address, the same on every node")
     launch.add_argument("--rdzv-id", default="dtrain", help="multi-node: a job id shared by the nodes")
+
+
+class SignalledBeforeTraining(BaseException):
+    """A preemption signal came while the run was still being set up (imports, data, model).
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way may take it for
+    an error of what it interrupted."""
+
+
+def _stop_now(signum: int, frame: Any) -> None:
+    raise SignalledBeforeTraining(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _preemption_before_the_loop():
+    """Until the training loop's own watch takes over (it saves a checkpoint at the next step),
+    SIGTERM, SIGUSR1 and SIGUSR2 end the command at once: there is nothing to save yet, and a
+    scheduler should see the documented exit code, not a process killed by the signal."""
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, _stop_now) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _rank_prefix() -> str:
@@ -63,6 +89,18 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2
+    with _preemption_before_the_loop():
+        try:
+            return _run_training(cfg, args)
+        except SignalledBeforeTraining as exc:
+            print(f"{_rank_prefix()}preempted: {exc} arrived before the first training step (while importing, "
+                  "preparing data or loading the model), so there was nothing to save. "
+                  f"Run the same command again (exit code {PREEMPTED_EXIT_CODE} asks the scheduler for a requeue)",
+                  file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+
+
+def _run_training(cfg: Any, args: argparse.Namespace) -> int:
     import torch
 
     from dtrain.checkpoint import CheckpointError
@@ -165,12 +203,16 @@ def _data_prepare(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.on_error={args.on_error}"] if args.on_error else [])
     try:
         cfg = load_config(args.config, overrides)
+        report_dir = Path(args.report_dir or cfg.output_dir)
+        if report_dir.exists() and not report_dir.is_dir():
+            raise ConfigError(f"{'--report-dir' if args.report_dir else 'output_dir'} {report_dir} is a file, not a "
+                              "directory: choose another")
         tokenizer = load_tokenizer(cfg.model)
         data = prepare_data(cfg.data, tokenizer, cfg.seed, use_cache=not args.rebuild)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    report = write_report(data, tokenizer, Path(args.report_dir or cfg.output_dir), batch_size=cfg.train.micro_batch_size,
+    report = write_report(data, tokenizer, report_dir, batch_size=cfg.train.micro_batch_size,
                           max_seq_len=cfg.data.max_seq_len, seed=cfg.seed)
     print(data.summary())
     for step, rows, drops in data.steps:
@@ -229,6 +271,10 @@ def _eval(args: argparse.Namespace) -> int:
     from dtrain.parallel.single import SingleDevice
 
     source = Path(args.source)
+    if not any((source / name).is_file() for name in ("config.yaml", "manifest.json", "config.json")):
+        print(f"error: {source} is not a run directory, checkpoint or model directory (no config.yaml, manifest.json "
+              "or config.json in it)", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         if (source / "config.yaml").is_file() or (source / "manifest.json").is_file():
@@ -249,7 +295,7 @@ def _eval(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, UnsafeCheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    result = {"source": str(source), "split": "test", "examples": len(data.test),
+    result = {"source": str(source), "split": "test", "examples": metrics["eval_examples"],  # (those scored)
               **{k.replace("eval_", "test_", 1): v for k, v in metrics.items()},
               "worst_examples": [describe(ex, tokenizer, data.label_names) for ex in worst]}
     from dtrain.checkpoint import write_text_atomic

@@ -85,11 +85,25 @@ def _did_you_mean(key: str) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
+def _is_union_member(part: str) -> bool:
+    """pydantic names the member of a union a value failed against in the error's location
+    (`list[str]`, `literal['all-linear']`, `float`): not part of the key."""
+    return "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none", "constrained-str")
+
+
 def format_errors(exc: ValidationError, origin: dict[str, str]) -> str:
     messages = []
+    union_seen: dict[str, int] = {}  # key -> index in messages: one line per key, its alternatives joined
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        parts = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        loc = [p for p in parts if not _is_union_member(p)]
         key = ".".join(loc)
+        if len(loc) < len(parts) and key in union_seen:
+            alternative = str(err["msg"]).removeprefix("Value error, ")
+            messages[union_seen[key]] = messages[union_seen[key]].replace(" (got ", f"; or: {alternative} (got ", 1)
+            continue
+        if len(loc) < len(parts):
+            union_seen[key] = len(messages)
         where = origin.get(key) or next(
             (origin[k] for k in sorted(origin, key=len, reverse=True) if key.startswith(k + ".")), None
         )

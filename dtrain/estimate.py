@@ -20,6 +20,11 @@ full set of activations; without it the true peak can be lower by up to the grad
 
 The formulas were checked against measurement on CPU (tests/test_estimate.py): parameter,
 gradient and optimizer bytes exactly; saved activations within a few percent.
+
+Any architecture transformers builds is sized: its dimensions are read under the names its
+config gives them (DIM_NAMES: GPT-2's n_embd / n_layer / n_head / n_inner, OPT's ffn_dim ...),
+with the documented default where one is null; the parameter counts stay exact, and a line
+says what the activations could not account for (another layer type, dropout).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class ModelShape:
     params: list[ParamInfo]
     matmul_params: int  # weights used in matmuls per token (the tied head counted as a matmul)
     trainable_matmul_params: int
+    notes: list[str] = field(default_factory=list)  # what the estimate had to assume about this model
 
     @property
     def total(self) -> int:
@@ -89,10 +95,124 @@ class ModelShape:
         return sum(p.numel for p in self.params if p.quantized)
 
 
+# The names architecture families give a dimension in their config, the usual one first.
+# PretrainedConfig.attribute_map already answers the first for most (GPT-2's n_embd, n_layer,
+# n_head; T5's d_model, num_heads); the others are for configs that map nothing.
+DIM_NAMES = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden": ("hidden_size", "n_embd", "d_model", "dim"),
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
+    # GPT-2/GPT-J/CodeGen n_inner, OPT ffn_dim, T5 d_ff, Falcon ffn_hidden_size, BART, DistilBERT
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "encoder_ffn_dim",
+                     "hidden_dim"),
+}
+
+
+def dim_field(config: Any, kind: str) -> str | None:
+    """The name `config` gives dimension `kind` (DIM_NAMES): the first with a value, else the first
+    present though null; None if it has none."""
+    present = [name for name in DIM_NAMES[kind] if hasattr(config, name)]
+    return next((name for name in present if getattr(config, name) is not None), present[0] if present else None)
+
+
+def _dim(config: Any, kind: str) -> int | None:
+    return next((v for v in (getattr(config, n, None) for n in DIM_NAMES[kind]) if v is not None), None)
+
+
+@dataclass
+class Dims:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    notes: list[str] = field(default_factory=list)
+
+
+def model_dims(config: Any) -> Dims:
+    """The transformer's dimensions from its (text) config, each architecture's documented default
+    where a field is null; a ConfigError naming the model if one the estimate needs is missing."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # (a multimodal model's LM)
+    kind_of = getattr(config, "model_type", None) or type(config).__name__
+    required = {}
+    for kind, what in (("layers", "number of layers"), ("hidden", "hidden size"),
+                       ("heads", "number of attention heads")):
+        value = _dim(text, kind)
+        if not isinstance(value, int) or value < 1:
+            where = getattr(config, "_name_or_path", "") or "the model"
+            raise ConfigError(f"model.path: the {kind_of} config of {where} gives no {what} "
+                              f"({' / '.join(DIM_NAMES[kind])}); cannot size the model without it")
+        required[kind] = value
+    hidden, heads = required["hidden"], required["heads"]
+    notes = []
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # GPT-BigCode, Falcon-7B: one key/value head
+    else:
+        kv_heads = _dim(text, "kv_heads") or heads  # absent or null: plain multi-head attention
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or hidden // heads  # (d_kv: T5)
+    intermediate = _dim(text, "intermediate")
+    if intermediate is None:
+        if getattr(text, "expansion_ratio", None):  # MPT
+            intermediate = int(text.expansion_ratio * hidden)
+        else:
+            # null n_inner (GPT-2, GPT-J), ffn_hidden_size (Falcon), intermediate_size (GPT-Neo): 4 x hidden,
+            # as their configs document; Bloom has no field and is 4 x hidden too.
+            intermediate = 4 * hidden
+            if dim_field(text, "intermediate") is None and kind_of != "bloom":
+                notes.append(f"the {kind_of} config names no MLP width ({' / '.join(DIM_NAMES['intermediate'])}); "
+                             f"activations assume 4 x hidden = {intermediate}")
+    return Dims(required["layers"], hidden, heads, kv_heads, head_dim, intermediate, notes)
+
+
 def _model_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def build_from_config(cfg: Config, config: Any) -> nn.Module:
+    """The run's model class (causal LM or classification) built from `config`, on the current
+    default device; a config it cannot be built from is a ConfigError naming model.path."""
+    try:
+        return _model_class(cfg.model.task).from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        kind = getattr(config, "model_type", None) or type(config).__name__
+        if str(exc).startswith("Unrecognized configuration class"):
+            head = "sequence-classification" if cfg.model.task == "classification" else "causal-LM"
+            raise ConfigError(f"model.task={cfg.model.task}: transformers has no {head} model for {kind} "
+                              f"({cfg.model.path}); use another model.task, or a model whose architecture has one "
+                              "(Llama, Qwen2, Mistral, GPT-2 ...)") from None
+        raise ConfigError(f"model.path: cannot build a {kind} model for model.task={cfg.model.task} from the "
+                          f"config of {cfg.model.path}: {(lines[0] if lines else type(exc).__name__).rstrip('.')}; "
+                          "check its config.json") from None
+
+
+def _matmul_modules():
+    """Module types whose weight is a matmul: nn.Linear, and GPT-2-style Conv1D (a transposed Linear)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def _llama_like(block: nn.Module) -> bool:
+    """A Llama-family layer (RMSNorm, gated MLP, no experts): the one `activation_bytes` counts."""
+    names = [name.rsplit(".", 1)[-1] for name, _ in block.named_modules()]
+    classes = [type(m).__name__ for m in block.modules()]
+    return (any(n in ("gate_proj", "gate_up_proj") for n in names) and any("RMSNorm" in c for c in classes)
+            and not any(n in ("experts", "block_sparse_moe") for n in names))
+
+
+def _dropout_on(config: Any, cfg: Config) -> str:
+    """The model's non-zero dropout fields, with the run's model.dropout applied ('' if none)."""
+    from dtrain.model import DROPOUT_FIELDS, apply_dropout
+
+    config = copy.deepcopy(config)
+    apply_dropout(config, cfg.model.dropout)
+    on = {name: getattr(config, name, None) for kind in ("attention", "hidden") for name in DROPOUT_FIELDS[kind]}
+    return ", ".join(f"{name}={value:g}" for name, value in on.items() if isinstance(value, float) and value > 0)
 
 
 def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = None) -> ModelShape:
@@ -102,45 +222,55 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
     from dtrain.peft import apply_peft
 
     config = copy.deepcopy(model_config if model_config is not None else load_model_config(cfg.model))
+    dims = model_dims(config)
     if cfg.model.task == "classification":
         config.num_labels = num_labels or 2
     peft = cfg.peft
     if peft.method == "qlora":
         # The same adapters as on the 4-bit base; quantisation changes storage, not counts.
         peft = peft.model_copy(update={"method": "lora"})
+    matmul_types = _matmul_modules()
+    notes = list(dims.notes)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, not the user's concern
-        model = _model_class(cfg.model.task).from_config(config)
-        blocks = transformer_blocks(model)
-        block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
-        # bitsandbytes quantises the Linear layers of the blocks (not the head, not embeddings).
-        quantized = ({id(m.weight) for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
+        # peft switching fan_in_fan_out on for Conv1D layers (GPT-2): the run says so; the counts do not change
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out", category=UserWarning)
+        model = build_from_config(cfg, config)
+        try:
+            blocks = transformer_blocks(model)
+        except ValueError:  # no _no_split_modules: every parameter is counted at the root
+            blocks = []
+            notes.append(f"{type(model).__name__} names no transformer blocks; sharded strategies' gathered "
+                         "parameters are not counted")
+        # bitsandbytes quantises the Linear (and Conv1D) layers of the blocks (not the head, not embeddings).
+        quantized = ({id(m.weight) for b in blocks for m in b.modules() if isinstance(m, matmul_types)}
                      if cfg.peft.method == "qlora" else set())
         model = apply_peft(model, peft, cfg.model.task)
         freeze(model, cfg.freeze)
-    params = []
-    for _, p in model.named_parameters():  # shared (tied) tensors once
-        base_block = block_of.get(id(p))
-        params.append(ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, base_block))
-    # LoRA factors live inside the blocks too (new tensors): place them by module name.
-    names = [n for n, _ in model.named_parameters()]
-    layer_re = re.compile(r"\.layers\.(\d+)\.")
-    for info, name in zip(params, names):
-        if info.block is None and (m := layer_re.search(name)):
-            info.block = int(m.group(1))
+    # After peft: its LoRA factors are new tensors inside the same block modules.
+    block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
+    params = [ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, block_of.get(id(p)))
+              for p in model.parameters()]  # shared (tied) tensors once
     matmul = trainable_matmul = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):  # peft's LoRA layers hold their factors as nn.Linear too
+        if isinstance(module, matmul_types):  # peft's LoRA layers hold their factors as nn.Linear too
             n = module.weight.numel()
             matmul += n
             trainable_matmul += n if module.weight.requires_grad else 0
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if dropped := _dropout_on(config, cfg):
+        notes.append(f"dropout is on ({dropped}): its saved masks (and, with some attention kernels, the "
+                     "attention probabilities) are not counted in the activations")
+    if blocks and not _llama_like(blocks[0]):
+        kind = getattr(config, "model_type", None) or type(model).__name__
+        notes.append(f"activations are counted for a Llama-family layer (RMSNorm, gated MLP); a {kind} layer "
+                     "differs, so that column is approximate")
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    if not vocab:
+        vocab = model.get_input_embeddings().weight.shape[0]
     return ModelShape(
-        layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-        intermediate=config.intermediate_size, vocab=config.vocab_size, params=params,
-        matmul_params=matmul, trainable_matmul_params=trainable_matmul)
+        layers=dims.layers, hidden=dims.hidden, heads=dims.heads, kv_heads=dims.kv_heads, head_dim=dims.head_dim,
+        intermediate=dims.intermediate, vocab=vocab, params=params, matmul_params=matmul,
+        trainable_matmul_params=trainable_matmul, notes=notes)
 
 
 # --------------------------------------------------------------------------------------
@@ -648,6 +778,7 @@ def format_estimate(est: Estimate) -> str:
         + (f"; 4-bit base {s.quantized:,}" if s.quantized else ""),
         f"model: {s.layers} layers, hidden {s.hidden}, {s.heads} heads ({s.kv_heads} KV) x {s.head_dim}, "
         f"intermediate {s.intermediate}, vocab {s.vocab}",
+        *(f"  note: {note}" for note in s.notes),
         f"per device: micro-batch {r.micro_batch} x {r.seq} tokens, activation checkpointing "
         f"{'on' if r.checkpointing else 'off'}, attention {r.attention}"
         + (" with a mask (padded or packed batches)" if r.mask else " without a mask (flash-attention or sdpa_varlen on packed rows)")
@@ -718,12 +849,13 @@ def data_tokens(cfg: Config) -> tuple[int | None, str]:
 
 def run_estimate(args: argparse.Namespace) -> int:
     try:
-        cfg = load_and_check(args)
+        # The command's own arguments first: a typo there fails in a second, before the model is read.
         gpu_memory = parse_memory(args.gpu_memory)
         if args.gpus < 1 or args.nodes < 1:
             raise ConfigError("--gpus and --nodes must be at least 1")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu {args.mfu}: expected a fraction in (0, 1], e.g. 0.4")
+        cfg = load_and_check(args)
         tokens, source = (args.tokens, "--tokens") if args.tokens else data_tokens(cfg)
         est = estimate(cfg, gpus=args.gpus, nodes=args.nodes, gpu_memory=gpu_memory, mfu=args.mfu,
                        peak_tflops=args.peak_tflops, tokens=tokens, tokens_source=source, cfg_name=args.config)

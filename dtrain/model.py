@@ -23,23 +23,24 @@ from dtrain.schema import ConfigError, DropoutConfig, ModelConfig, PeftConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_model_path(cfg: ModelConfig) -> None:
-    """Fail early, naming the key, if model.path or model.tokenizer cannot be loaded."""
+def check_model_path(cfg: ModelConfig, key: str = "model.path") -> None:
+    """Fail early, naming the key (`key`: the one that gave cfg.path), if the model directory or
+    model.tokenizer cannot be loaded."""
     if not presets.is_preset(cfg.path):
         path = Path(cfg.path)
         if not path.is_dir():
             raise ConfigError(
-                f"model.path: {cfg.path!r} is neither a local model directory nor a preset "
+                f"{key}: {cfg.path!r} is neither a local model directory nor a preset "
                 f"({', '.join(presets.PRESETS)})"
             )
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path: {cfg.path!r} has no config.json (is it a Hugging Face model directory?)")
-        _check_config_json(path / "config.json", trust_remote_code=cfg.trust_remote_code)
+            raise ConfigError(f"{key}: {cfg.path!r} has no config.json (is it a Hugging Face model directory?)")
+        _check_config_json(path / "config.json", cfg.trust_remote_code, key)
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer: {cfg.tokenizer!r} is not a directory")
 
 
-def _check_config_json(path: Path, trust_remote_code: bool) -> None:
+def _check_config_json(path: Path, trust_remote_code: bool, key: str) -> None:
     """config.json is JSON, and names an architecture this transformers knows (or ships its code)."""
     import json
 
@@ -49,44 +50,53 @@ def _check_config_json(path: Path, trust_remote_code: bool) -> None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ConfigError(f"model.path: {path}{where} is not valid JSON ({exc}); the model directory is damaged "
+        raise ConfigError(f"{key}: {path}{where} is not valid JSON ({exc}); the model directory is damaged "
                           "(an interrupted download or copy?)") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"model.path: {path} is not a JSON object")
+        raise ConfigError(f"{key}: {path} is not a JSON object")
     model_type = data.get("model_type")
     if model_type is None:
-        raise ConfigError(f"model.path: {path} has no model_type; is it a Hugging Face model's config.json?")
+        raise ConfigError(f"{key}: {path} has no model_type; is it a Hugging Face model's config.json?")
     if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in data):
         import transformers
 
         hint = (" (it ships its own code: set model.trust_remote_code=true if you trust it)" if "auto_map" in data
                 else "; a newer transformers may know it")
-        raise ConfigError(f"model.path: {path} says model_type {model_type!r}, an architecture transformers "
+        raise ConfigError(f"{key}: {path} says model_type {model_type!r}, an architecture transformers "
                           f"{transformers.__version__} does not know{hint}")
+    # Its fields as transformers checks them (e.g. a hidden size the heads do not divide), before
+    # the tokenizer, which reads config.json too, reports it as its own failure.
+    with _loading(key, str(path.parent), "model config", f"fix {path}"):
+        AutoConfig.from_pretrained(path.parent, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 @contextlib.contextmanager
 def _loading(key: str, path: str, what: str, fix: str):
     """A library's failure to load `what` from `path`, as a ConfigError naming the key."""
+    from huggingface_hub.errors import StrictDataclassError  # (a config field transformers refuses)
     from safetensors import SafetensorError  # (a truncated or damaged .safetensors file)
 
     try:
         yield
     except (ConfigError, torch.OutOfMemoryError):  # (running out of memory is no damaged directory)
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        reason = lines[0] if lines else type(exc).__name__
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = "; ".join(lines[:2]) if isinstance(exc, StrictDataclassError) else (lines[0] if lines else
+                                                                                     type(exc).__name__)
+        if "ignore_mismatched_sizes" in reason:  # (transformers printed which tensors, above)
+            reason, fix = ("its weights do not fit its config.json: tensors of other sizes (see the load "
+                           "report above)", "use the config.json the weights were saved with")
         raise ConfigError(f"{key}: cannot load the {what} from {path}: {reason}; {fix}") from None
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    check_model_path(cfg)
+def load_tokenizer(cfg: ModelConfig, key: str = "model.path") -> PreTrainedTokenizerBase:
+    check_model_path(cfg, key)
     if cfg.tokenizer is None and presets.is_preset(cfg.path):
         tokenizer = presets.preset_tokenizer(cfg.path)
     else:
         source = cfg.tokenizer or cfg.path
-        key = "model.tokenizer" if cfg.tokenizer else "model.path"
+        key = "model.tokenizer" if cfg.tokenizer else key
         with _loading(key, source, "tokenizer", "the directory needs tokenizer files (tokenizer.json or "
                       "tokenizer_config.json + vocabulary); or set model.tokenizer to a directory that has them"):
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
@@ -167,15 +177,17 @@ def quantization_config(peft: PeftConfig, precision: str, sharded: bool) -> Any:
 def load_model(
     cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, num_labels: int | None = None, seed: int = 0,
     device: torch.device = torch.device("cpu"), path: str | None = None, quantization: Any = None,
+    label_names: list[str] | None = None, key: str = "model.path",
 ) -> nn.Module:
     """Build a preset with random weights or `from_pretrained` a local directory
-    (`path` overrides cfg.path: a preset's saved base, for QLoRA).
+    (`path` overrides cfg.path: a preset's saved base, for QLoRA). A classifier has `num_labels`
+    classes, or is given their names (`label_names`, kept as its config's id2label).
 
     The seed is set right before construction so that randomly initialised weights
     (a preset, a new classification head) are the same in every run and on every rank.
     With `quantization` (QLoRA) the linear weights are quantised to 4 bits on `device`.
     """
-    check_model_path(cfg)
+    check_model_path(cfg, key)
     torch.manual_seed(seed)
     model_cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
     attn = attention_implementation(cfg.attn_implementation, device)
@@ -185,9 +197,12 @@ def load_model(
             raise ValueError("a preset is quantised from its saved base directory (pass path=)")
         config = presets.preset_config(path)
     else:
-        with _loading("model.path", str(path), "model config", "check config.json"):
+        with _loading(key, str(path), "model config", "check config.json"):
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-    if cfg.task == "classification":
+    if cfg.task == "classification" and label_names:  # saved with the model: its classes by name
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    elif cfg.task == "classification":
         config.num_labels = num_labels
     apply_dropout(config, cfg.dropout)  # (train() reports the overrides a model has no field for)
     config._attn_implementation = attn
@@ -195,10 +210,15 @@ def load_model(
         model = model_cls.from_config(config, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
     else:
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
-        with _loading("model.path", str(path), "weights", "the directory needs model.safetensors (or sharded "
+        with _loading(key, str(path), "weights", "the directory needs model.safetensors (or sharded "
                       "*.safetensors with their index); re-download or re-export the model"):
             model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[cfg.dtype], attn_implementation=attn,
                                               local_files_only=True, trust_remote_code=cfg.trust_remote_code, **extra)
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:  # (an id past the embeddings fails only when the data first holds it)
+        raise ConfigError(f"{key}: the tokenizer has {len(tokenizer)} tokens but the model at {path} embeds only "
+                          f"{embeddings}: use the tokenizer the model was trained with (model.tokenizer), or a "
+                          "model whose embeddings were resized to it")
     if quantization is not None:
         keep_4bit_training_kernel(model)
     if cfg.task == "classification":
@@ -213,12 +233,12 @@ def load_frozen_model(cfg: ModelConfig, key: str, tokenizer: PreTrainedTokenizer
                       seed: int, device: torch.device) -> nn.Module:
     """A model an objective runs beside the trained one without training it (a teacher, a reference),
     named by config key `key`. It reads the same batches, so it must have the same vocabulary."""
-    other = load_tokenizer(cfg)
+    other = load_tokenizer(cfg, key)
     if tokenizer.get_vocab() != other.get_vocab():
         raise ConfigError(f"{key}={cfg.path} has another tokenizer than the student ({len(other.get_vocab())} vs "
                           f"{len(tokenizer.get_vocab())} tokens, or other ids); its predictions are compared token "
                           "by token with the trained model's, which needs the same vocabulary")
-    return load_model(cfg, tokenizer, num_labels=num_labels, seed=seed, device=device)
+    return load_model(cfg, tokenizer, num_labels=num_labels, seed=seed, device=device, key=key)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -271,3 +291,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+def quiet_progress_bars() -> None:
+    """No "Loading weights" bars from transformers (for ranks other than the main one)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -54,7 +54,7 @@ def _jsonable(value: Any) -> Any:
 
 class Tracker:
     def __init__(self, cfg: Config, *, enabled: bool, total_steps: int, initial_step: int = 0):
-        self.enabled = enabled
+        self.enabled, self.total_steps = enabled, total_steps
         self.tb = self.wandb = self.bar = None
         if not enabled:
             return
@@ -77,8 +77,9 @@ class Tracker:
         if cfg.logging.progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
-                            file=sys.stderr, disable=None)
+            bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
+                       file=sys.stderr, disable=None)  # (None: off when stderr is not a terminal)
+            self.bar = None if bar.disable else bar
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,10 +94,14 @@ class Tracker:
             self.wandb.log(numeric, step=step)
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """A logged step: on the progress bar, or (no terminal: a SLURM log, `| tee`, CI; or
+        logging.progress_bar off) as one plain line."""
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             self.bar.refresh()
+        else:
+            self.message(f"step {step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
 
     def advance(self, step: int) -> None:
         """Move the progress bar to `step` (a step that logged nothing)."""

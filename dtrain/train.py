@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ from dtrain.diagnose import write_learning_report
 from dtrain.evaluation import describe, evaluate
 from dtrain.finetune import freeze
 from dtrain.model import (apply_dropout, autocast, compile_blocks, count_parameters, load_frozen_model, load_model,
-                          load_model_config, load_tokenizer, quantization_config)
+                          load_model_config, load_tokenizer, quantization_config,
+                          quiet_progress_bars)
 from dtrain.objectives import Objective, build_objective, objective_class, objective_name
 from dtrain.optim import build_optimizer, build_scheduler, scaled_lr
 from dtrain.outputs import check_output_dir, save_final_model, save_preset_base, write_config, write_worst_examples
@@ -161,7 +163,8 @@ def seed_everything(seed: int) -> None:
 # Setup
 
 
-def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: Strategy, out: Path) -> nn.Module:
+def build_model(cfg: Config, tokenizer: Any, label_names: list[str] | None, strategy: Strategy, out: Path,
+                resuming: bool = False) -> nn.Module:
     """The plain model with its adapters (not yet moved, sharded or wrapped).
 
     Every rank builds the same weights (same seed, or the same files). A preset with
@@ -170,15 +173,17 @@ def build_model(cfg: Config, tokenizer: Any, num_labels: int | None, strategy: S
     quantized = cfg.peft.method == "qlora"
     base: str | Path = cfg.model.path
     if not quantized or is_preset(cfg.model.path):
-        model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, device=strategy.device)
+        model = load_model(cfg.model, tokenizer, label_names=label_names, seed=cfg.seed, device=strategy.device)
         if cfg.peft.method != "none" and is_preset(cfg.model.path):
-            if strategy.comm.is_main:
+            # A resumed run keeps the base its first attempt wrote (the checkpoint's compatibility
+            # check, later, makes sure it is the same model): nothing of the run changes before that.
+            if strategy.comm.is_main and not (resuming and (out / "base_model").is_dir()):
                 save_preset_base(model, tokenizer, out)
             strategy.comm.barrier()
             base = out / "base_model"
     if quantized:
         quantization = quantization_config(cfg.peft, cfg.train.precision, sharded=strategy.shards_parameters)
-        model = load_model(cfg.model, tokenizer, num_labels=num_labels, seed=cfg.seed, device=strategy.device,
+        model = load_model(cfg.model, tokenizer, label_names=label_names, seed=cfg.seed, device=strategy.device,
                            path=str(base), quantization=quantization)
     model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
     freeze(model, cfg.freeze)
@@ -192,6 +197,8 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
     with contextlib.ExitStack() as resources:  # if setup fails, what it built so far is ended
         strategy = resources.enter_context(build_strategy(cfg))
         comm, tcfg = strategy.comm, cfg.train
+        if not comm.is_main or not sys.stderr.isatty():
+            quiet_progress_bars()  # one process speaks; a log file gets lines, not bars
         seed_everything(cfg.seed)
         resume = ckpt.resume_path(cfg, comm)
         out = check_output_dir(cfg, resuming=resume is not None) if comm.is_main else Path(cfg.output_dir)
@@ -205,7 +212,7 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         num_labels = len(data.label_names) if data.label_names else None
 
         # Model, sharded or wrapped with its optimizer; the objective and the frozen models it needs.
-        model = build_model(cfg, tokenizer, num_labels, strategy, out)
+        model = build_model(cfg, tokenizer, data.label_names, strategy, out, resuming=resume is not None)
         trainable, total = count_parameters(model)
         if resume is not None:  # before wrapping: DeepSpeed converts a checkpoint of another world size
             strategy.prepare_resume(resume, ckpt.read_manifest(resume))
@@ -331,31 +338,34 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
         result = RunResult(str(run.out), state.step, "max_steps")
         metrics: dict[str, Any] = {}
         evaluated_at, worst, reported = None, [], None  # the step `metrics` are from; the last checkpoint reported
-        clock, tokens = time.perf_counter(), 0  # since the last logged step, for tokens_per_s
+        seconds, tokens = 0.0, 0  # training time (no evaluation, no saving) and tokens since the last log
         while state.step < run.total_steps and state.stop_reason is None:
+            started = time.perf_counter()
             step = train_step(run, [next(run.batches) for _ in range(cfg.train.grad_accum_steps)])
-            tokens += step.tokens
+            seconds, tokens = seconds + time.perf_counter() - started, tokens + step.tokens
             last = state.step == run.total_steps
             if not step.applied and not last:
                 continue  # nothing to log or save for a skipped update, unless the run ends here
 
             if step.applied:
                 result.train_losses.append(step.loss)
-            if step.applied and (state.step % cfg.train.log_every == 0 or last):
+            # The first step too: the loss a run starts from.
+            if step.applied and (state.step % cfg.train.log_every == 0 or last or state.step == 1):
                 total = run.strategy.comm.all_reduce_sum(torch.tensor(float(tokens), device=run.strategy.device))
-                rate = total.item() / max(time.perf_counter() - clock, 1e-9)
+                rate = total.item() / max(seconds, 1e-9)
                 tracker.log(state.step, {"epoch": round(run.batches.epoch_progress, 4), "loss": step.loss,
                                          "lr": step.lr, "grad_norm": step.grad_norm, "tokens_per_s": rate})
                 tracker.progress(state.step, step.loss, step.lr, rate)
-                clock, tokens = time.perf_counter(), 0
+                seconds, tokens = 0.0, 0
             else:
                 tracker.advance(state.step)
 
             every = cfg.eval.every_steps
             if run.data.validation and ((every and state.step % every == 0) or last):
+                started = time.perf_counter()
                 metrics, worst = evaluate_run(run, worst=cfg.eval.worst_examples if last else 0)
                 evaluated_at = state.step
-                tracker.log(state.step, metrics)
+                tracker.log(state.step, {**metrics, "eval_seconds": round(time.perf_counter() - started, 3)})
                 tracker.message(f"step {state.step}: " + ", ".join(
                     f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
                 if run.early_stopping.update(state, metrics[f"eval_{cfg.eval.metric}"]):
@@ -365,7 +375,9 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
                                     f"at step {state.best_step})")
 
             evaluated = metrics[f"eval_{cfg.eval.metric}"] if evaluated_at == state.step else None
-            checkpointer.step_done(state.step, final=last or state.stop_reason is not None, metric=evaluated)
+            started = time.perf_counter()
+            if checkpointer.step_done(state.step, final=last or state.stop_reason is not None, metric=evaluated):
+                tracker.log(state.step, {"checkpoint_seconds": round(time.perf_counter() - started, 3)})
             if report is not None and (evaluated_at == state.step or checkpointer.last != reported):
                 report(state.step, {"step": state.step, "loss": step.loss,
                                     **(metrics if evaluated_at == state.step else {})},
@@ -407,8 +419,6 @@ def finish(run: Run, result: RunResult, metrics: dict[str, Any], worst: list) ->
 
 
 if __name__ == "__main__":
-    import sys
-
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from dtrain.cli import train_main

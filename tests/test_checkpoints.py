@@ -318,10 +318,12 @@ def craft_deepspeed(checkpoint: Path, marker: Path) -> None:
     torch.save(state, model_states)
 
 
-CRAFTED = {  # name: (saved run, how it is crafted, the strategy that resumes it in one process)
+CRAFTED = {  # name: (saved run, how it is crafted, what resumes it: one process unless --nproc)
     "dcp-metadata": ("save1/single", craft_dcp_metadata, []),
     "dcp-value-fsdp": ("save2/fsdp", craft_dcp_value, []),
     "deepspeed": ("save2/zero3", craft_deepspeed, ZERO[3]),
+    # Two ranks resuming: every rank reads the metadata; each must refuse it.
+    "dcp-metadata-2-ranks": ("save1/single", craft_dcp_metadata, ["parallel.strategy=fsdp", "--nproc", "2"]),
 }
 
 

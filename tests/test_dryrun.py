@@ -1,13 +1,18 @@
 """`dtrain train CONFIG --dry-run` passes for every shipped example and fails clearly on bad configs."""
 
+import re
 import subprocess
+import time
 
 import pytest
-from conftest import EXAMPLES, REPO, run_cli
+import torch
+from conftest import ALPACA, EXAMPLES, REPO, run_cli
+from test_estimate import ARCHITECTURES, architecture_config, save_gpt2_dir
 
 from dtrain.cli import main
 from dtrain.config import load_config
 from dtrain.dryrun import shrink
+from dtrain.estimate import model_dims
 from dtrain.presets import preset_config
 
 # Parameter counts at full scale, as published for these architectures (+ the LoRA adapters / new heads).
@@ -78,3 +83,102 @@ def test_shrink_keeps_vocab_and_grouped_query_layout(preset):
     group = full.num_attention_heads // full.num_key_value_heads
     assert small.num_attention_heads // small.num_key_value_heads == group
     assert small.tie_word_embeddings == full.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", ["gpt2", *ARCHITECTURES])
+def test_shrink_works_for_each_familys_config_names(name):
+    """GPT-2's n_layer / n_head / n_embd / n_inner (null), OPT's ffn_dim, Falcon's and GPT-BigCode's
+    multi-query, null KV heads or head_dim: the shrunk config builds and trains a step."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    full = (GPT2Config(n_embd=128, n_layer=4, n_head=8, n_inner=None, vocab_size=260) if name == "gpt2"
+            else architecture_config(name))
+    small = shrink(full)
+    before, after = model_dims(full), model_dims(small)
+    assert after.layers == 2 and after.head_dim == 16 and after.hidden == after.heads * 16
+    assert after.heads // after.kv_heads == before.heads // before.kv_heads
+    assert after.intermediate / after.hidden == pytest.approx(before.intermediate / before.hidden, rel=0.3)
+    assert small.vocab_size == full.vocab_size
+    if name == "gpt2":
+        assert small.n_layer == 2 and small.n_inner is None  # null: 4 x the new n_embd
+    model = AutoModelForCausalLM.from_config(small)
+    ids = torch.randint(3, 260, (2, 12))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_dry_run_of_a_gpt2_dir_prints_one_checklist_and_the_whole_elapsed_time(tmp_path):
+    """Through the CLI, as a user runs it: PASS on a GPT-2-style model directory; the inner training
+    runs' own announcements and reports are not mixed into the checklist; and the elapsed time
+    covers the whole command, imports and model loading included (as measured around it)."""
+    model = save_gpt2_dir(tmp_path / "gpt2")
+    cfg = tmp_path / "gpt2.yaml"
+    cfg.write_text(f"model:\n  path: {model}\ndata:\n  train: {ALPACA}\n  format: alpaca\n  max_seq_len: 256\n"
+                   "train:\n  micro_batch_size: 2\n")
+    started = time.perf_counter()
+    proc = run_cli("train", str(cfg), "--dry-run")
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.rstrip().endswith("PASS") and "Traceback" not in out + proc.stderr
+    assert out.count("dry run: ") == 1 and out.count("  elapsed: ") == 1
+    assert "[FAIL]" not in out and out.count("  [ok]   ") == 9
+    # The inner runs' announcement ("dtrain: MODEL ..."), data summary and learning report stay inside.
+    for inner in ("dtrain: ", "data: 64 rows", "# How the run went", "final model saved"):
+        assert inner not in out and inner not in proc.stderr, inner
+    lines = out.splitlines()
+    checklist = [i for i, line in enumerate(lines) if line.startswith("  [")]
+    assert checklist == list(range(1, 10)), out  # the checks, one after another, right under the header
+    elapsed = float(re.search(r"elapsed: +([0-9.]+) s", out).group(1))
+    # The interpreter's exit after the last line takes a second or two; the dry run before it is most.
+    assert 0.7 * wall <= elapsed <= wall + 0.5, (elapsed, wall)
+
+
+def test_captured_takes_every_kind_of_output_and_lets_none_through(capfd):
+    """print, sys.stderr, a logging handler holding the original stream, and a write to the file
+    descriptor itself (as C code and DeepSpeed's logger do) all end up in the capture."""
+    import logging
+    import os
+    import sys
+
+    from dtrain.dryrun import captured
+
+    handler = logging.StreamHandler(sys.stderr)
+    log = logging.getLogger("dtrain.test-captured")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with captured() as inner:
+            print("printed")
+            print("progress 10%\rprogress 100%", file=sys.stderr)
+            log.info("logged")
+            os.write(1, b"from the descriptor\n")
+    finally:
+        log.removeHandler(handler)
+    assert inner.lines == ["printed", "progress 100%", "logged", "from the descriptor"]
+    out, err = capfd.readouterr()
+    assert out == err == ""
+
+
+def test_a_failed_step_shows_its_own_last_lines_under_its_fail_line(make_config, monkeypatch, capsys):
+    import dtrain.train
+
+    from dtrain.dryrun import dry_run
+
+    def failing_train(cfg, **kwargs):
+        print("dtrain: the inner run announces itself")
+        print("warning: something the real run would say too")
+        raise RuntimeError("the step broke")
+
+    monkeypatch.setattr(dtrain.train, "train", failing_train)
+    assert dry_run(make_config()) == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    fail = next(i for i, line in enumerate(lines) if line.startswith("  [FAIL] train 3 steps"))
+    assert lines[fail].endswith(": the step broke")
+    assert lines[fail + 1:fail + 4] == ["         its output (last 2 lines):",
+                                        "           | dtrain: the inner run announces itself",
+                                        "           | warning: something the real run would say too"]
+    assert out.count("dtrain: the inner run") == 1 and out.rstrip().endswith("FAIL")

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ALPACA, run_cli
 
 from dtrain.data.formats import Example
 from dtrain.data.loader import collate
@@ -97,6 +97,129 @@ def test_parameter_counts_are_exact(make_config, tmp_path, overrides):
     trainable, total = count_parameters(model)
     assert (shape.trainable, shape.total) == (trainable, total)
     assert shape.trainable < shape.total or not overrides or "tiny" in overrides[0]
+
+
+def save_gpt2_dir(path):
+    """A 2-layer GPT-2 (n_embd 64, n_inner null: the MLP is 4 x n_embd) with the byte tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from dtrain.presets import byte_tokenizer
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=None, n_positions=512, vocab_size=260,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_gpt2_dir(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["peft.method=lora", "peft.r=4"], ["freeze.layers=1", "freeze.embeddings=true"],
+], ids=["full", "lora", "freeze"])
+def test_parameter_counts_are_exact_for_a_gpt2_dir(make_config, gpt2_dir, tmp_path, overrides):
+    """GPT-2's config names its dimensions n_embd, n_layer, n_head, n_inner (null) and its layers
+    are Conv1D, not nn.Linear: counts, dimensions and the matmul weights of the FLOPs all hold."""
+    cfg = make_config(f"model.path={gpt2_dir}", *overrides)
+    shape = model_shape(cfg)
+    model, _ = built(cfg, tmp_path)
+    assert (shape.trainable, shape.total) == count_parameters(model)
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate,
+            shape.vocab) == (2, 64, 4, 4, 16, 256, 260)
+    if not overrides:
+        # per layer c_attn 3h^2 + c_proj h^2 + c_fc 4h^2 + c_proj 4h^2, and the (tied) head
+        assert shape.matmul_params == 2 * 12 * 64 * 64 + 260 * 64
+
+
+def test_qlora_on_gpt2_quantises_its_conv1d_layers(make_config, gpt2_dir, tmp_path):
+    cfg = make_config(f"model.path={gpt2_dir}", "peft.method=qlora", "peft.r=4")
+    model, _ = built(cfg, tmp_path)
+    quantised = sum(p.quant_state.shape.numel() for p in model.parameters() if getattr(p, "quant_state", None))
+    assert model_shape(cfg).quantized == quantised == 2 * 12 * 64 * 64
+
+
+def test_cli_estimate_on_a_gpt2_dir(gpt2_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.cli import main
+
+    config = tmp_path / "gpt2.yaml"
+    config.write_text(f"model:\n  path: {gpt2_dir}\ndata:\n  train: {ALPACA}\n  format: alpaca\n")
+    code = main(["estimate", str(config), "--tokens", "100000"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    total = count_parameters(AutoModelForCausalLM.from_pretrained(gpt2_dir))[1]
+    assert f"parameters: {total:,} " in out
+    assert "model: 2 layers, hidden 64, 4 heads (4 KV) x 16, intermediate 256, vocab 260" in out
+    assert "a gpt2 layer differs, so that column is approximate" in out  # said once, as a note
+    assert "recommendation: use single" in out and "time per epoch" in out
+
+
+# Tiny configs of other families, each as its transformers class writes it: the dimension names and
+# nulls model_dims reads (layers, hidden, heads, KV heads, head_dim, MLP width expected).
+ARCHITECTURES = {
+    "gpt2-n_inner": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_inner=96), (2, 64, 4, 4, 16, 96)),
+    "llama-kv-null": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=None), (2, 64, 4, 4, 16, 128)),
+    "llama-head_dim": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+                       (2, 64, 4, 2, 32, 128)),
+    "mistral-head_dim-null": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=None),
+                              (2, 64, 4, 2, 16, 128)),
+    "opt-ffn_dim": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                      word_embed_proj_dim=64, max_position_embeddings=512), (2, 64, 4, 4, 16, 128)),
+    "falcon-multi-query": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                multi_query=True, new_decoder_architecture=False),
+                           (2, 64, 4, 1, 16, 256)),
+    "bigcode-multi-query": ("GPTBigCodeConfig", dict(n_embd=64, n_layer=2, n_head=4, n_inner=None,
+                                                     multi_query=True, n_positions=512), (2, 64, 4, 1, 16, 256)),
+    "gptj-rotary_dim": ("GPTJConfig", dict(n_embd=128, n_layer=2, n_head=2, n_inner=None, rotary_dim=64,
+                                           n_positions=512), (2, 128, 2, 2, 64, 512)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4), (2, 64, 4, 4, 16, 256)),
+    "gpt-neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=512), (2, 64, 4, 4, 16, 160)),
+}
+
+
+def architecture_config(name: str):
+    import transformers
+
+    cls, kwargs, _ = ARCHITECTURES[name]
+    return getattr(transformers, cls)(vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_estimate_reads_the_dimensions_of_each_family(make_config, name):
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.estimate import format_estimate
+
+    config = architecture_config(name)
+    cfg = make_config("peft.method=lora")
+    est = estimate(cfg, model_config=config, tokens=10**6)
+    s = est.shape
+    assert (s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate) == ARCHITECTURES[name][2]
+    lora = model_shape(cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"method": "none"})}),
+                       model_config=config)
+    assert lora.total == count_parameters(AutoModelForCausalLM.from_config(config))[1]
+    assert s.matmul_params > s.trainable_matmul_params > 0 and s.total > lora.total  # the adapters, on any layer type
+    text = format_estimate(est)
+    assert "recommendation: use" in text and "time per epoch" in text
+
+
+def test_a_config_without_a_dimension_is_one_clear_error():
+    from transformers import PretrainedConfig
+
+    from dtrain.estimate import model_dims
+    from dtrain.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="gives no number of layers .num_hidden_layers / n_layer"):
+        model_dims(PretrainedConfig(hidden_size=64))
 
 
 def test_qlora_counts_and_4bit_weight_bytes_match_the_quantised_model(make_config, tmp_path):

@@ -23,11 +23,23 @@ def test_nproc_2_trains_with_one_voice(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("done: ") == 1  # rank 0 only
     assert proc.stderr.count("strategy ddp x2 on cpu") == 1
+    # Not a terminal (a log file): one plain line per logged step, from rank 0 alone; no bars.
+    assert [proc.stderr.count(f"step {s}/4: loss ") for s in (1, 2, 3, 4)] == [1, 1, 1, 1], proc.stderr[-3000:]
+    assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]  # one line per step, not two
     latest = out / "checkpoints" / json.loads((out / "checkpoints" / "latest").read_text())["checkpoint"]
     assert sorted(p.name for p in (latest / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     assert len(list((latest / "dcp").glob("*.distcp"))) == 2  # each rank wrote its shard
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_ddp_in_one_process_trains_with_one_warning(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", TINY, "parallel.strategy=ddp", *fast(tiny_model_dir, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("parallel.strategy=ddp in one process") == 1
+    assert "--nproc N" in proc.stderr and "parallel.strategy=single" in proc.stderr
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

@@ -178,6 +178,46 @@ def test_grad_accum_run_matches_a_bigger_micro_batch(make_config, tmp_path):
 # Learning, logging, evaluation
 
 
+def test_tokens_per_s_counts_training_time_only(make_config, tmp_path, monkeypatch):
+    """Evaluation and checkpoint time is logged apart (eval_seconds, checkpoint_seconds) and kept
+    out of tokens_per_s. A fake clock makes it plain: every reading advances it by 1 s, and an
+    evaluation or a save by 1000 s more; a step is timed by two readings around it."""
+    import dtrain.train as train_mod
+
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        clock["now"] += 1.0
+        return clock["now"]
+
+    def slow(real):
+        def call(*args, **kwargs):
+            clock["now"] += 1000.0
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(train_mod.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(train_mod, "evaluate_run", slow(train_mod.evaluate_run))
+    monkeypatch.setattr(ckpt.Checkpointer, "save", slow(ckpt.Checkpointer.save))
+    out = tmp_path / "run"
+    run(make_config, "train.max_steps=6", "train.log_every=2", "eval.every_steps=2", "checkpoint.every_steps=2",
+        "checkpoint.keep_last=3", output_dir=out)
+    monkeypatch.undo()
+    records = read_metrics(out)
+    rate = {r["step"]: r["tokens_per_s"] for r in records if "tokens_per_s" in r}
+    assert sorted(rate) == [1, 2, 4, 6]
+    seen = {int(p.name.split("_")[1]): torch.load(p / ckpt.STATE_FILE, weights_only=True)["train_state"]["tokens_seen"]
+            for p in ckpt.list_checkpoints(ckpt.checkpoint_root(out))}
+    for since, step in ((2, 4), (4, 6)):  # each window follows an evaluation and a save (1000 s each)
+        # 2 steps of ~1 s each (more only if something else reads the clock inside a step):
+        # with the evaluation and the save counted, the rate would be ~1000x lower.
+        assert rate[step] == pytest.approx((seen[step] - seen[since]) / 2, rel=0.5)
+    assert [r["step"] for r in records if "eval_seconds" in r] == [2, 4, 6]
+    assert all(r["eval_seconds"] >= 1000 for r in records if "eval_seconds" in r)
+    assert [r["step"] for r in records if "checkpoint_seconds" in r] == [2, 4, 6]
+    assert all(r["checkpoint_seconds"] >= 1000 for r in records if "checkpoint_seconds" in r)
+
+
 def test_loss_falls_and_metrics_are_logged(make_config, tmp_path, eval_spy):
     from transformers import AutoModelForCausalLM
 
@@ -209,10 +249,12 @@ def test_loss_falls_and_metrics_are_logged(make_config, tmp_path, eval_spy):
     evals = eval_lines(out)
     assert [e["step"] for e in evals] == [10, 20, 30]
     for e in evals:
-        assert set(e) == {"step", "eval_loss", "eval_perplexity"}
+        assert set(e) == {"step", "eval_loss", "eval_perplexity", "eval_examples", "eval_examples_total",
+                          "eval_sampled", "eval_seconds"}
         assert e["eval_perplexity"] == pytest.approx(math.exp(e["eval_loss"]), rel=1e-12)
+        assert e["eval_seconds"] > 0  # (logged beside the metrics: not one of them)
     assert evals[0]["eval_loss"] > evals[1]["eval_loss"] > evals[2]["eval_loss"]
-    assert result.final_metrics == {k: v for k, v in evals[-1].items() if k != "step"}
+    assert result.final_metrics == {k: v for k, v in evals[-1].items() if k not in ("step", "eval_seconds")}
 
     # eval_loss is the mean over all target tokens of the evaluated batches: recompute it from final/.
     assert len(eval_spy) == 3 and all(len(batches) == 2 for batches in eval_spy)
@@ -396,14 +438,18 @@ def _save(root, step, model, optimizer, strategy, cfg, marker):
                                 trainer_state={"marker": marker}, cfg=cfg)
 
 
+class Killed(BaseException):
+    """The process dies here (kill -9, node failure): nothing after this point runs, no cleanup."""
+
+
 def _crash_partway(real):
-    """A replacement for a save function: writes half the bytes, then fails like a full disk."""
+    """A replacement for a save function: writes half the bytes, then the process dies."""
 
     def fake(obj, path, *args, **kwargs):
         real(obj, path, *args, **kwargs)
         data = Path(path).read_bytes()
         Path(path).write_bytes(data[: len(data) // 2])
-        raise OSError(28, "No space left on device")
+        raise Killed("the process died here")
 
     return fake
 
@@ -422,7 +468,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
             real(self, model, optimizer, path)
             shard = next((path / "dcp").glob("*.distcp"))
             shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-            raise OSError(28, "No space left on device")
+            raise Killed("the process died here")
 
         monkeypatch.setattr(SingleDevice, "save_checkpoint", shard_crash)
     elif victim == "trainer_state":
@@ -431,12 +477,12 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
 
         def json_crash(path, data):
             Path(path).write_text(json.dumps(data)[:10])
-            raise OSError(28, "No space left on device")
+            raise Killed("the process died here")
 
         monkeypatch.setattr(ckpt, "_write_json_atomic", json_crash)
     with torch.no_grad():
         model.proj.weight += 1
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(Killed):
         _save(root, 2, model, optimizer, strategy, cfg, marker=2)
     monkeypatch.undo()
 
@@ -452,7 +498,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
     assert torch.equal(fresh_model.proj.weight, saved_weight)
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].shape == (2, 3)
 
-    # The next successful save of that step replaces the debris.
+    # The next save removes the debris (before its free-space check), then writes that step.
     second = _save(root, 2, model, optimizer, strategy, cfg, marker=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
     assert ckpt.find_resumable(out) == second
@@ -510,7 +556,7 @@ def test_crash_in_a_training_checkpoint_then_resume_auto(make_config, tmp_path, 
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "_torch_save", save_then_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(Killed):
         run(make_config, *common, output_dir=out)
     monkeypatch.undo()
     assert [p.name for p in ckpt.list_checkpoints(ckpt.checkpoint_root(out))] == ["step_00000002"]
@@ -708,16 +754,19 @@ def test_classification_trains_and_reports_accuracy(make_config, tmp_path, eval_
     assert result.step == 4 and len(result.train_losses) == 4
     assert all(math.isfinite(x) and x > 0 for x in result.train_losses)
     metrics = result.final_metrics
-    assert set(metrics) == {"eval_loss", "eval_perplexity", "eval_accuracy", "eval_precision_macro",
-                            "eval_recall_macro", "eval_f1_macro", "eval_f1_micro", "eval_confusion_matrix"}
-    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    # No perplexity: it means nothing for a classifier's cross-entropy.
+    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_precision_macro", "eval_recall_macro", "eval_f1_macro",
+                            "eval_f1_micro", "eval_confusion_matrix", "eval_examples", "eval_examples_total",
+                            "eval_sampled"}
     assert eval_lines(out)[-1]["eval_accuracy"] == metrics["eval_accuracy"]
 
     # Recompute loss and accuracy on the evaluated batches with the saved classifier.
     batches = eval_spy[-1]
     assert len(batches) == 2
     model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
-    assert model.config.num_labels == 3  # equal, first, second
+    assert model.config.num_labels == 3
+    assert model.config.id2label == {0: "equal", 1: "first", 2: "second"}  # the classes by name, not LABEL_0..2
+    assert model.config.label2id == {"equal": 0, "first": 1, "second": 2}
     loss_sum, correct, n = 0.0, 0, 0
     confusion = [[0] * 3 for _ in range(3)]
     with torch.no_grad():

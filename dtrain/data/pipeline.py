@@ -391,6 +391,8 @@ def _encode(raw: Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, l
 def label_names_of(cfg: DataConfig, rows_per_file: int | None = None) -> list[str]:
     """The label set: data.labels, or every label in the training sources, sorted."""
     if cfg.labels:
+        if len(cfg.labels) < 2:  # (one label would make transformers build a regression head)
+            raise DataError(f"data.labels: {cfg.labels} names one class; a classifier needs at least two")
         return list(cfg.labels)
     seen = set()
     for src in cfg.train:
@@ -401,6 +403,9 @@ def label_names_of(cfg: DataConfig, rows_per_file: int | None = None) -> list[st
                 seen.add(str(row[cfg.label_field]))
     if not seen:
         raise DataError(f"data.label_field: no training row has a {cfg.label_field!r} field")
+    if len(seen) < 2:
+        raise DataError(f"data.label_field: every training row has the {cfg.label_field!r} {seen.pop()!r}; a "
+                        "classifier needs at least two classes (data.labels names them all)")
     return sorted(seen)
 
 
@@ -503,7 +508,9 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         steps.append(("augment (EDA)", len(train_idx) + extra.num_rows, {}))
     n_train = sum(len(rows) for _, rows in train_parts)
     if n_train == 0:
-        raise DataError(f"data.train: no usable training examples ({dict(reasons)})")
+        hint = (f"; {reasons['too_long']} rows had no trained token left within data.max_seq_len={cfg.max_seq_len}: "
+                "raise it" if reasons.get("too_long") else "")
+        raise DataError(f"data.train: no usable training examples ({dict(reasons)}){hint}")
     # computed while encoding: no need to pull token lists into Python
     lengths = [n for table, rows in train_parts for n in _pick(table.column("n_tokens").to_pylist(), rows)]
 
@@ -674,7 +681,15 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         except (KeyError, ValueError, OSError) as exc:  # written by another dtrain version, or damaged
             log.warning("data cache entry %s is unreadable (%s); rebuilding it", final, exc)
             use_cache = False
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=root))
+        probe.rmdir()
+    except OSError as exc:
+        key = "data.cache_dir" if cfg.cache_dir else "the DTRAIN_CACHE environment variable (default ~/.cache/dtrain)"
+        raise DataError(f"the prepared-data cache {root} cannot be written ({exc.strerror}): point {key} at a "
+                        "writable directory") from None
+    log.info("preparing the data into the cache %s (later runs with the same data settings reuse it)", final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
     try:
         data = build(cfg, tokenizer, seed, tmp / "work", tmp, rows_per_file)

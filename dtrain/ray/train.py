@@ -183,7 +183,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if checkpoint is not None and rank == 0:
             ray_ckpt, name, mode = ray_checkpoint(Path(checkpoint), run_dir)
             kwargs = {"checkpoint": ray_ckpt, "checkpoint_dir_name": name, "checkpoint_upload_mode": mode}
-        ray.train.report({k: float(v) for k, v in metrics.items()}, **kwargs)
+        # (numbers only: a classifier's confusion matrix is a list)
+        ray.train.report({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, **kwargs)
 
     result = train(cfg, report=report)
     return {"step": result.step, "stop_reason": result.stop_reason, "output_dir": result.output_dir,

@@ -247,7 +247,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             # a checkpoint alone has no validation metric).
             if setup.metric not in metrics:
                 return
-            values = {k: float(v) for k, v in metrics.items()}
+            values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # (no lists)
             held.clear()
             if gate.is_last(values):
                 held.update(values)
@@ -277,7 +277,8 @@ def eval_report_callback(metric: str, gate: LastReportGate):
     class EvalReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             first = metrics[0]
-            if metric in first and not gate.is_last({k: float(v) for k, v in first.items()}):
+            if metric in first and not gate.is_last({k: float(v) for k, v in first.items()
+                                                     if isinstance(v, (int, float))}):
                 super().after_report(run_context, metrics, None)  # dtrain's checkpoints stay dtrain's
 
     return EvalReportCallback()
