@@ -229,6 +229,18 @@ def load_model(
     return model
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with a learned position table takes (GPT-2's n_positions, OPT,
+    BERT: longer ones fail with an index error at the first long batch); None for a model without
+    one (rotary positions)."""
+    tokens = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and module is not tokens and ("position" in leaf or leaf == "wpe"):
+            return getattr(model.config, "max_position_embeddings", None) or module.num_embeddings
+    return None
+
+
 def load_frozen_model(cfg: ModelConfig, key: str, tokenizer: PreTrainedTokenizerBase, *, num_labels: int | None,
                       seed: int, device: torch.device) -> nn.Module:
     """A model an objective runs beside the trained one without training it (a teacher, a reference),

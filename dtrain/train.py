@@ -38,7 +38,7 @@ from dtrain.diagnose import write_learning_report
 from dtrain.evaluation import describe, evaluate
 from dtrain.finetune import freeze
 from dtrain.model import (apply_dropout, autocast, compile_blocks, count_parameters, load_frozen_model, load_model,
-                          load_model_config, load_tokenizer, quantization_config,
+                          load_model_config, load_tokenizer, position_limit, quantization_config,
                           quiet_progress_bars)
 from dtrain.objectives import Objective, build_objective, objective_class, objective_name
 from dtrain.optim import build_optimizer, build_scheduler, scaled_lr
@@ -185,6 +185,10 @@ def build_model(cfg: Config, tokenizer: Any, label_names: list[str] | None, stra
         quantization = quantization_config(cfg.peft, cfg.train.precision, sharded=strategy.shards_parameters)
         model = load_model(cfg.model, tokenizer, label_names=label_names, seed=cfg.seed, device=strategy.device,
                            path=str(base), quantization=quantization)
+    limit = position_limit(model)
+    if limit is not None and cfg.data.max_seq_len > limit:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is longer than the {limit} positions "
+                          f"{cfg.model.path} has embeddings for; set data.max_seq_len to {limit} or less")
     model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
     freeze(model, cfg.freeze)
     if cfg.model.compile:

@@ -436,7 +436,21 @@ def gpt2_config(**change) -> Make:
     return write("gpt2/config.json", json.dumps(config))
 
 
+def gpt2_model(n_positions: int) -> Make:
+    """tmp/gpt2: a tiny GPT-2 (a learned position table of n_positions) with the tiny model's tokenizer."""
+    def make(tmp: Path, model: Path, run: Path) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=n_positions, vocab_size=260,
+                                   bos_token_id=1, eos_token_id=2)).save_pretrained(tmp / "gpt2")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model / name, tmp / "gpt2" / name)
+    return make
+
+
 ESTIMATES = [
+    Case("sequences-longer-than-the-position-table", [*TRAIN, "model.path={tmp}/gpt2", "data.max_seq_len=512"], 2,
+         ["data.max_seq_len=512", "256 positions", "256 or less"], gpt2_model(256)),
     Case("estimate-gpt2-heads-do-not-divide", ["estimate", str(TINY), "model.path={tmp}/gpt2"], 2,
          ["model.path", "divisible by num_heads"], gpt2_config(n_head=5)),
     Case("estimate-gpt2-null-layers", ["estimate", str(TINY), "model.path={tmp}/gpt2"], 2,

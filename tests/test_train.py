@@ -539,6 +539,33 @@ def test_truncated_or_corrupted_checkpoint_is_skipped(tmp_path, make_config):
     assert ckpt.find_resumable(out) is None
 
 
+def test_a_refused_resume_leaves_a_presets_base_model_as_it_was(make_config, tmp_path):
+    """A LoRA run on a preset saves its random base (base_model/); resuming it with another adapter
+    is refused, and that attempt must not have written base_model/ again first."""
+    out = tmp_path / "run"
+    lora = ("model.path=tiny-llama", "peft.method=lora", "train.max_steps=1", "eval.max_batches=1")
+    run(make_config, *lora, output_dir=out)
+    weights = out / "base_model" / "model.safetensors"
+    before = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    with pytest.raises(ckpt.CheckpointError, match="different model or adapter"):
+        run(make_config, *lora, "peft.r=4", "checkpoint.resume=auto", output_dir=out)
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == before
+
+
+def test_the_next_save_removes_a_crashed_saves_leftovers_and_says_so(tmp_path, make_config, caplog):
+    out = tmp_path / "run"
+    root = ckpt.checkpoint_root(out)
+    model, optimizer, strategy, cfg = _small_run(tmp_path, make_config)
+    _save(root, 1, model, optimizer, strategy, cfg, marker=1)
+    debris = root / ".tmp-step_00000002"
+    (debris / "dcp").mkdir(parents=True)
+    (debris / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 5000)  # what a killed save leaves
+    with caplog.at_level("WARNING", logger="dtrain.checkpoint"):
+        _save(root, 2, model, optimizer, strategy, cfg, marker=2)
+    assert not debris.exists()
+    assert f"removed {debris}" in caplog.text and "unfinished save of an earlier attempt" in caplog.text
+
+
 def test_crash_in_a_training_checkpoint_then_resume_auto(make_config, tmp_path, monkeypatch):
     """Training dies while writing its second checkpoint; --resume auto picks up the first and
     finishes with the same losses as a run that never crashed."""
