@@ -472,7 +472,7 @@ def test_export_and_generate_through_the_cli(make_config, tmp_path):
     _train(make_config, out, "train.max_steps=2")
     proc = run_cli("export", str(out), "--out", str(tmp_path / "model"))
     assert proc.returncode == 0 and "exported to" in proc.stdout, proc.stderr[-2000:]
-    proc = run_cli("generate", str(tmp_path / "model"), "--prompt", "12 + 30", "--template", "alpaca",
+    proc = run_cli("generate", str(out), "--prompt", "12 + 30", "--template", "alpaca",  # a run directory: its final/
                    "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_cli("checkpoint", "consolidate", str(out), "--out", str(tmp_path / "x"))

@@ -235,10 +235,14 @@ def test_eval_command_writes_eval_json_on_the_test_split(make_config, tmp_path):
     train(cfg)
     config = tmp_path / "config.yaml"
     config.write_text(cfg.to_yaml())
-    proc = run_cli("eval", str(out), str(config), "eval.worst_examples=3")
+    # --out DIR (a directory that does not exist yet) gets DIR/eval.json; eval.max_batches scores a sample
+    proc = run_cli("eval", str(out), str(config), "eval.worst_examples=3", "eval.max_batches=1", "eval.batch_size=4",
+                   "--out", str(tmp_path / "results"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "eval.json").read_text())
-    assert result["split"] == "test" and result["examples"] > 0 and math.isfinite(result["test_loss"])
+    result = json.loads((tmp_path / "results" / "eval.json").read_text())
+    assert result["split"] == "test" and math.isfinite(result["test_loss"])
+    assert result["examples"] == result["test_examples"] == 4 < result["test_examples_total"]  # those scored
+    assert result["test_sampled"] is True and "test_perplexity" in result
     assert len(result["worst_examples"]) == 3 and {"input", "expected", "predicted"} <= set(result["worst_examples"][0])
 
 
