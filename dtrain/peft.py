@@ -10,6 +10,8 @@ as a ConfigError naming the `peft.*` keys.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from dtrain.schema import ConfigError, PeftConfig
@@ -97,7 +99,11 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, gradient_checkpoint
         # With checkpointing and frozen embeddings, inputs must require grad or no grad flows.
         model.enable_input_require_grads()
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: a warning
+            # about peft's code, not the user's, on every adapter run.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as exc:  # peft's checks of the targets against the model (NoMatchingPeftModuleError too)
         unsupported = _unsupported_targets(model, cfg)
         if unsupported:
