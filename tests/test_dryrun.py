@@ -46,6 +46,18 @@ def test_dry_run_passes(config, capsys, monkeypatch):
     assert not (REPO / load_config(REPO / config).output_dir).exists(), "a dry run must not write the real run dir"
 
 
+@pytest.mark.slow
+def test_dry_run_with_deepspeed_saves_reloads_and_resumes(capsys, monkeypatch):
+    # Two runs in one process (the dry run's train, then its resume): DeepSpeed's cached process
+    # groups must not outlive the first run's (`Group ... is not registered`).
+    monkeypatch.chdir(REPO)
+    code = main(["train", "examples/tiny_alpaca.yaml", "--dry-run", "parallel.strategy=deepspeed",
+                 "parallel.deepspeed_config=ds_configs/zero2.json"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.rstrip().endswith("PASS"), out
+    assert "[ok]   save, verify and reload a checkpoint, then resume one step" in out
+
+
 def test_dry_run_fails_on_a_bad_model_path(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model:\n  path: /nonexistent/llama\ntrain:\n  max_steps: 2\n")

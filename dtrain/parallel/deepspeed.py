@@ -337,6 +337,16 @@ class DeepSpeed(Distributed):
     def from_config(cls, cfg: "Config") -> "DeepSpeed":
         return cls(cfg)
 
+    def close(self, clean: bool) -> None:
+        super().close(clean)
+        # DeepSpeed keeps the process groups it cloned in module globals; a later run in this
+        # process (a dry run's resume, a test) gets a new default group, which those are not of.
+        from deepspeed.utils import groups
+
+        for name, value in vars(groups).items():
+            if name.startswith("_") and name.endswith("_GROUP") and value is not None:
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+
     @classmethod
     def check_config(cls, cfg: "Config") -> None:
         if cfg.peft.method == "qlora":
