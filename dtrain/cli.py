@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from dtrain.config import ConfigError, load_config
-from dtrain.launch import PREEMPTED_EXIT_CODE
+from dtrain.launch import PREEMPTED_EXIT_CODE, preempted_exit_code
 
 
 # --------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
                   "preparing data or loading the model), so there was nothing to save. "
                   f"Run the same command again (exit code {PREEMPTED_EXIT_CODE} asks the scheduler for a requeue)",
                   file=sys.stderr)
-            return PREEMPTED_EXIT_CODE
+            return preempted_exit_code()
 
 
 def _run_training(cfg: Any, args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def _run_training(cfg: Any, args: argparse.Namespace) -> int:
     except Preempted as exc:
         if main_rank:
             print(f"preempted: {exc}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return preempted_exit_code()
     except (ConfigError, NonFiniteLossError, CheckpointError, UnsafeCheckpointError, ValueError) as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

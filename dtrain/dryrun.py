@@ -223,13 +223,13 @@ def dry_run(cfg: Config, gpus: int | None = None, nodes: int = 1, started: float
     from dtrain.data import prepare_data
     from dtrain.train import train
 
-    ok = True
+    ok, first_failure = True, ""
 
     def say(line: str) -> None:  # one checklist, printed as it goes (a dry run takes a minute or more)
         print(line, flush=True)
 
     def check(name: str, fn):
-        nonlocal ok
+        nonlocal ok, first_failure
         if not ok:
             return None
         failed, trace = None, ""
@@ -238,7 +238,7 @@ def dry_run(cfg: Config, gpus: int | None = None, nodes: int = 1, started: float
                 value = fn()
             except Exception as exc:  # every failure becomes a FAIL line with the reason
                 failed = exc
-                if not isinstance(exc, (ValueError, OSError)):
+                if os.environ.get("DTRAIN_DEBUG") == "1":  # (--debug: where it failed)
                     trace = traceback.format_exc().strip()
         if failed is None:
             say(f"  [ok]   {name}")
@@ -247,7 +247,7 @@ def dry_run(cfg: Config, gpus: int | None = None, nodes: int = 1, started: float
                 if line.startswith("warning: "):
                     say(f"         {line}")
             return value
-        ok = False
+        ok, first_failure = False, f"{name}: {failed}"
         say(f"  [FAIL] {name}: {failed}")
         if inner.lines:
             say(f"         its output (last {min(FAIL_TAIL, len(inner.lines))} lines):")
@@ -329,6 +329,8 @@ def dry_run(cfg: Config, gpus: int | None = None, nodes: int = 1, started: float
             say(f"  (no memory estimate: {exc})")
     say(f"  elapsed:                      {time.perf_counter() - started:.1f} s (since the command started)")
     say("PASS" if ok else "FAIL")
+    if not ok:
+        print(f"error: the dry run failed at {first_failure}", file=sys.stderr)
     return 0 if ok else 1
 
 

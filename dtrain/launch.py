@@ -11,6 +11,11 @@ two things a cluster job needs from it:
   workers, and kills them 30 s after forwarding SIGTERM.)
 - The exit code says what happened: PREEMPTED_EXIT_CODE when the workers stopped to be
   requeued (torchrun reports any worker failure as 1), else the first failing worker's code.
+  Workers it started leave after a preemption with exit code 0 and a marker file instead of 75:
+  to torchrun's agents a non-zero exit is a failure, after which the agent hosting the rendezvous
+  store tears it down at once, and an agent on another node whose worker is still exiting then
+  hangs on the vanished store. With 0 every agent waits for the others in torchrun's exit
+  barrier, and the launcher, seeing the markers, exits with PREEMPTED_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -19,9 +24,21 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; slurm/train.sh requeues on it
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+PREEMPTED_MARKERS = "DTRAIN_PREEMPTED_MARKERS"  # the launcher's directory for the workers' markers
+
+
+def preempted_exit_code() -> int:
+    """The exit code of a worker that stopped to be requeued (see the module's docstring)."""
+    markers = os.environ.get(PREEMPTED_MARKERS)
+    if not markers:
+        return PREEMPTED_EXIT_CODE
+    with open(os.path.join(markers, f"rank_{os.environ.get('RANK', '0')}"), "w"):
+        pass
+    return 0
 
 
 def _forward_to_workers(signum: int, frame: object) -> None:
@@ -50,15 +67,19 @@ def run_torchrun(argv: list[str]) -> int:
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward_to_workers)
-    try:
-        run(parse_args(argv))
-    except ChildFailedError as exc:
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        if codes and all(code == PREEMPTED_EXIT_CODE for code in codes):
-            return PREEMPTED_EXIT_CODE
-        print(f"dtrain.launch: workers failed with exit codes {codes}", file=sys.stderr)
-        return next((code for code in codes if code > 0), 1)
-    return 0
+    with tempfile.TemporaryDirectory(prefix="dtrain-preempted-") as markers:
+        os.environ[PREEMPTED_MARKERS] = markers  # (the workers inherit it)
+        try:
+            run(parse_args(argv))
+        except ChildFailedError as exc:
+            codes = [failure.exitcode for failure in exc.failures.values()]
+            if codes and all(code == PREEMPTED_EXIT_CODE for code in codes):
+                return PREEMPTED_EXIT_CODE
+            print(f"dtrain.launch: workers failed with exit codes {codes}", file=sys.stderr)
+            return next((code for code in codes if code > 0), 1)
+        finally:
+            os.environ.pop(PREEMPTED_MARKERS, None)
+        return PREEMPTED_EXIT_CODE if os.listdir(markers) else 0
 
 
 def torchrun_argv(args: argparse.Namespace) -> list[str]:

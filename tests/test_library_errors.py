@@ -4,16 +4,12 @@ naming the config key, the file (and line) and the fix: mostly at config time, b
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, base_overrides, run_cli
+from conftest import REPO
 
 from dtrain.config import ConfigError, load_config
 from dtrain.schema import OptimConfig, PeftConfig
@@ -257,49 +253,5 @@ def test_a_trial_that_failed_on_its_data_is_reported_by_file_and_line(tmp_path):
     assert summary.startswith("2 of 2 trials failed") and f"trial a, b: {message}" in summary
 
 
-def tune_env() -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("DTRAIN_DEBUG", None)
-    return env
-
-
-@pytest.mark.slow
-def test_tune_cli_bad_data_is_one_error_line_before_ray_starts(tmp_path):
-    path = bad_jsonl(tmp_path)
-    storage = tmp_path / "tune"
-    proc = subprocess.run([sys.executable, "-m", "dtrain.tune", str(TUNE_YAML), f"tune.storage_dir={storage}",
-                           f"data.train={path}"], cwd=REPO, env=tune_env(), capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"error: {path}:2: not valid JSON" in proc.stderr, proc.stderr[-3000:]
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr and not storage.exists()
-
-
-# --------------------------------------------------------------------------------------
-# Through the CLI
-
-
-@pytest.mark.slow
-def test_cli_train_with_a_missing_target_module(tmp_path, tiny_model_dir):
-    out = tmp_path / "out"
-    proc = run_cli("train", str(TINY), *base_overrides(tiny_model_dir, out), "peft.method=lora",
-                   "peft.target_modules=[q_proj,value]")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "error: peft.target_modules=['q_proj', 'value']: the model has no module named 'value'" in proc.stderr
-    assert LINEAR_NAMES in proc.stderr
-
-
-@pytest.mark.slow
-def test_cli_config_errors_from_library_checks(tmp_path):
-    proc = run_cli("config", "show", str(TINY), "optim.betas=[1.5,0.9]")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "`optim.betas` (override 'optim.betas=[1.5,0.9]'): beta1=1.5 out of range" in proc.stderr
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_com": True}}, indent=2))
-    proc = run_cli("train", str(TINY), "--nproc", "2", "parallel.strategy=deepspeed",
-                   f"parallel.deepspeed_config={ds}", f"output_dir={tmp_path / 'out'}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"parallel.deepspeed_config ({ds}): unknown key `zero_optimization.overlap_com` (line 4)" in proc.stderr
-    assert "torch.distributed.run" not in proc.stderr and not (tmp_path / "out").exists()
+# Through the CLI as a subprocess: tests/test_bad_inputs.py (peft-target-module-*, optim-betas-*,
+# deepspeed-json-*, tune-data-*), which also checks that no process group or Ray instance is started.
