@@ -699,6 +699,9 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     return run
 
 
+UNSET = ("DTRAIN_DEBUG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def fill(arg: str, tmp: Path, model: Path, run: Path, ro: Path) -> str:
     # (not str.format: arguments such as "{a: 1}" are YAML flow mappings)
     for name, value in (("{tmp}", tmp), ("{model}", model), ("{out}", tmp / "out"), ("{run}", run), ("{ro}", ro)):
@@ -710,7 +713,9 @@ def run_case(cli: ForkServer | None, case: Case, tmp: Path, model: Path, run: Pa
     """`python -m dtrain ARGV` for the case (through the fork server, or, without one, a fresh interpreter)."""
     case.make(tmp, model, run)
     argv = [fill(a, tmp, model, run, ro) for a in case.argv]
-    env = {k: v for k, v in os.environ.items() if k != "DTRAIN_DEBUG"}
+    # A user's shell: no DTRAIN_DEBUG, and none of the process-group variables that in-process tests
+    # of this worker may have left behind (a single-process group describes itself in them).
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env.update({k: fill(v, tmp, model, run, ro) for k, v in case.env.items()})
     if cli is not None:
         return cli.run(case.module, argv, env, tmp)
