@@ -70,17 +70,12 @@ class ParamInfo:
 
 @dataclass
 class ModelShape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
+    dims: "Dims"  # layers, hidden, heads, kv_heads, head_dim, intermediate
     vocab: int
     params: list[ParamInfo]
     matmul_params: int  # weights used in matmuls per token (the tied head counted as a matmul)
     trainable_matmul_params: int
-    notes: list[str] = field(default_factory=list)  # what the estimate had to assume about this model
+    notes: list[str] = field(default_factory=list)  # what the estimate had to assume about this model (dims' too)
 
     @property
     def total(self) -> int:
@@ -267,10 +262,8 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
     vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
     if not vocab:
         vocab = model.get_input_embeddings().weight.shape[0]
-    return ModelShape(
-        layers=dims.layers, hidden=dims.hidden, heads=dims.heads, kv_heads=dims.kv_heads, head_dim=dims.head_dim,
-        intermediate=dims.intermediate, vocab=vocab, params=params, matmul_params=matmul,
-        trainable_matmul_params=trainable_matmul, notes=notes)
+    return ModelShape(dims=dims, vocab=vocab, params=params, matmul_params=matmul,
+                      trainable_matmul_params=trainable_matmul, notes=notes)
 
 
 # --------------------------------------------------------------------------------------
@@ -335,8 +328,8 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
     With activation checkpointing each layer keeps only its input; one layer at a time is
     recomputed during backward, so one layer's full set is added.
     """
-    b, s, h, f = batch, seq, shape.hidden, shape.intermediate
-    a, dh = shape.heads, shape.head_dim
+    b, s, h, f = batch, seq, shape.dims.hidden, shape.dims.intermediate
+    a, dh = shape.dims.heads, shape.dims.head_dim
     tokens = b * s
     t = 4 if mode == "fp32" else 2
     residual = 2 if mode == "bf16" else 4  # the residual stream stays fp32 under autocast
@@ -348,7 +341,7 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
         inner = {"fp32": 8, "bf16": 6, "autocast": 8}[mode]
         out = 2 * consumers if mode == "autocast" else t
         return (inner + out) * tokens * h + 4 * tokens
-    kv = a if mask else shape.kv_heads  # HF passes enable_gqa only without a mask
+    kv = a if mask else shape.dims.kv_heads  # HF passes enable_gqa only without a mask
     attn = tokens * (a * dh * t * 2 + 2 * kv * dh * t) + 4 * b * a * s  # q, out, k, v, logsumexp
     if attention == "eager":
         attn += b * a * s * s * (4 + (t if t != 4 else 0))
@@ -360,7 +353,7 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
     head_in = norm(1)  # final norm (its output is lm_head's input)
     logits_saved = 4 * b * (s - 1) * shape.vocab if causal_lm else 0  # log_softmax output (fp32)
     outside = head_in + rope + logits_saved + 8 * tokens  # + input ids
-    saved = shape.layers * (residual * tokens * h if checkpointing else layer) + outside
+    saved = shape.dims.layers * (residual * tokens * h if checkpointing else layer) + outside
     if checkpointing:
         saved += layer  # the layer being recomputed in backward
     # At the loss: the logits in the compute dtype, their fp32 copy (when t != 4), the
@@ -544,14 +537,14 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     P, Pt = shape.total, sum(p.numel for p in trainable)
     part = math.ceil(Pt / N)
     master, moments = 4 * part, 8 * part
-    bucket = 2 * shape.hidden * shape.hidden * module_bytes  # reduce_bucket_size "auto", double-buffered
+    bucket = 2 * shape.dims.hidden * shape.dims.hidden * module_bytes  # reduce_bucket_size "auto", double-buffered
     if spec.stage == 1:
         grads = Pt * module_bytes + 4 * part
     else:
         grads = 4 * part + bucket
     gathered = 0
     if spec.stage == 3:
-        biggest_block = max((sum(p.numel for p in infos if p.block == i) for i in range(shape.layers)), default=0)
+        biggest_block = max((sum(p.numel for p in infos if p.block == i) for i in range(shape.dims.layers)), default=0)
         # (one rank without offload holds whole parameters: nothing to gather)
         gathered = 2 * biggest_block * module_bytes if N > 1 or spec.offload else 0
         weights = math.ceil(P / N) * module_bytes + gathered
@@ -586,7 +579,7 @@ def flops_per_token(shape: ModelShape, seq: int, peft: str = "none") -> float:
     (PaLM's accounting, non-causal). With a frozen base (LoRA, QLoRA) the backward pass
     computes no weight gradients for it: 4N + 2N_trainable. Activation checkpointing
     recomputes the forward (+2N of hardware FLOPs) but MFU counts model FLOPs only."""
-    attention = 12 * shape.layers * shape.heads * shape.head_dim * seq
+    attention = 12 * shape.dims.layers * shape.dims.heads * shape.dims.head_dim * seq
     if peft == "none":
         return 6 * shape.matmul_params + attention
     return 4 * shape.matmul_params + 2 * shape.trainable_matmul_params + attention
@@ -768,7 +761,7 @@ def format_duration(seconds: float) -> str:
 
 
 def format_estimate(est: Estimate) -> str:
-    s, r = est.shape, est.run
+    s, d, r = est.shape, est.shape.dims, est.run
     unit, unit_name = (GiB, "GiB") if max(m.total for m in est.rows) >= 2 * GiB else (1024**2, "MiB")
     trainable_pct = 100 * s.trainable / s.total
     lines = [
@@ -776,8 +769,8 @@ def format_estimate(est: Estimate) -> str:
         f"{est.nodes} node(s) x {est.gpus} GPU(s), {est.gpu_memory / 1e9:g} GB = {est.gpu_memory / GiB:.1f} GiB each",
         f"parameters: {s.total:,} ({s.total / 1e9:.2f} B); trainable {s.trainable:,} ({trainable_pct:.2f}%)"
         + (f"; 4-bit base {s.quantized:,}" if s.quantized else ""),
-        f"model: {s.layers} layers, hidden {s.hidden}, {s.heads} heads ({s.kv_heads} KV) x {s.head_dim}, "
-        f"intermediate {s.intermediate}, vocab {s.vocab}",
+        f"model: {d.layers} layers, hidden {d.hidden}, {d.heads} heads ({d.kv_heads} KV) x {d.head_dim}, "
+        f"intermediate {d.intermediate}, vocab {s.vocab}",
         *(f"  note: {note}" for note in s.notes),
         f"per device: micro-batch {r.micro_batch} x {r.seq} tokens, activation checkpointing "
         f"{'on' if r.checkpointing else 'off'}, attention {r.attention}"

@@ -128,7 +128,8 @@ def test_parameter_counts_are_exact_for_a_gpt2_dir(make_config, gpt2_dir, tmp_pa
     shape = model_shape(cfg)
     model, _ = built(cfg, tmp_path)
     assert (shape.trainable, shape.total) == count_parameters(model)
-    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate,
+    d = shape.dims
+    assert (d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate,
             shape.vocab) == (2, 64, 4, 4, 16, 256, 260)
     if not overrides:
         # per layer c_attn 3h^2 + c_proj h^2 + c_fc 4h^2 + c_proj 4h^2, and the (tied) head
@@ -203,7 +204,8 @@ def test_estimate_reads_the_dimensions_of_each_family(make_config, name):
     cfg = make_config("peft.method=lora")
     est = estimate(cfg, model_config=config, tokens=10**6)
     s = est.shape
-    assert (s.layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate) == ARCHITECTURES[name][2]
+    d = s.dims
+    assert (d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate) == ARCHITECTURES[name][2]
     lora = model_shape(cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"method": "none"})}),
                        model_config=config)
     assert lora.total == count_parameters(AutoModelForCausalLM.from_config(config))[1]
@@ -365,9 +367,9 @@ def test_flops_per_token_is_6n_plus_attention(make_config):
     est = estimate(cfg, tokens=10**6, tokens_source="test")
     s = est.shape
     # tiny-llama ties the head to the embeddings: the head's matmul counts, the lookup does not.
-    embeddings = s.vocab * s.hidden
-    assert s.matmul_params == s.total - 2 * s.hidden * s.layers - s.hidden  # every weight but the norms
-    assert est.flops_per_token == 6 * s.matmul_params + 12 * s.layers * s.hidden * 320
+    embeddings = s.vocab * s.dims.hidden
+    assert s.matmul_params == s.total - 2 * s.dims.hidden * s.dims.layers - s.dims.hidden  # every weight but the norms
+    assert est.flops_per_token == 6 * s.matmul_params + 12 * s.dims.layers * s.dims.hidden * 320
     assert s.matmul_params > s.total - embeddings
     assert est.epoch_seconds == pytest.approx(10**6 * est.flops_per_token / (989e12 * 0.4))
     lora = estimate(make_config("model.path=tiny-llama", "peft.method=lora"))
