@@ -15,7 +15,6 @@ every class, that a fresh `python -m dtrain` gives the same exit code and error 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import REPO, base_overrides
+from conftest import REPO, base_overrides, tree_digest
 from pydantic import BaseModel
 
 TINY = REPO / "examples" / "tiny_alpaca.yaml"
@@ -748,14 +747,9 @@ def test_bad_input_ends_in_one_clear_error(case, cli, tmp_path, tiny_model_dir, 
     assert not Path("/tmp/dtrain-pwned").exists()
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_failed_commands_change_nothing_of_a_finished_run(cli, tmp_path, tiny_model_dir, finished_run, read_only_dir,
                                                          record_property):
-    before = tree_hashes(finished_run)
+    before = tree_digest(finished_run)
     assert any(name.endswith("manifest.json") for name in before) and "config.yaml" in before
     for case in (c for c in CASES if c.targets_run):
         work = tmp_path / case.id
@@ -763,7 +757,7 @@ def test_failed_commands_change_nothing_of_a_finished_run(cli, tmp_path, tiny_mo
         proc = run_case(cli, case, work, tiny_model_dir, finished_run, read_only_dir)
         record_property(f"bad_input_verdict:{case.id}", verdict(proc))
         check(case, proc, work, finished_run)
-        assert tree_hashes(finished_run) == before, f"{case.id} changed the run directory"
+        assert tree_digest(finished_run) == before, f"{case.id} changed the run directory"
 
 
 # A sample of the classes (config, output dir, data, model, checkpoint), run by a fresh interpreter as

@@ -4,7 +4,6 @@ the NaN guard, atomic checkpoints, exact resume, the saved final model, every da
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, probe_ids, read_metrics, run_cli
+from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, probe_ids, read_metrics, run_cli, tree_digest
 
 import dtrain.evaluation as evaluation_mod
 from dtrain import checkpoint as ckpt
@@ -51,11 +50,6 @@ def train_lines(out):
 
 def eval_lines(out):
     return [m for m in read_metrics(out) if "eval_loss" in m]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
