@@ -690,8 +690,11 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         raise DataError(f"the prepared-data cache {root} cannot be written ({exc.strerror}): point {key} at a "
                         "writable directory") from None
     log.info("preparing the data into the cache %s (later runs with the same data settings reuse it)", final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    # Named before it exists and made inside the try: a preemption signal (an exception raised
+    # anywhere, mkdir included) then never leaves a half-built entry behind.
+    tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:12]}"
     try:
+        tmp.mkdir()
         data = build(cfg, tokenizer, seed, tmp / "work", tmp, rows_per_file)
         meta = {"sizes": {n: len(getattr(data, n)) for n in SPLIT_NAMES}, "label_names": data.label_names,
                 "class_weights": data.class_weights, "packed": data.packed, "steps": data.steps,
