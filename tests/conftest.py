@@ -90,11 +90,73 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+class ForkServer:
+    """tests/cli_forkserver.py: `python -m dtrain ARGV` without paying for the interpreter's start
+    and dtrain's imports each time (~6 s of CPU on the CI machine); one per pytest worker."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_forkserver.py")], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, module: str, argv: list[str], env: dict[str, str], work: Path, cwd: Path = REPO,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        """`python -m MODULE ARGV` (MODULE: dtrain or dtrain.tune) in a child forked for it; its
+        output goes through files in `work`."""
+        out, err = work / ".stdout", work / ".stderr"
+        request = {"argv": argv, "module": module, "cwd": str(cwd), "env": env, "stdout": str(out),
+                   "stderr": str(err), "timeout": timeout}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, "the fork server died"
+        code = json.loads(reply)["code"]
+        proc = subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        out.unlink(), err.unlink()
+        return proc
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# The variables an in-process test of this worker may leave behind (a single-process group
+# describes itself in them), and DTRAIN_DEBUG: a command a test runs gets a user's shell.
+NOT_A_USERS = ("DTRAIN_DEBUG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def user_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in NOT_A_USERS}
+
+
+_FORK_SERVER: list[ForkServer] = []  # this worker's, started on first use
+
+
+def fork_server() -> ForkServer:
+    if not _FORK_SERVER:
+        _FORK_SERVER.append(ForkServer())
+    return _FORK_SERVER[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_fork_server():
+    yield
+    while _FORK_SERVER:
+        _FORK_SERVER.pop().close()
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m dtrain ARGS` as a user would; returns the completed process (text output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """`python -m dtrain ARGS` as a user would run it, through this worker's fork server (the same
+    code after the imports: tests/test_bad_inputs.py compares it with a fresh interpreter);
+    returns the completed process (text output)."""
+    import tempfile
+
+    env = {**user_environment(), "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="run-cli-") as work:
+        return fork_server().run("dtrain", list(args), env, Path(work), cwd=cwd, timeout=timeout)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import REPO, base_overrides, tree_digest
+from conftest import REPO, ForkServer, base_overrides, fork_server, tree_digest, user_environment
 from pydantic import BaseModel
 
 TINY = REPO / "examples" / "tiny_alpaca.yaml"
@@ -637,41 +637,9 @@ CASES = schema_cases() + HAND_WRITTEN
 # Running them
 
 
-class ForkServer:
-    """tests/cli_forkserver.py, started once for this module."""
-
-    def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_forkserver.py")], cwd=REPO, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def run(self, module: str, argv: list[str], env: dict[str, str], work: Path,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-        out, err = work / ".stdout", work / ".stderr"
-        request = {"argv": argv, "module": module, "cwd": str(REPO), "env": env, "stdout": str(out),
-                   "stderr": str(err), "timeout": timeout}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline()
-        assert reply, "the fork server died"
-        code = json.loads(reply)["code"]
-        proc = subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
-        out.unlink(), err.unlink()
-        return proc
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def cli():
-    server = ForkServer()
-    yield server
-    server.close()
+    return fork_server()
 
 
 @pytest.fixture(scope="module")
@@ -698,9 +666,6 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     return run
 
 
-UNSET = ("DTRAIN_DEBUG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def fill(arg: str, tmp: Path, model: Path, run: Path, ro: Path) -> str:
     # (not str.format: arguments such as "{a: 1}" are YAML flow mappings)
     for name, value in (("{tmp}", tmp), ("{model}", model), ("{out}", tmp / "out"), ("{run}", run), ("{ro}", ro)):
@@ -712,9 +677,7 @@ def run_case(cli: ForkServer | None, case: Case, tmp: Path, model: Path, run: Pa
     """`python -m dtrain ARGV` for the case (through the fork server, or, without one, a fresh interpreter)."""
     case.make(tmp, model, run)
     argv = [fill(a, tmp, model, run, ro) for a in case.argv]
-    # A user's shell: no DTRAIN_DEBUG, and none of the process-group variables that in-process tests
-    # of this worker may have left behind (a single-process group describes itself in them).
-    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env = user_environment()
     env.update({k: fill(v, tmp, model, run, ro) for k, v in case.env.items()})
     if cli is not None:
         return cli.run(case.module, argv, env, tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ALPACA, REPO, eval_losses, losses, read_metrics
+from conftest import ALPACA, REPO, eval_losses, losses, read_metrics, run_cli
 from polling import logged_steps, wait_for
 from test_distributed import torchrun
 
@@ -339,13 +339,9 @@ def test_a_crafted_checkpoint_runs_no_code_on_resume_or_consolidate(resharded, c
     reseal(checkpoint)
     assert not marker.exists()
 
-    resume = subprocess.run(
-        [sys.executable, "-m", "dtrain", "train", *run_args(tiny_model_dir, out, *RESHARD_BASE, *strategy,
-                                                            "train.max_steps=4"), "--resume", str(checkpoint)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    consolidate = subprocess.run([sys.executable, "-m", "dtrain", "checkpoint", "consolidate", str(checkpoint),
-                                  "--out", str(tmp_path / "model")], cwd=REPO, capture_output=True, text=True,
-                                 timeout=300)
+    resume = run_cli("train", *run_args(tiny_model_dir, out, *RESHARD_BASE, *strategy, "train.max_steps=4"),
+                     "--resume", str(checkpoint))
+    consolidate = run_cli("checkpoint", "consolidate", str(checkpoint), "--out", str(tmp_path / "model"))
     for proc in (resume, consolidate):
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -466,8 +462,6 @@ def test_export_merges_the_adapter_with_the_same_logits(make_config, tmp_path, m
 
 @pytest.mark.slow
 def test_export_and_generate_through_the_cli(make_config, tmp_path):
-    from conftest import run_cli
-
     out = tmp_path / "run"
     _train(make_config, out, "train.max_steps=2")
     proc = run_cli("export", str(out), "--out", str(tmp_path / "model"))
