@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, read_metrics
+from conftest import REPO, fork_server, read_metrics
 from ray_cluster import only_loopback, process_start_time, still_running
 
 from dtrain.config import ConfigError, load_config
@@ -162,8 +162,10 @@ def grid_killed(tmp_path_factory):
                  "tune.search_space={optim.lr: {grid: " + json.dumps(GRID) + "}}")
     log = open(storage / "first.log", "w")
     t0 = time.monotonic()
-    driver = subprocess.Popen(tune_command(storage, *overrides), cwd=REPO, env=tune_env(), stdout=log,
-                              stderr=subprocess.STDOUT)
+    # Tune snapshots its state every 10 s by default: a search of 4 short trials (whose processes
+    # are reused) may end between two snapshots, before one shows a finished trial to kill after.
+    driver = subprocess.Popen(tune_command(storage, *overrides), cwd=REPO,
+                              env={**tune_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}, stdout=log, stderr=subprocess.STDOUT)
     namespace = None
     before: dict[str, dict] = {}
     try:
@@ -401,16 +403,18 @@ def test_a_metric_no_trial_reports():
     assert "eval.every_steps is null" in tune_error("eval.every_steps=null")
 
 
-def test_bad_input_fails_before_ray_starts(tmp_path):
-    """The CLI: exit 2 with the message, no search directory, no Ray started (no namespace needed)."""
-    proc = subprocess.run([sys.executable, "-m", "dtrain.tune", str(TUNE_YAML), f"tune.storage_dir={tmp_path}",
-                           "tune.search_space={optim.lrr: {grid: [1.0e-3]}}"], cwd=REPO, env=tune_env(),
-                          capture_output=True, text=True, timeout=120)
+def test_bad_input_fails_before_ray_starts(tmp_path, tmp_path_factory):
+    """The CLI (`python -m dtrain.tune`, through the fork server): exit 2 with the message, no search
+    directory, no Ray started (no namespace needed)."""
+    work = tmp_path_factory.mktemp("tune-output")  # (the command's stdout and stderr, kept apart)
+    proc = fork_server().run("dtrain.tune", [str(TUNE_YAML), f"tune.storage_dir={tmp_path}",
+                                             "tune.search_space={optim.lrr: {grid: [1.0e-3]}}"], tune_env(), work,
+                             timeout=120)
     assert proc.returncode == 2 and "did you mean `optim.lr`?" in proc.stderr, proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []
-    proc = subprocess.run([sys.executable, "-m", "dtrain.tune", str(TUNE_YAML), f"tune.storage_dir={tmp_path}",
-                           "--resume"], cwd=REPO, env=tune_env(), capture_output=True, text=True, timeout=120)
+    proc = fork_server().run("dtrain.tune", [str(TUNE_YAML), f"tune.storage_dir={tmp_path}", "--resume"], tune_env(),
+                             work, timeout=120)
     assert proc.returncode == 2 and "there is no search to resume" in proc.stderr, proc.stderr
 
 
