@@ -395,7 +395,10 @@ def build_tuner(cfg: Config, fn: Any) -> tune.Tuner:
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(cfg),
-                                    trial_dirname_creator=trial_dirname),
+                                    trial_dirname_creator=trial_dirname,
+                                    # A finished trial's process runs the next one: torch, transformers and
+                                    # dtrain are imported once per slot, not once per trial (seconds each).
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
