@@ -72,7 +72,9 @@ class TrainJob:
         import submitit
 
         env = submitit.JobEnvironment()
-        argv = [sys.executable, "-m", "dtrain.train", self.config, *self.overrides, "--resume", "auto",
+        # `python -m dtrain train`: the node's launcher (torchrun's agent) imports neither torch's
+        # models nor transformers; only the workers it starts do.
+        argv = [sys.executable, "-m", "dtrain", "train", self.config, *self.overrides, "--resume", "auto",
                 "--nproc", str(self.nproc_per_node), "--nnodes", str(env.num_nodes)]
         if env.num_nodes > 1:
             restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))

@@ -79,7 +79,7 @@ trap 'ENDING=1; echo "$(date -Is) TERM: Slurm is ending the job"' TERM
 # one still writing its part of the checkpoint.
 srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
      --open-mode=append --output="$LOG_DIR/node%t-%N.out" \
-     "$PYTHON" -m dtrain.train "$CONFIG" "$@" --resume auto \
+     "$PYTHON" -m dtrain train "$CONFIG" "$@" --resume auto \
      --nproc "$NPROC_PER_NODE" --nnodes "$NNODES" \
      --rdzv-endpoint "$HEAD_ADDR:$PORT" --rdzv-id "$SLURM_JOB_ID" &
 SRUN_PID=$!
