@@ -192,7 +192,8 @@ def plot(run: Path, train: list, validation: list, evals: dict, metric: str, dia
     if ax.get_legend_handles_labels()[0]:  # (an empty metrics file: no curve, no legend, no warning)
         ax.legend(loc="upper right")
     ax.set_title(f"{run.name}: {diagnosis.verdict}")
-    fig.tight_layout()
+    # Fixed margins, not tight_layout (which costs more than drawing): room for a right axis.
+    fig.subplots_adjust(left=0.08, right=0.9 if len(fig.axes) > 1 else 0.97, top=0.92, bottom=0.12)
     path = run / "learning_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

