@@ -269,6 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
     from dtrain.export import load_trained
     from dtrain.objectives import build_objective
     from dtrain.parallel.single import SingleDevice
+    from dtrain.schema import SEQUENCE_HEADS
 
     source = Path(args.source)
     if not any((source / name).is_file() for name in ("config.yaml", "manifest.json", "config.json")):
@@ -282,7 +283,7 @@ def _eval(args: argparse.Namespace) -> int:
         else:  # a plain Hugging Face model directory
             from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-            model_cls = AutoModelForSequenceClassification if cfg.model.task == "classification" else AutoModelForCausalLM
+            model_cls = AutoModelForSequenceClassification if cfg.model.task in SEQUENCE_HEADS else AutoModelForCausalLM
             model = model_cls.from_pretrained(source, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         data = prepare_data(cfg.data, tokenizer, cfg.seed)

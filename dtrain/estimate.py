@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtrain.schema import Config, ConfigError
+from dtrain.schema import SEQUENCE_HEADS, Config, ConfigError
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -164,7 +164,7 @@ def model_dims(config: Any) -> Dims:
 def _model_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return AutoModelForSequenceClassification if task in SEQUENCE_HEADS else AutoModelForCausalLM
 
 
 def build_from_config(cfg: Config, config: Any) -> nn.Module:
@@ -176,7 +176,7 @@ def build_from_config(cfg: Config, config: Any) -> nn.Module:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         kind = getattr(config, "model_type", None) or type(config).__name__
         if str(exc).startswith("Unrecognized configuration class"):
-            head = "sequence-classification" if cfg.model.task == "classification" else "causal-LM"
+            head = "sequence-classification" if cfg.model.task in SEQUENCE_HEADS else "causal-LM"
             raise ConfigError(f"model.task={cfg.model.task}: transformers has no {head} model for {kind} "
                               f"({cfg.model.path}); use another model.task, or a model whose architecture has one "
                               "(Llama, Qwen2, Mistral, GPT-2 ...)") from None
@@ -218,8 +218,8 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
 
     config = copy.deepcopy(model_config if model_config is not None else load_model_config(cfg.model))
     dims = model_dims(config)
-    if cfg.model.task == "classification":
-        config.num_labels = num_labels or 2
+    if cfg.model.task in SEQUENCE_HEADS:
+        config.num_labels = 1 if cfg.model.task == "reward" else num_labels or 2
     peft = cfg.peft
     if peft.method == "qlora":
         # The same adapters as on the 4-bit base; quantisation changes storage, not counts.

@@ -87,7 +87,7 @@ def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "C
                            flatten_packed=uses_varlen_attention(generator), ids=sample)
     scored_rows = 0  # rows this rank scored (a rank's repeated filler batch has index -1: not counted)
     for batch in batches:
-        index = batch.pop("index")
+        index = batch["index"]  # (left in the batch: a preference objective counts only the real pairs)
         scored_rows += int((index >= 0).sum())
         batch = to_device(batch, comm.device)
         with autocast(cfg.train.precision, comm.device):

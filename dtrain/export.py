@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from dtrain import checkpoint as ckpt
-from dtrain.schema import Config, ConfigError
+from dtrain.schema import SEQUENCE_HEADS, Config, ConfigError
 from dtrain.model import load_model, load_tokenizer, quantization_config
 from dtrain.peft import apply_peft
 from dtrain.presets import is_preset
@@ -90,7 +90,7 @@ def load_trained(source: Path) -> tuple[nn.Module, Any, Config, Path]:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         if not (where / "adapter_config.json").is_file():
-            model_cls = AutoModelForSequenceClassification if cfg.model.task == "classification" else AutoModelForCausalLM
+            model_cls = AutoModelForSequenceClassification if cfg.model.task in SEQUENCE_HEADS else AutoModelForCausalLM
             return model_cls.from_pretrained(where, local_files_only=True), tokenizer, cfg, run_dir
         labels = _num_labels(load_file(where / "adapter_model.safetensors"))
         model = PeftModel.from_pretrained(base_model(cfg, run_dir, tokenizer, labels), where)

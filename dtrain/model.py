@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from dtrain import attention, presets  # (importing attention registers sdpa_varlen)
-from dtrain.schema import ConfigError, DropoutConfig, ModelConfig, PeftConfig
+from dtrain.schema import SEQUENCE_HEADS, ConfigError, DropoutConfig, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -189,7 +189,7 @@ def load_model(
     """
     check_model_path(cfg, key)
     torch.manual_seed(seed)
-    model_cls = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    model_cls = AutoModelForSequenceClassification if cfg.task in SEQUENCE_HEADS else AutoModelForCausalLM
     attn = attention_implementation(cfg.attn_implementation, device)
     path = path or cfg.path
     if presets.is_preset(path):
@@ -204,6 +204,8 @@ def load_model(
         config.label2id = {name: i for i, name in enumerate(label_names)}
     elif cfg.task == "classification":
         config.num_labels = num_labels
+    elif cfg.task == "reward":  # one scalar: how good the whole sequence is
+        config.num_labels = 1
     apply_dropout(config, cfg.dropout)  # (train() reports the overrides a model has no field for)
     config._attn_implementation = attn
     if presets.is_preset(path):
@@ -221,7 +223,7 @@ def load_model(
                           "model whose embeddings were resized to it")
     if quantization is not None:
         keep_4bit_training_kernel(model)
-    if cfg.task == "classification":
+    if cfg.task in SEQUENCE_HEADS:
         # Sequence-classification heads pool the last non-pad token: they must know the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:

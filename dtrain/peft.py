@@ -14,7 +14,7 @@ import warnings
 
 from torch import nn
 
-from dtrain.schema import ConfigError, PeftConfig
+from dtrain.schema import SEQUENCE_HEADS, ConfigError, PeftConfig
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -84,7 +84,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, gradient_checkpoint
             lora_dropout=cfg.dropout,
             target_modules=cfg.target_modules,
             use_dora=cfg.method == "dora",
-            task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+            task_type=TaskType.SEQ_CLS if task in SEQUENCE_HEADS else TaskType.CAUSAL_LM,
         )
     except ValueError as exc:  # (the schema's constraints cover peft's; this is a safety net)
         raise ConfigError(f"peft.*: peft refuses the adapter config (peft.method={cfg.method}, peft.r={cfg.r}, "

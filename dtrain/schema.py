@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 
+# model.task values built as a sequence-classification model: a classifier (one output per class)
+# and a reward model (one scalar output for the whole sequence).
+SEQUENCE_HEADS = ("classification", "reward")
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the user."""
 
@@ -46,9 +51,9 @@ class ModelConfig(Section):
     tokenizer: str | None = Field(
         None, description="Tokenizer directory; default: model.path, or the built-in byte tokenizer for presets."
     )
-    task: Literal["causal_lm", "classification"] = Field(
-        "causal_lm", description="causal_lm (next-token loss) or classification (sequence-classification head)."
-    )
+    task: Literal["causal_lm", "classification", "reward"] = Field(
+        "causal_lm", description="causal_lm (next-token loss), classification (sequence-classification head) or "
+        "reward (a one-output scalar head scoring a whole sequence: train.objective=reward_model).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the weights are loaded in (train.precision controls autocast)."
     )
@@ -82,6 +87,31 @@ class DistillConfig(Section):
     teacher: str | None = Field(None, description="Teacher: a local model directory or a preset; null: no distillation.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * task loss.")
     temperature: float = Field(2.0, gt=0.0, description="Softmax temperature T of both distributions.")
+
+
+class PreferenceConfig(Section):
+    """Preference tuning (train.objective dpo, ipo, simpo, orpo, kto, reward_model) on data.format preference
+    or unpaired_preference."""
+
+    beta: float = Field(0.1, gt=0.0, description="dpo/kto: how far the policy may move from the reference (the "
+                        "rewards are beta x log(policy / reference)); ipo: the regularisation tau; simpo: the reward "
+                        "scale; orpo: lambda, the weight of the odds-ratio term.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo: the probability that a pair's preference "
+                                   "is wrong (conservative DPO); simpo: the same for its sigmoid loss.")
+    gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin between chosen and rejected "
+                         "(TRL's simpo_gamma).")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: the weight of desirable examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: the weight of undesirable examples' losses.")
+    reference: Literal["auto", "adapters_disabled", "copy", "none"] = Field(
+        "auto", description="The reference model of dpo, ipo and kto: adapters_disabled (the policy itself with its "
+        "LoRA/DoRA/QLoRA adapters switched off: no second copy of the weights), copy (a frozen copy of "
+        "preference.reference_model, sharded like the policy); auto: adapters_disabled with an adapter, else copy; "
+        "none for the reference-free objectives (simpo, orpo, reward_model).")
+    reference_model: str | None = Field(None, description="reference=copy: the reference's model directory or "
+                                        "preset; default: model.path (the policy's starting point).")
+    precompute_reference: bool = Field(
+        False, description="One pass over the data before training stores the reference log-probabilities with the "
+        "prepared data, so that training holds one model (resumed runs read them back).")
 
 
 class GenerationEvalConfig(Section):
@@ -139,9 +169,10 @@ class DataConfig(Section):
         default_factory=list, description="Validation sources; empty: split val_ratio off the training data."
     )
     test: list[SourceConfig] = Field(default_factory=list, description="Test sources; empty: split test_ratio off the training data.")
-    format: Literal["text", "alpaca", "chat", "classification"] = Field(
-        "alpaca", description="How a row becomes tokens: text, alpaca, chat or classification."
-    )
+    format: Literal["text", "alpaca", "chat", "classification", "preference", "unpaired_preference"] = Field(
+        "alpaca", description="How a row becomes tokens: text, alpaca, chat, classification, preference ({prompt, "
+        "chosen, rejected}: strings, or a message list and the assistant replies) or unpaired_preference ({prompt, "
+        "completion, label}, label true for a desirable completion: KTO).")
     val_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Validation fraction when no validation sources are given.")
     test_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Test fraction when no test sources are given.")
     max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated to this many tokens.")
@@ -157,7 +188,17 @@ class DataConfig(Section):
     input_field: str = Field("input", description="alpaca: the optional input column.")
     output_field: str = Field("output", description="alpaca: the response column.")
     messages_field: str = Field("messages", description="chat: column with a list of {role, content}.")
-    label_field: str = Field("label", description="classification: the label column.")
+    label_field: str = Field("label", description="classification: the label column; unpaired_preference: the "
+                             "column saying whether the completion is desirable (true/false).")
+    prompt_field: str = Field("prompt", description="preference, unpaired_preference: the prompt column (a string "
+                              "or a message list; missing: the messages chosen and rejected begin with).")
+    chosen_field: str = Field("chosen", description="preference: the preferred response column.")
+    rejected_field: str = Field("rejected", description="preference: the dispreferred response column.")
+    completion_field: str = Field("completion", description="unpaired_preference: the completion column.")
+    truncation: Literal["prompt_first", "end"] = Field(
+        "prompt_first", description="preference formats, a prompt + response longer than max_seq_len: prompt_first "
+        "cuts the prompt's beginning (keeping its end, next to the responses) and cuts a response only when it "
+        "alone is too long; end cuts every sequence's end.")
     labels: list[str] | None = Field(None, min_length=1,
                                      description="classification: the label set; default: labels seen in train.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
@@ -290,10 +331,14 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["auto", "causal_lm", "classification", "distillation"] = Field(
+    objective: Literal["auto", "causal_lm", "classification", "distillation", "dpo", "ipo", "simpo", "orpo", "kto",
+                       "reward_model"] = Field(
         "auto", description="What is optimised (dtrain/objectives/): causal_lm (next-token loss on the trained "
         "tokens), classification (the sequence-classification head's loss), distillation (a teacher's soft targets "
-        "mixed into the task's loss, see distill.*); auto: distillation when distill.teacher is set, else model.task.")
+        "mixed into the task's loss, see distill.*); on preference data (see preference.*): dpo, ipo, simpo, orpo, "
+        "reward_model (a scalar head, Bradley-Terry loss); on unpaired_preference data: kto. auto: distillation "
+        "when distill.teacher is set, dpo on preference data, kto on unpaired_preference data, reward_model with "
+        "model.task=reward, else model.task.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; set this or epochs.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data; set this or max_steps.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
@@ -468,6 +513,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)

@@ -151,6 +151,7 @@ class StepOutput:
     lr: float  # the LR this step used
     applied: bool  # False: a NaN/inf loss or gradient, the update was skipped
     tokens: int  # this rank's non-padding tokens
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's step metrics (rewards, ...)
 
 
 def seed_everything(seed: int) -> None:
@@ -228,13 +229,14 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         frozen = {key: strategy.wrap_frozen(load_frozen_model(spec, key, tokenizer, num_labels=num_labels,
                                                               seed=cfg.seed, device=strategy.device))
                   for key, spec in objective_class(cfg).frozen_models(cfg).items()}
-        objective = build_objective(cfg, data, frozen)
+        objective = build_objective(cfg, data, frozen, comm=comm)
+        data = objective.prepare(data, model, strategy, tokenizer.pad_token_id)  # (before a resume restores weights)
 
         # Batches, schedule and the state a checkpoint restores.
         batches = BatchIterator(data.train, tcfg.micro_batch_size, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
                                 seed=cfg.seed, rank=strategy.dims.dp_rank(comm.rank), world_size=strategy.dims.dp_size,
                                 group_by_length=cfg.data.group_by_length and not data.packed,
-                                flatten_packed=uses_varlen_attention(strategy.unwrap(model)))
+                                flatten_packed=uses_varlen_attention(strategy.unwrap(model)), pack=cfg.data.packing)
         total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches.batches_per_epoch / tcfg.grad_accum_steps))
         scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
         state = TrainState()
@@ -291,22 +293,25 @@ def _announce(run: Run, trainable: int, total: int, lr: float, tokens_per_batch:
 def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOutput:
     """Forward and backward over the micro-batches, clip, and step the optimizer and the schedule.
 
-    Every micro-batch's summed loss is divided by the objective's count over the whole global
-    step (all micro-batches, all ranks), so that accumulation of any lengths gives exactly the
-    gradient of one large batch. An update whose loss or gradient is NaN/inf is skipped, never
+    Every micro-batch's summed loss (each term of it) is divided by the objective's count of
+    what it sums over in the whole global step (all micro-batches, all ranks), so that
+    accumulation of any lengths gives exactly the gradient of one large batch. An update whose loss or gradient is NaN/inf is skipped, never
     applied; train.max_bad_steps of them in a row stop the run."""
     cfg, strategy, state, comm = run.cfg, run.strategy, run.state, run.strategy.comm
     micro = [to_device(batch, comm.device) for batch in micro_batches]
-    count = comm.all_reduce_sum(torch.tensor(float(sum(map(run.objective.count, micro))), device=comm.device)).item()
-    step_loss = torch.zeros((), device=comm.device)
+    counts = step_totals(comm, [run.objective.counts(batch) for batch in micro])
+    step_loss, stats = torch.zeros((), device=comm.device), []
     for i, batch in enumerate(micro):
         with strategy.gradient_sync(run.model, enabled=i == len(micro) - 1):
             with autocast(cfg.train.precision, comm.device):
+                terms = run.objective.loss_terms(run.model, batch)
                 # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
-                loss = run.objective.loss(run.model, batch) * (comm.world_size / max(count, 1.0))
+                loss = sum(terms.sums[key] * (comm.world_size / max(counts[key], 1.0)) for key in terms.sums)
             strategy.backward(run.model, loss)
         step_loss += loss.detach() / comm.world_size
-    loss = comm.all_reduce_sum(step_loss).item()
+        stats.append({key: value.detach() for key, value in terms.stats.items()})
+    totals = step_totals(comm, [{"": step_loss}, *stats])  # ("": the step's loss, apart from the statistics)
+    loss, metrics = totals.pop(""), run.objective.step_metrics(totals)
     lr = run.scheduler.get_last_lr()[0]
     grad_norm, applied = strategy.optimizer_step(run.model, run.optimizer, cfg.optim.grad_clip,
                                                  skip=not math.isfinite(loss), l1=cfg.optim.l1)
@@ -323,7 +328,20 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOu
     state.step += 1
     tokens = sum(real_tokens(batch, run.tokenizer.pad_token_id) for batch in micro)
     state.tokens_seen += tokens
-    return StepOutput(loss, grad_norm, lr, applied, tokens)
+    return StepOutput(loss, grad_norm, lr, applied, tokens, metrics)
+
+
+def step_totals(comm: Any, parts: list[dict[str, Any]]) -> dict[str, float]:
+    """Each key's sum over `parts` (this rank's micro-batches) and over the ranks, in one all-reduce."""
+    keys = sorted({key for part in parts for key in part})
+    if not keys:
+        return {}
+    local = torch.zeros(len(keys), dtype=torch.float64, device=comm.device)
+    for part in parts:
+        for i, key in enumerate(keys):
+            if key in part:
+                local[i] += torch.as_tensor(part[key], dtype=torch.float64, device=comm.device)
+    return dict(zip(keys, comm.all_reduce_sum(local).tolist()))
 
 
 # --------------------------------------------------------------------------------------
@@ -358,7 +376,8 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
                 total = run.strategy.comm.all_reduce_sum(torch.tensor(float(tokens), device=run.strategy.device))
                 rate = total.item() / max(seconds, 1e-9)
                 tracker.log(state.step, {"epoch": round(run.batches.epoch_progress, 4), "loss": step.loss,
-                                         "lr": step.lr, "grad_norm": step.grad_norm, "tokens_per_s": rate})
+                                         **step.metrics, "lr": step.lr, "grad_norm": step.grad_norm,
+                                         "tokens_per_s": rate})
                 tracker.progress(state.step, step.loss, step.lr, rate)
                 seconds, tokens = 0.0, 0
             else:

@@ -16,7 +16,6 @@ every class, that a fresh `python -m dtrain` gives the same exit code and error 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -56,6 +56,14 @@ class EncodedBatch:
     offsets: np.ndarray  # int32, one more than rows
     truncated: list[bool]
     errors: list[RowError | TooLong | None]
+    rejected: EncodedBatch | None = None  # data.format=preference: each row's rejected sequence, row for row
+
+    @classmethod
+    def from_pairs(cls, results: list[tuple[Example, Example] | RowError | TooLong]) -> EncodedBatch:
+        """Preference pairs: the chosen sequences, with the rejected ones (and the same errors) in `rejected`."""
+        chosen = cls.from_examples([r[0] if isinstance(r, tuple) else r for r in results], token_labels=True)
+        chosen.rejected = cls.from_examples([r[1] if isinstance(r, tuple) else r for r in results], token_labels=True)
+        return chosen
 
     @classmethod
     def from_examples(cls, results: list[Example | RowError | TooLong], token_labels: bool) -> EncodedBatch:
@@ -93,6 +101,28 @@ def _field(row: dict[str, Any], name: str, where: str, *, required: bool = True,
     if kind is str and not isinstance(value, str):
         raise RowError(where, f"field {name!r} must be a string, got {type(value).__name__}")
     return value
+
+
+def encode_each(encode: Any, rows: list[dict[str, Any]], wheres: list[str]) -> list[Any]:
+    """encode(row, where) of each row; a bad row's entry is its RowError (or TooLong)."""
+    out: list[Any] = []
+    for row, where in zip(rows, wheres):
+        try:
+            out.append(encode(row, where))
+        except (RowError, TooLong) as exc:
+            out.append(exc)
+    return out
+
+
+def check_messages(messages: Any, field: str, where: str) -> None:
+    """A non-empty list of {role, content} messages with known roles, or a RowError saying what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise RowError(where, f"field {field!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError(where, f"{field}[{i}] must be {{role: str, content: str}}")
+        if m["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as context
+            raise RowError(where, f"{field}[{i}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
 
 
 def alpaca_prompt(instruction: str, input_text: str | None) -> str:
@@ -236,14 +266,7 @@ class Encoder:
 
     def _chat(self, row: dict[str, Any], where: str) -> Example:
         messages = _field(row, self.cfg.messages_field, where, kind=list)
-        if not isinstance(messages, list) or not messages:
-            raise RowError(where, f"field {self.cfg.messages_field!r} must be a non-empty list of messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise RowError(where, f"{self.cfg.messages_field}[{i}] must be {{role: str, content: str}}")
-            if m["role"] not in CHAT_ROLES:  # a typo ("asistant") would be trained on as context
-                raise RowError(where, f"{self.cfg.messages_field}[{i}] has role {m['role']!r}; "
-                                      f"expected one of {', '.join(CHAT_ROLES)}")
+        check_messages(messages, self.cfg.messages_field, where)
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError(where, "no assistant message: nothing to train on")
         if self.tok.chat_template is None:

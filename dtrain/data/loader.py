@@ -8,6 +8,7 @@ the number of ranks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Iterator, Sequence
 
@@ -16,25 +17,64 @@ import torch
 from dtrain.data.formats import IGNORE_INDEX, Example
 
 
-def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]]:
+@dataclass
+class Pair:
+    """A preference pair: the prompt + chosen and the prompt + rejected sequences (prompt masked),
+    and, once precomputed (preference.precompute_reference), the reference's log-probabilities."""
+
+    chosen: Example
+    rejected: Example
+    reference: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Judged:
+    """An unpaired preference (KTO): the sequence, whether its completion is desirable, and the
+    mismatched sequence that estimates the KL term: this prompt with the next row's completion
+    (made when the data is prepared: dtrain.data.pipeline)."""
+
+    example: Example
+    desirable: int
+    mismatched: Example
+    reference: dict[str, float] = field(default_factory=dict)
+
+
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
+
+
+def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]] | list[Pair] | list[Judged]:
     """Rows `ids` of a list of Examples or of a prepared Arrow dataset.
 
-    A packed row (with `seq_lens`) comes back as the list of Examples it holds."""
+    A packed row (with `seq_lens`) comes back as the list of Examples it holds; a preference row
+    as a Pair, an unpaired preference row as Judged."""
     if isinstance(data, list):
         return [data[i] for i in ids]
     cols = data[ids]  # one Arrow take for the whole batch
+    present = [c for c in REFERENCE_COLUMNS if c in cols]  # (precomputed reference log-probabilities)
+    references = ([dict(zip(present, values)) for values in zip(*(cols[c] for c in present))] if present
+                  else [{} for _ in ids])
     if "seq_lens" in cols:
         rows = []
         for ids_, labels, lens in zip(cols["input_ids"], cols["labels"], cols["seq_lens"]):
             starts = accumulate(lens[:-1], initial=0)  # offset of each example in the row
             rows.append([Example(ids_[a : a + n], labels[a : a + n]) for a, n in zip(starts, lens)])
         return rows
+    if "rejected_ids" in cols:
+        return [Pair(Example(c, cl), Example(r, rl), ref) for c, cl, r, rl, ref in
+                zip(cols["input_ids"], cols["labels"], cols["rejected_ids"], cols["rejected_labels"], references)]
+    if "kl_ids" in cols:
+        return [Judged(Example(i, l), d, Example(k, kl), ref) for i, l, d, k, kl, ref in
+                zip(cols["input_ids"], cols["labels"], cols["label"], cols["kl_ids"], cols["kl_labels"], references)]
     labels = cols["labels"] if "labels" in cols else cols["label"]
     return [Example(i, l) for i, l in zip(cols["input_ids"], labels)]
 
 
-def collate_rows(rows: list, pad_id: int, flatten_packed: bool = False) -> dict[str, torch.Tensor]:
-    """Padded examples, or packed rows (masked, or flattened for variable-length attention)."""
+def collate_rows(rows: list, pad_id: int, flatten_packed: bool = False, pack: bool = False) -> dict[str, torch.Tensor]:
+    """Padded examples, or packed rows (masked, or flattened for variable-length attention);
+    preference pairs and judged completions as their objectives read them (`pack`: each
+    micro-batch of them in one packed row)."""
+    if rows and isinstance(rows[0], (Pair, Judged)):
+        return collate_preference(rows, pad_id, pack=pack, flatten=flatten_packed)
     if rows and isinstance(rows[0], list):  # packed rows
         from dtrain.data.packing import collate_flattened, collate_packed
 
@@ -60,11 +100,42 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_sequences(examples: list[Example], pad_id: int, *, pack: bool = False,
+                      flatten: bool = False) -> dict[str, torch.Tensor]:
+    """Sequences padded to the longest, or (`pack`) all of them in one packed row: flattened for
+    variable-length attention, or with a block-diagonal mask."""
+    from dtrain.data.packing import collate_flattened, collate_packed
+
+    if not pack:
+        return collate(examples, pad_id)
+    return collate_flattened([examples]) if flatten else collate_packed([examples], pad_id)
+
+
+def collate_preference(rows: list, pad_id: int, *, pack: bool = False, flatten: bool = False) -> dict[str, torch.Tensor]:
+    """Preference pairs as 2B sequences, the B chosen then the B rejected (one forward pass for
+    both, in TRL's order); judged completions (KTO) as their B sequences with `desirable`, and the
+    B mismatched sequences that estimate the KL term as kl_input_ids, kl_labels, ... Packed
+    (data.packing), a micro-batch is one row whose sequences attend only to themselves. Precomputed
+    reference log-probabilities come along as ref_* tensors."""
+    if isinstance(rows[0], Pair):
+        batch = collate_sequences([p.chosen for p in rows] + [p.rejected for p in rows], pad_id, pack=pack,
+                                  flatten=flatten)
+    else:
+        batch = collate_sequences([j.example for j in rows], pad_id, pack=pack, flatten=flatten)
+        batch["desirable"] = torch.tensor([j.desirable for j in rows], dtype=torch.long)
+        mismatched = collate_sequences([j.mismatched for j in rows], pad_id, pack=pack, flatten=flatten)
+        batch.update({f"kl_{name}": value for name, value in mismatched.items()})
+    for name in rows[0].reference:
+        batch[name] = torch.tensor([row.reference[name] for row in rows], dtype=torch.float32)
+    return batch
+
+
 class BatchIterator:
     """Endless training batches: epoch after epoch, incomplete last global batch dropped."""
 
     def __init__(self, examples: Sequence, batch_size: int, pad_id: int, *, shuffle: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, group_by_length: bool = False, flatten_packed: bool = False):
+                 rank: int = 0, world_size: int = 1, group_by_length: bool = False, flatten_packed: bool = False,
+                 pack: bool = False):
         global_batch = batch_size * world_size
         if len(examples) < global_batch:
             raise ValueError(
@@ -80,6 +151,7 @@ class BatchIterator:
         self.world_size = world_size
         self.group_by_length = group_by_length
         self.flatten_packed = flatten_packed
+        self.pack = pack  # preference data: each micro-batch in one packed row
         self._lengths: list[int] | None = None
         self.batches_per_epoch = len(examples) // global_batch
         self.epoch = 0
@@ -114,7 +186,7 @@ class BatchIterator:
         start = self.index * global_batch + self.rank * self.batch_size
         ids = self._epoch_order()[start : start + self.batch_size]
         self.index += 1
-        return collate_rows(take(self.examples, ids), self.pad_id, self.flatten_packed)
+        return collate_rows(take(self.examples, ids), self.pad_id, self.flatten_packed, self.pack)
 
     @property
     def epoch_progress(self) -> float:

@@ -37,7 +37,8 @@ from transformers import PreTrainedTokenizerBase
 from dtrain.schema import DataConfig, SourceConfig
 from dtrain.data import clean
 from dtrain.data.balance import class_weights, resample_indices
-from dtrain.data.formats import Encoder, RowError, TooLong
+from dtrain.data.formats import IGNORE_INDEX, Encoder, RowError, TooLong
+from dtrain.data.preference import PREFERENCE_FORMATS, PreferenceEncoder, prompt_length
 from dtrain.data.sources import ArrowRows, DataError, Row, StringFields, check_source, iter_rows
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,20 @@ PIPELINE_VERSION = "3"
 
 ENCODED_FEATURES = Features({
     "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "label": Value("int32"),
-    "key": Value("string"), "source": Value("int32"), "split": Value("string"),
+    "rejected_ids": Sequence(Value("int32")), "rejected_labels": Sequence(Value("int32")),
+    "key": Value("string"), "group": Value("string"), "source": Value("int32"), "split": Value("string"),
     "drop": Value("string"), "truncated": Value("bool"), "n_tokens": Value("int32"),
 })
 PACKED_FEATURES = Features({
     "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "seq_lens": Sequence(Value("int32")),
 })
 SPLIT_NAMES = ("train", "validation", "test")
+SPLIT_COLUMNS = {  # what each format's prepared splits hold
+    **{fmt: ["input_ids", "labels"] for fmt in ("text", "alpaca", "chat")},
+    "classification": ["input_ids", "label"],
+    "preference": ["input_ids", "labels", "rejected_ids", "rejected_labels"],  # chosen, rejected
+    "unpaired_preference": ["input_ids", "labels", "label"],  # label: 1 desirable, 0 undesirable
+}
 
 
 @dataclass
@@ -255,10 +263,26 @@ def _raw_rows_of(batch: pa.Table) -> list[dict[str, Any] | None]:
 
 
 def _text_fields(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(all text fields, completion fields) of the format; chat is handled by message content."""
+    """(all text fields, completion fields) of the format; chat is handled by message content. A
+    preference pair's rejected response is no completion here: it may well be boilerplate."""
     if cfg.format == "alpaca":
         return [cfg.instruction_field, cfg.input_field, cfg.output_field], [cfg.output_field]
+    if cfg.format == "preference":
+        return [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field], [cfg.chosen_field]
+    if cfg.format == "unpaired_preference":
+        return [cfg.prompt_field, cfg.completion_field], [cfg.completion_field]
     return [cfg.text_field], [cfg.text_field]
+
+
+def _normalize_value(value: Any, norm: Any) -> Any:
+    """A text field's value normalised: a string, or each message's content (preference rows hold either)."""
+    if isinstance(value, str):
+        return norm(value)
+    messages = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+    for m in messages:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            m["content"] = norm(m["content"])
+    return value
 
 
 def _clean_row(row: dict[str, Any], cfg: DataConfig, phrases: tuple[str, ...]) -> str | None:
@@ -286,7 +310,9 @@ def _clean_row(row: dict[str, Any], cfg: DataConfig, phrases: tuple[str, ...]) -
     fields, completion_fields = _text_fields(cfg)
     for name in fields:
         if name in row:
-            row[name] = norm(row[name])
+            row[name] = _normalize_value(row[name], norm)
+    if cfg.format == "unpaired_preference" and row.get(cfg.label_field) in (False, 0, "false"):
+        completion_fields = []  # an undesirable completion is meant to be one
     if c.boilerplate != "off":
         for name in completion_fields:
             text = row.get(name)
@@ -299,13 +325,34 @@ def _clean_row(row: dict[str, Any], cfg: DataConfig, phrases: tuple[str, ...]) -
     return None
 
 
+def _key_text(value: Any) -> str:
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        return "\x1e".join(f"{m.get('role')}:{m.get('content')}" for m in value if isinstance(m, dict))
+    return str(value or "")
+
+
 def content_key(row: dict[str, Any], cfg: DataConfig) -> str:
-    """The text that identifies a row for dedup and split assignment (label excluded)."""
+    """The text that identifies a row for dedup (label excluded, but for an unpaired preference,
+    where the same completion may be judged both ways only once)."""
     if cfg.format == "chat":
-        messages = row.get(cfg.messages_field) or []
-        return "\x1e".join(f"{m.get('role')}:{m.get('content')}" for m in messages if isinstance(m, dict))
+        return _key_text(row.get(cfg.messages_field) or [])
     fields, _ = _text_fields(cfg)
-    return "\x1f".join(str(row.get(name) or "") for name in fields)
+    extra = [str(row.get(cfg.label_field))] if cfg.format == "unpaired_preference" else []
+    return "\x1f".join([_key_text(row.get(name)) for name in fields] + extra)
+
+
+def group_key(row: dict[str, Any], cfg: DataConfig) -> str:
+    """What decides a row's split: its content, or for preference data its prompt, so that every
+    pair (or judged completion) of one prompt lands in the same split and none leaks."""
+    if cfg.format in ("preference", "unpaired_preference"):
+        prompt = row.get(cfg.prompt_field)
+        if prompt is None:  # whole conversations: their shared first message stands for the prompt
+            first = row.get(cfg.chosen_field)
+            prompt = first[:1] if isinstance(first, list) else first
+        return "prompt\x1f" + _key_text(prompt)
+    return content_key(row, cfg)
 
 
 def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
@@ -318,25 +365,27 @@ def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrained
     wheres = batch.column("where").to_pylist()
     drop: list[str | None] = [None] * n
     keys: list[str | None] = [None] * n
+    groups: list[str | None] = [None] * n
     rows, row_wheres, todo = [], [], []
     for i, row in enumerate(_raw_rows_of(batch)):
         if row is None:
             drop[i] = "malformed:" + errors[i]
             continue
         reason = _clean_row(row, cfg, phrases)
-        keys[i] = content_key(row, cfg)
+        keys[i], groups[i] = content_key(row, cfg), group_key(row, cfg)
         if reason:
             drop[i] = reason
             continue
         rows.append(row)
         row_wheres.append(wheres[i])
         todo.append(i)
-    encoded = Encoder(cfg, tokenizer, label_names).encode_batch(rows, row_wheres)
+    encoder = (PreferenceEncoder(cfg, tokenizer) if cfg.format in PREFERENCE_FORMATS
+               else Encoder(cfg, tokenizer, label_names))
+    encoded = encoder.encode_batch(rows, row_wheres)
 
-    lengths = np.zeros(n, dtype=np.int32)  # rows without tokens (dropped) get empty lists
-    lengths[todo] = np.diff(encoded.offsets)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
+    lengths, offsets = _row_offsets(n, todo, encoded.offsets)
+    rejected = encoded.rejected
+    rejected_lengths, rejected_offsets = _row_offsets(n, todo, rejected.offsets) if rejected else (None, None)
     n_tokens: list[int | None] = [None] * n
     truncated: list[bool | None] = [None] * n
     classes: list[int | None] = [None] * n
@@ -347,8 +396,9 @@ def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrained
         elif isinstance(error, TooLong):
             drop[i] = "too_long"
         else:
-            n_tokens[i] = int(lengths[i])
-            truncated[i] = encoded.truncated[j]
+            # (a pair: its longer sequence, what max_seq_len and the token filters are about)
+            n_tokens[i] = int(lengths[i] if rejected is None else max(lengths[i], rejected_lengths[i]))
+            truncated[i] = encoded.truncated[j] or (rejected is not None and rejected.truncated[j])
             if encoded.classes is not None:
                 classes[i] = encoded.classes[j]
             if n_tokens[i] < cfg.clean.min_tokens:
@@ -357,18 +407,36 @@ def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrained
                 drop[i] = "max_tokens"
     offsets_array = pa.array(offsets)
     token_lists = pa.list_(pa.int32())
+    if rejected is not None:
+        rejected_offsets = pa.array(rejected_offsets)
+        rejected_columns = [pa.ListArray.from_arrays(rejected_offsets, pa.array(rejected.ids)),
+                            pa.ListArray.from_arrays(rejected_offsets, pa.array(rejected.labels))]
+    else:
+        rejected_columns = [pa.nulls(n, token_lists), pa.nulls(n, token_lists)]
     return pa.Table.from_arrays([
         pa.ListArray.from_arrays(offsets_array, pa.array(encoded.ids)),
         (pa.ListArray.from_arrays(offsets_array, pa.array(encoded.labels)) if encoded.labels is not None
          else pa.nulls(n, token_lists)),
         pa.array(classes, pa.int32()),
+        *rejected_columns,
         pa.array(keys, pa.string()),
+        pa.array(groups, pa.string()),
         batch.column("source").combine_chunks(),
         batch.column("split").combine_chunks(),
         pa.array(drop, pa.string()),
         pa.array(truncated, pa.bool_()),
         pa.array(n_tokens, pa.int32()),
     ], schema=ENCODED_FEATURES.arrow_schema)
+
+
+def _row_offsets(n: int, todo: list[int], encoded_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths and list offsets of n rows, of which rows `todo` hold the encoded sequences (the
+    others, dropped, get empty lists)."""
+    lengths = np.zeros(n, dtype=np.int32)
+    lengths[todo] = np.diff(encoded_offsets)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return lengths, offsets
 
 
 def _encode(raw: Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None,
@@ -452,7 +520,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
 
     # Dedup within and across splits: rows of explicit validation/test sources win, so a
     # training row that repeats one of them is the one removed (nothing leaks).
-    keys = {name: _pick(encoded.column(name).to_pylist(), alive) for name in ("key", "split", "label")}
+    keys = {name: _pick(encoded.column(name).to_pylist(), alive) for name in ("key", "group", "split", "label")}
     protected = [s != "" for s in keys["split"]]
     for name, enabled, finder in (
         ("exact_duplicate", cfg.clean.exact_dedup, lambda k, p: clean.exact_duplicates(k, protected=p)),
@@ -468,10 +536,11 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         protected = _pick(protected, keep)
         steps.append((name.replace("_", " "), len(alive), {name: len(dup_of) - len(keep)}))
 
-    # Split rows of training sources by content hash (stratified by label when classifying).
+    # Split rows of training sources by the hash of their content (of their prompt, for preference
+    # data), stratified by label when classifying.
     to_split = [j for j, s in enumerate(keys["split"]) if s == ""]
     assigned = assign_splits(
-        _pick(keys["key"], to_split), seed,
+        _pick(keys["group"], to_split), seed,
         val_ratio=cfg.val_ratio if not cfg.validation else 0.0, test_ratio=cfg.test_ratio if not cfg.test else 0.0,
         labels=_pick(keys["label"], to_split) if label_names else None,
     )
@@ -514,10 +583,10 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
     # computed while encoding: no need to pull token lists into Python
     lengths = [n for table, rows in train_parts for n in _pick(table.column("n_tokens").to_pylist(), rows)]
 
-    columns = ["input_ids", "labels"] if not label_names else ["input_ids", "label"]
+    columns = SPLIT_COLUMNS[cfg.format]
     split_features = Features({name: ENCODED_FEATURES[name] for name in columns})
     out_dir.mkdir(parents=True, exist_ok=True)
-    packed = cfg.packing and not label_names
+    packed = cfg.packing and cfg.format not in ("classification", *PREFERENCE_FORMATS)  # (pairs: packed per batch)
     _write_split(workdir / "train.arrow" if packed else out_dir / "train.arrow", split_features,
                  (batch for table, rows in train_parts for batch in _take(table, rows, columns)))
     for name in ("validation", "test"):
@@ -529,6 +598,9 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
         examples = Dataset.from_file(str(workdir / "train.arrow")).data.table
         _write_split(out_dir / "train.arrow", PACKED_FEATURES, _packed_rows(examples, bins))
         steps.append(("pack", len(bins), {}))
+    if cfg.format == "unpaired_preference":
+        for name in SPLIT_NAMES:
+            _add_mismatched(out_dir / f"{name}.arrow", cfg.max_seq_len)
     skipped = list(malformed) if cfg.on_error == "skip" else []
     splits = {name: Dataset.from_file(str(out_dir / f"{name}.arrow")) for name in SPLIT_NAMES}
     return PreparedData(splits["train"], splits["validation"], splits["test"], label_names, weights_out, packed,
@@ -581,6 +653,28 @@ def _packed_rows(examples: pa.Table, bins: list[list[int]], bins_per_batch: int 
             pa.ListArray.from_arrays(pa.array(token_offsets), labels.flatten()),
             pa.ListArray.from_arrays(pa.array(example_offsets), pa.array(seq_lens.astype(np.int32))),
         ], schema=PACKED_FEATURES.arrow_schema)
+
+
+def _add_mismatched(path: Path, max_seq_len: int) -> None:
+    """KTO's mismatched sequences, as columns kl_ids / kl_labels of an unpaired split: each row's
+    prompt with the next row's completion (the last row's: the first's), cut to max_seq_len. Fixed
+    with the data, so that the KL estimate of a batch does not depend on how it is split."""
+    table = Dataset.from_file(str(path)).data.table
+    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    kl_ids, kl_labels = [], []
+    for i in range(len(ids)):
+        j = (i + 1) % len(ids)
+        prompt, start = prompt_length(labels[i]), prompt_length(labels[j])
+        sequence = (ids[i][:prompt] + ids[j][start:])[:max_seq_len]
+        kl_ids.append(sequence)
+        kl_labels.append([IGNORE_INDEX] * min(prompt, len(sequence)) + sequence[prompt:])
+    features = Features({**{name: ENCODED_FEATURES[name] for name in SPLIT_COLUMNS["unpaired_preference"]},
+                         "kl_ids": Sequence(Value("int32")), "kl_labels": Sequence(Value("int32"))})
+    table = table.append_column("kl_ids", pa.array(kl_ids, pa.list_(pa.int32()))).append_column(
+        "kl_labels", pa.array(kl_labels, pa.list_(pa.int32())))
+    tmp = path.with_suffix(".kl.arrow")
+    _write_split(tmp, features, table.to_batches())
+    os.replace(tmp, path)
 
 
 def _write_split(path: Path, features: Features, batches: Iterable[pa.RecordBatch]) -> None:

@@ -69,8 +69,13 @@ def _bars(path: Path, counts: dict[str, list[int]], label_names: list[str]) -> N
     plt.close(fig)
 
 
-def render_example(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text exactly as tokenized, with trained spans wrapped in ⟦ ⟧ (the rest is context only)."""
+def render_example(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase,
+                   prompt: bool = True) -> str:
+    """The text exactly as tokenized, with trained spans wrapped in ⟦ ⟧ (the rest is context only;
+    `prompt=False`: without the context before the first trained span)."""
+    if not prompt:
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        input_ids, labels = input_ids[first:], labels[first:]
     parts, current, trained = [], [], None
     for token, label in zip(input_ids, labels):
         is_trained = label != IGNORE_INDEX
@@ -85,6 +90,37 @@ def render_example(input_ids: list[int], labels: list[int], tokenizer: PreTraine
         ("⟦" + tokenizer.decode(ids) + "⟧") if is_trained else tokenizer.decode(ids) for is_trained, ids in parts
     )
     return text
+
+
+def _responses(ids: list[list[int]], labels: list[list[int]]) -> list[int]:
+    """Each sequence's response length: its tokens after the prompt."""
+    return [sum(1 for label in row if label != IGNORE_INDEX) for row in labels]
+
+
+def preference_section(data: PreparedData, out_dir: Path) -> list[str]:
+    """Pairs per split and how long the responses are (chosen against rejected: a preference that
+    tracks length teaches length); for unpaired data the desirable and undesirable counts."""
+    train = data.train
+    lines = ["## Preferences", ""]
+    if "rejected_ids" in train.column_names:
+        chosen, rejected = _responses(train["input_ids"], train["labels"]), _responses(
+            train["rejected_ids"], train["rejected_labels"])
+        longer = sum(c > r for c, r in zip(chosen, rejected))
+        lines += [f"- pairs: {len(data.train)} train, {len(data.validation)} validation, {len(data.test)} test "
+                  "(the pairs of one prompt are all in one split)",
+                  f"- response tokens, chosen: mean {sum(chosen) / max(len(chosen), 1):.1f}, median "
+                  f"{sorted(chosen)[len(chosen) // 2]}; rejected: mean {sum(rejected) / max(len(rejected), 1):.1f}, "
+                  f"median {sorted(rejected)[len(rejected) // 2]}",
+                  f"- the chosen response is the longer one in {100 * longer / max(len(chosen), 1):.0f}% of the pairs"]
+        _histogram(out_dir / "data_responses.png", {"chosen": chosen, "rejected": rejected},
+                   "response tokens: chosen vs rejected", "tokens")
+        lines += ["", "![responses](data_responses.png)", ""]
+    else:
+        labels = train["label"]
+        lines += [f"- judged completions: {len(labels)} train ({sum(labels)} desirable, "
+                  f"{len(labels) - sum(labels)} undesirable), {len(data.validation)} validation, {len(data.test)} test",
+                  ""]
+    return lines
 
 
 def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, batch_size: int,
@@ -102,6 +138,9 @@ def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir
         if len(data.skipped) > 50:
             lines.append(f"- ... and {len(data.skipped) - 50} more")
         lines.append("")
+
+    if "rejected_ids" in data.train.column_names or "label" in data.train.column_names and not data.label_names:
+        lines += preference_section(data, out_dir)
 
     before = data.lengths_before_packing
     after = [len(x) for x in data.train["input_ids"]] if data.packed else []
@@ -137,8 +176,13 @@ def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir
         row = data.train[i]
         if data.label_names:
             text = f"{tokenizer.decode(row['input_ids'])}  →  label {data.label_names[row['label']]!r}"
+        elif "rejected_ids" in row:  # the prompt once, then both responses
+            text = (render_example(row["input_ids"], row["labels"], tokenizer) + "\n--- rejected:\n"
+                    + render_example(row["rejected_ids"], row["rejected_labels"], tokenizer, prompt=False))
         else:
             text = render_example(row["input_ids"], row["labels"], tokenizer)
+            if "label" in row:
+                text += f"\n--- {'desirable' if row['label'] else 'undesirable'}"
         lines += [f"### train[{i}]", "", "```", text, "```", ""]
     path = out_dir / "data_report.md"
     path.write_text("\n".join(lines))

@@ -12,10 +12,20 @@ a branch in dtrain/train.py:
                                    sharded) by the strategy like the trained model
     from_config(cfg, data, frozen) the objective for a run (`frozen`: the loaded frozen models by key;
                                    empty when it is built to evaluate only)
+    prepare(data, model, strategy, pad_id)
+                                   what it computes once before the first step (the reference's
+                                   log-probabilities, preference.precompute_reference): the data
+                                   with it; by default the data as it is
     count(batch)                   how many things the batch's loss sums over (target tokens,
                                    examples, pairs): the loop normalises every micro-batch's loss by
                                    this count over the whole optimizer step, on every rank
     loss(model, batch)             the loss *summed* over those things
+    counts(batch), loss_terms(model, batch), step_metrics(stats)
+                                   the same for a loss of several terms, each normalised by its own
+                                   count (ORPO: a per-token SFT term and a per-pair odds-ratio term),
+                                   with statistics summed over the step and reported as training
+                                   metrics (a preference objective's rewards and accuracy); by
+                                   default one term, count() and loss(), and no statistics
     metric_names(cfg), eval_sums(model, batch), eval_metrics(sums), worst_examples(...)
                                    what an evaluation reports: sums over batches and ranks, then
                                    the metrics computed from them
@@ -23,7 +33,7 @@ a branch in dtrain/train.py:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -47,6 +57,16 @@ class ExampleScore:
     prompt_ids: list[int]  # the input before the first trained token (the whole input for classification)
     target_ids: list[int]
     predicted_ids: list[int]
+
+
+@dataclass
+class LossTerms:
+    """What one micro-batch contributes to a step: each term of the loss summed over the things
+    `counts(batch)` counts under the same key (the loop divides it by the step's total of them),
+    and detached statistics, summed over the step's micro-batches and ranks for `step_metrics`."""
+
+    sums: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective:
@@ -95,11 +115,25 @@ class Objective:
     def from_config(cls, cfg: "Config", data: "PreparedData", frozen: dict[str, nn.Module]) -> "Objective":
         raise NotImplementedError
 
+    def prepare(self, data: "PreparedData", model: nn.Module, strategy: Any, pad_id: int) -> "PreparedData":
+        return data
+
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """What each term of the loss is normalised by (summed over the step's micro-batches and ranks)."""
+        return {"loss": self.count(batch)}
+
+    def loss_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossTerms:
+        return LossTerms({"loss": self.loss(model, batch)})
+
+    def step_metrics(self, stats: dict[str, float]) -> dict[str, float]:
+        """Training metrics of one step, from its summed `LossTerms.stats` (logged with the loss)."""
+        return {}
 
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         """Quantities to add up over every evaluated batch and rank, and what `worst_examples` needs."""
@@ -118,6 +152,10 @@ class Objective:
 
 def head_format_mismatch(cls: type[Objective], cfg: "Config") -> str:
     """format_mismatch of the two model heads (causal LM, classification), given the other's data."""
+    if cfg.data.format in ("preference", "unpaired_preference"):
+        fits = "kto" if cfg.data.format == "unpaired_preference" else "dpo, ipo, simpo, orpo or reward_model"
+        return (f"data.format={cfg.data.format!r} is preference data, which train.objective={cls.name} does not "
+                f"train on: set train.objective to {fits} (auto picks one), or use another data.format")
     return (f"data.format={cfg.data.format!r} does not fit model.task={cfg.model.task!r}: "
             "use data.format=classification together with model.task=classification")
 

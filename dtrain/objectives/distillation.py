@@ -56,6 +56,9 @@ class Distillation(Objective):
     def check_config(cls, cfg: "Config") -> None:
         if cfg.distill.teacher is None:
             raise ValueError("train.objective=distillation needs distill.teacher: a local model directory or a preset")
+        if cfg.model.task not in TASKS:
+            raise ValueError(f"distill.teacher: distillation trains a causal_lm or classification student, not "
+                             f"model.task={cfg.model.task}; remove distill.teacher or change model.task")
         TASKS[cfg.model.task].check_data(cfg)
 
     @classmethod

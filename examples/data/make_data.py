@@ -26,6 +26,21 @@ def arithmetic(rng: random.Random) -> tuple[str, str, str]:
     return instruction, f"{a} {op} {b}", str(answer)
 
 
+# The prompt the alpaca format renders (dtrain.data.formats.ALPACA_PROMPT_WITH_INPUT): preference data
+# in the words a model fine-tuned on arithmetic_alpaca.jsonl has learned to answer.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def wrong(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: off by 1 to 10, or with two digits swapped."""
+    value = int(answer)
+    if value >= 10 and rng.random() < 0.3 and answer[::-1] != answer:
+        return answer[::-1]
+    return str(max(0, value + rng.choice([-1, 1]) * rng.randint(1, 10)) if value > 10 else value + rng.randint(1, 10))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -59,6 +74,27 @@ def main() -> None:
         for _ in range(1000):
             a, b = rng.randint(0, 99), rng.randint(0, 99)
             writer.writerow([f"{a} vs {b}", "first" if a > b else "second" if b > a else "equal"])
+    preference_data()
+
+
+def preference_data() -> None:
+    """arithmetic_preference.jsonl: the right answer chosen over a wrong one, two pairs for some
+    prompts (a prompt's pairs must share a split); arithmetic_kto.jsonl: the same judgements
+    unpaired, each answer labelled desirable or not. (Their own random stream: the files above
+    stay as they were.)"""
+    rng = random.Random(5678)
+    pairs, judged = [], []
+    for _ in range(1200):
+        instruction, expr, answer = arithmetic(rng)
+        prompt = ALPACA_PROMPT.format(instruction=instruction, input=expr)
+        for _ in range(2 if rng.random() < 0.25 else 1):
+            rejected = wrong(answer, rng)
+            pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+        judged.append({"prompt": prompt, "completion": answer if rng.random() < 0.5 else wrong(answer, rng),
+                       "label": None})
+        judged[-1]["label"] = judged[-1]["completion"] == answer
+    write_jsonl(HERE / "arithmetic_preference.jsonl", pairs)
+    write_jsonl(HERE / "arithmetic_kto.jsonl", judged)
 
 
 if __name__ == "__main__":
