@@ -267,7 +267,8 @@ def _eval(args: argparse.Namespace) -> int:
     from dtrain.data import DataError, prepare_data
     from dtrain.evaluation import describe, evaluate
     from dtrain.export import load_trained
-    from dtrain.objectives import build_objective
+    from dtrain.model import load_frozen_model
+    from dtrain.objectives import build_objective, objective_class
     from dtrain.parallel.single import SingleDevice
     from dtrain.schema import SEQUENCE_HEADS
 
@@ -278,6 +279,9 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.preference.precompute_reference:  # (the stored values are of the training data: the reference runs)
+            cfg = cfg.model_copy(update={"preference": cfg.preference.model_copy(
+                update={"precompute_reference": False})})
         if (source / "config.yaml").is_file() or (source / "manifest.json").is_file():
             model, tokenizer, _, _ = load_trained(source)
         else:  # a plain Hugging Face model directory
@@ -290,7 +294,12 @@ def _eval(args: argparse.Namespace) -> int:
         if not len(data.test):
             raise ValueError("the data has no test split: give data.test sources or a data.test_ratio > 0")
         strategy = SingleDevice(cfg.parallel)
-        objective = build_objective(cfg, data, frozen={})  # (a teacher adds nothing to the test metrics)
+        # The frozen models the metrics need (a preference objective's reference; a teacher adds nothing to them).
+        frozen = {key: strategy.wrap_frozen(load_frozen_model(spec, key, tokenizer, num_labels=None, seed=cfg.seed,
+                                                              device=strategy.device))
+                  for key, spec in objective_class(cfg).frozen_models(cfg).items()
+                  if objective_class(cfg).evaluates_with_frozen}
+        objective = build_objective(cfg, data, frozen=frozen)
         metrics, worst = evaluate(model.to(strategy.device), data.test, objective, cfg, strategy.comm, tokenizer,
                                   worst=cfg.eval.worst_examples)
     except (ConfigError, CheckpointError, UnsafeCheckpointError, DataError, ValueError) as exc:

@@ -20,6 +20,12 @@ validation loss (every threshold is in the block below, with the reason for it):
   of the loss, and more than its noise explains), or the last evaluation was still 1% below the
   one before; training longer would likely help, so it is not yet a fit of any kind.
 - a good fit otherwise: both curves have flattened; the generalisation gap is reported.
+
+Preference runs get their reward curves read too (preference_findings): the held-out reward
+margin and preference accuracy from the first evaluation to the last, a margin that peaked and
+fell (over-fitting the training pairs), an accuracy still at chance, and whether the chosen
+responses became more likely while the margin grew, or less (likelihood displacement: the
+margin grows by pushing the rejected responses down faster than the chosen ones are kept).
 """
 
 from __future__ import annotations
@@ -142,6 +148,44 @@ def diagnose(train: list[tuple[int, float]], validation: list[tuple[int, float]]
                      f"loss did not turn up{gap_text}", gap=gap)
 
 
+# ---- Preference runs (dpo, ipo, simpo, orpo, kto, reward_model): what their reward curves say.
+MARGIN_FALL = 0.1  # the held-out reward margin fell from its best by > 10% of it (and the accuracy did not rise)
+CHANCE = 0.55  # a held-out preference accuracy at or below this is about a coin's
+
+
+def preference_findings(evals: dict[int, dict]) -> list[str]:
+    """Sentences about the evaluations' reward margin, preference accuracy and chosen log-probability."""
+    steps = sorted(s for s, r in evals.items() if isinstance(r.get("eval_rewards_margin"), (int, float)))
+    if len(steps) < 2:
+        return []
+    margin = [(s, evals[s]["eval_rewards_margin"]) for s in steps]
+    first, last = margin[0], margin[-1]
+    best_step, best = max(margin, key=lambda p: p[1])
+    out = [f"reward margin on held-out pairs {first[1]:+.4f} (step {first[0]}) -> {last[1]:+.4f} (step {last[0]})"]
+    accuracy = [evals[s].get("eval_rewards_accuracy") for s in steps]
+    if isinstance(accuracy[-1], (int, float)):
+        out[-1] += f", preference accuracy {accuracy[0]:.1%} -> {accuracy[-1]:.1%}"
+        if accuracy[-1] <= CHANCE:
+            out.append(f"the preference accuracy ends at {accuracy[-1]:.1%}, about chance: the model does not yet tell "
+                       "the chosen responses from the rejected ones (train longer, raise the learning rate, or check "
+                       "that the pairs disagree in a learnable way)")
+    if best_step != last[0] and best - last[1] > MARGIN_FALL * abs(best):
+        out.append(f"the held-out margin peaked at {best:+.4f} (step {best_step}) and fell since: the policy "
+                   "over-fits the training pairs; stop earlier (the best checkpoint by eval_rewards_margin), lower "
+                   "the learning rate or raise preference.beta")
+    chosen = [evals[s].get("eval_logps_chosen") for s in steps]
+    if all(isinstance(c, (int, float)) for c in chosen) and last[1] > first[1]:
+        if chosen[-1] < chosen[0]:
+            out.append(f"the margin grew while the chosen responses became less likely (log-probability "
+                       f"{chosen[0]:.2f} -> {chosen[-1]:.2f}): the rejected ones are pushed down faster than the "
+                       "chosen ones are kept (likelihood displacement); check generations, raise preference.beta or "
+                       "add an SFT term (train.objective=orpo)")
+        else:
+            out.append(f"the chosen responses became more likely too (log-probability {chosen[0]:.2f} -> "
+                       f"{chosen[-1]:.2f}): the margin grows the healthy way")
+    return out
+
+
 def read_curves(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], dict[int, dict]]:
     train, validation, evals = [], [], {}
     for record in read_metrics(run):
@@ -183,7 +227,9 @@ def plot(run: Path, train: list, validation: list, evals: dict, metric: str, dia
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     key = f"eval_{metric}"
-    if metric not in ("loss",) and any(isinstance(r.get(key), (int, float)) for r in evals.values()):
+    if metric == "loss" and any(isinstance(r.get("eval_rewards_margin"), (int, float)) for r in evals.values()):
+        key = "eval_rewards_margin"  # (a preference run: the margin says more than a second loss)
+    if key != "eval_loss" and any(isinstance(r.get(key), (int, float)) for r in evals.values()):
         other = ax.twinx()
         points = sorted((s, r[key]) for s, r in evals.items() if isinstance(r.get(key), (int, float)))
         other.plot([s for s, _ in points], [v for _, v in points], "s-", color="tab:green", label=key)
@@ -215,5 +261,6 @@ def write_learning_report(run: Path, metric: str = "loss", mode: str = "min") ->
                  "(eval.max_batches)\n")
     if (run / "worst_examples.md").is_file():
         text += "- the validation examples with the highest loss: worst_examples.md\n"
+    text += "".join(f"- preferences: {finding}\n" for finding in preference_findings(evals))
     (run / "diagnosis.md").write_text(text)
     return text

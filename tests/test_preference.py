@@ -419,3 +419,98 @@ def test_auto_picks_the_objective_of_the_data():
     assert objective_name(load_config(None, ["data.format=unpaired_preference"])) == "kto"
     assert objective_name(load_config(None, ["data.format=preference", "model.task=reward"])) == "reward_model"
     assert json.loads(json.dumps(load_config(None, []).to_dict()))["preference"]["beta"] == 0.1
+
+
+def test_the_diagnosis_reads_the_reward_curves():
+    from dtrain.diagnose import preference_findings
+
+    def evals(margins, chosen, accuracy):
+        return {10 * (i + 1): {"eval_rewards_margin": m, "eval_logps_chosen": c, "eval_rewards_accuracy": a}
+                for i, (m, c, a) in enumerate(zip(margins, chosen, accuracy))}
+
+    displaced = " ".join(preference_findings(evals([0.0, 0.5, 1.0], [-10.0, -12.0, -15.0], [0.5, 0.8, 0.9])))
+    assert "likelihood displacement" in displaced and "-10.00 -> -15.00" in displaced
+    healthy = " ".join(preference_findings(evals([0.0, 0.5, 1.0], [-10.0, -9.0, -8.0], [0.5, 0.8, 0.9])))
+    assert "the healthy way" in healthy and "peaked" not in healthy
+    peaked = " ".join(preference_findings(evals([0.0, 2.0, 1.0], [-10.0, -9.0, -9.5], [0.5, 0.9, 0.8])))
+    assert "peaked at +2.0000 (step 20)" in peaked
+    chance = " ".join(preference_findings(evals([0.0, 0.01], [-10.0, -10.0], [0.5, 0.5])))
+    assert "about chance" in chance
+    assert preference_findings({10: {"eval_loss": 1.0}}) == []  # not a preference run
+
+
+def test_eval_scores_a_dpo_run_against_its_reference(tiny_model_dir, tmp_path):
+    from conftest import run_cli
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [dict(p, prompt=f"{i}: {p['prompt']}") for i in range(5)
+                                                 for p in PAIRS])
+    overrides = [f"data.train={path}", "data.format=preference", "data.val_ratio=0", "data.test_ratio=0.3",
+                 "train.max_steps=3", "optim.lr=5e-2", "preference.reference=copy"]
+    cfg = load_config(None, [*base_overrides(tiny_model_dir, tmp_path / "run"), *overrides])
+    train_run(cfg)
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.to_yaml())
+    proc = run_cli("eval", str(tmp_path / "run"), str(config), "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["test_examples"] == result["examples"] > 0
+    assert {"test_loss", "test_rewards_margin", "test_rewards_accuracy"} <= set(result)
+    assert result["test_rewards_margin"] != 0  # (the trained policy against the copy of its start)
+
+
+def test_an_exported_reward_model_scores_like_the_trained_one(tiny_model_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from dtrain.export import export
+
+    out = tmp_path / "run"
+    cfg = dtrain_config(tiny_model_dir, pairs_file, out, "model.task=reward", "train.max_steps=3", "optim.lr=1e-2")
+    train_run(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(export(out, tmp_path / "reward")).eval()
+    assert model.config.num_labels == 1
+    data, _ = prepared(cfg)
+    batch = collate_preference(take(data.train, [0, 1]), 0)
+    with torch.no_grad():
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    trained = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        expected = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    torch.testing.assert_close(scores, expected)
+    assert scores.shape == (4,)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_resumed_preference_run_continues_exactly(tiny_model_dir, pairs_file, tmp_path, objective):
+    """Stopped after its checkpoint at step 3 and resumed, a run logs the losses and rewards of the
+    uninterrupted one (LoRA, the reference as the adapters switched off; KTO on unpaired data)."""
+    import shutil
+
+    data = pairs_file
+    if objective == "kto":
+        data = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                                                     for p in PAIRS for side in ("chosen", "rejected")])
+    common = ["train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep_last=3", "optim.lr=2e-2",
+              "peft.method=lora", "peft.dropout=0", "train.micro_batch_size=2"]
+    fmt = "unpaired_preference" if objective == "kto" else "preference"
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_run(dtrain_config(tiny_model_dir, data, a, *common, fmt=fmt))
+    shutil.copytree(a / "checkpoints" / "step_00000003", b / "checkpoints" / "step_00000003")
+    train_run(dtrain_config(tiny_model_dir, data, b, *common, "checkpoint.resume=auto", fmt=fmt))
+    from conftest import read_metrics
+
+    steps_a = {r["step"]: r for r in read_metrics(a) if "loss" in r}
+    steps_b = {r["step"]: r for r in read_metrics(b) if "loss" in r}
+    assert sorted(steps_b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "rewards_chosen", "rewards_margin"):
+            assert steps_b[step][key] == pytest.approx(steps_a[step][key], abs=1e-6, rel=0), (step, key)
+    assert steps_a[6]["loss"] != steps_a[4]["loss"]
+
+
+def test_qlora_dpo_trains_in_one_process(tiny_model_dir, pairs_file, tmp_path):
+    result = train_run(dtrain_config(tiny_model_dir, pairs_file, tmp_path / "run", "peft.method=qlora",
+                                     "peft.dropout=0", "train.max_steps=3", "train.micro_batch_size=2",
+                                     "optim.lr=2e-2"))
+    assert result.train_losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the reference: the 4-bit base, adapters off
+    assert len(result.train_losses) == 3 and all(math.isfinite(x) for x in result.train_losses)
+    assert result.train_losses[-1] != result.train_losses[0]

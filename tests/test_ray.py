@@ -66,7 +66,14 @@ def cluster_run(tmp_path_factory):
             f"tune.storage_dir={work / 'tune'}", "tune.name=on_cluster", "tune.algorithm=grid", "tune.num_samples=1",
             "tune.search_space={optim.lr: {grid: [1.0e-3, 1.0e-2]}}", "tune.scheduler.name=none",
             "train.max_steps=4", "eval.every_steps=2"]
-    steps.write_text(json.dumps([submit, keep_first_and_cut_back, submit, tune]))
+    # ... and a search over DPO's beta (examples/tiny_dpo.yaml's own search, from the preset instead of
+    # the SFT model), ASHA on the held-out preference accuracy.
+    dpo = [sys.executable, "-m", "dtrain.tune", str(REPO / "examples" / "tiny_dpo.yaml"), "--address", "127.0.0.1:6379",
+           f"tune.storage_dir={work / 'tune'}", "tune.name=dpo_beta", "model.path=tiny-llama",
+           "tune.search_space={preference.beta: {grid: [0.05, 0.5]}}", "train.max_steps=4", "eval.every_steps=2",
+           "eval.max_batches=2", "tune.scheduler.grace_period=2", "train.micro_batch_size=4", "train.log_every=1",
+           "logging.tensorboard=false", "logging.progress_bar=false"]
+    steps.write_text(json.dumps([submit, keep_first_and_cut_back, submit, tune, dpo]))
     proc = subprocess.run(in_private_network([sys.executable, str(HELPER), str(work), str(steps)]), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     report_file = work / "cluster.json"
@@ -165,6 +172,20 @@ def test_tune_search_on_the_running_cluster(cluster_run):
     assert sorted(float(r["optim.lr"]) for r in rows) == [1.0e-3, 1.0e-2], rows
     assert all(r["status"] == "completed" and r["steps"] == "4" for r in rows), rows
     assert (cluster_run["tune_dir"] / "best_config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_a_dpo_beta_search_runs_with_asha_on_the_preference_accuracy(cluster_run):
+    step_ok(cluster_run, 4)
+    search = cluster_run["tune_dir"].parent / "dpo_beta"
+    with open(search / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["preference.beta"]) for r in rows) == [0.05, 0.5], rows
+    for row in rows:  # each trial a DPO run, compared on eval_rewards_accuracy
+        evals = [r for r in read_metrics(search / "trials" / row["trial_id"]) if "eval_rewards_accuracy" in r]
+        assert evals and float(row["eval_rewards_accuracy"]) == max(r["eval_rewards_accuracy"] for r in evals)
+    best = yaml.safe_load((search / "best_config.yaml").read_text())
+    assert best["train"]["objective"] == "dpo" and best["preference"]["beta"] in (0.05, 0.5)
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ class Objective:
     data_formats: ClassVar[tuple[str, ...]]
     model_task: ClassVar[str]  # model.task: causal_lm (a language-model head) or classification
     batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels")
+    evaluates_with_frozen: ClassVar[bool] = False  # its metrics need its frozen models too (a reference does)
 
     # ---- at config time
 

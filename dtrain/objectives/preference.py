@@ -56,6 +56,7 @@ class PreferenceObjective(Objective):
     uses_reference: ClassVar[bool] = True
     supports_packing: ClassVar[bool] = True
     whole_chosen: ClassVar[bool] = False  # the chosen sequences scored over the prompt too (ORPO's SFT term)
+    evaluates_with_frozen = True  # the rewards are against the reference
     stored = ("ref_chosen_logps", "ref_rejected_logps")  # the precomputed tensors' names, chosen then rejected
 
     def __init__(self, cfg: "Config", reference: Reference | None):

@@ -33,12 +33,12 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an 
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
-def wrong(answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer: off by 1 to 10, or with two digits swapped."""
-    value = int(answer)
-    if value >= 10 and rng.random() < 0.3 and answer[::-1] != answer:
-        return answer[::-1]
-    return str(max(0, value + rng.choice([-1, 1]) * rng.randint(1, 10)) if value > 10 else value + rng.randint(1, 10))
+def wrong(expr: str, answer: str, rng: random.Random) -> str:
+    """A wrong answer a fine-tuned model should learn to avoid: the other operation's result (the
+    sum asked for a difference, and the other way round), or off by 10 where the two agree."""
+    a, op, b = expr.split()
+    other = int(a) - int(b) if op == "+" else int(a) + int(b)
+    return str(other if str(other) != answer and other >= 0 else int(answer) + 10)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -87,10 +87,10 @@ def preference_data() -> None:
     for _ in range(1200):
         instruction, expr, answer = arithmetic(rng)
         prompt = ALPACA_PROMPT.format(instruction=instruction, input=expr)
-        for _ in range(2 if rng.random() < 0.25 else 1):
-            rejected = wrong(answer, rng)
-            pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
-        judged.append({"prompt": prompt, "completion": answer if rng.random() < 0.5 else wrong(answer, rng),
+        pairs.append({"prompt": prompt, "chosen": answer, "rejected": wrong(expr, answer, rng)})
+        if rng.random() < 0.25:  # a second pair for some prompts: the same question, a refusal rejected
+            pairs.append({"prompt": prompt, "chosen": answer, "rejected": "I cannot compute that."})
+        judged.append({"prompt": prompt, "completion": answer if rng.random() < 0.5 else wrong(expr, answer, rng),
                        "label": None})
         judged[-1]["label"] = judged[-1]["completion"] == answer
     write_jsonl(HERE / "arithmetic_preference.jsonl", pairs)
