@@ -28,7 +28,6 @@ Prints a table and writes JSON lines to --out (default: stdout only).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
