@@ -96,7 +96,7 @@ def run_dtrain(work: Path, batch: int, out: Path) -> dict:
     last = [record for record in read_metrics(out) if "tokens_per_s" in record][-1]
     seconds = real * share / last["tokens_per_s"]
     return {"useful": round(response_tokens(data) * share), "seconds": seconds, "peak": peak, "steps": result.step,
-            "loss": result.train_losses[-1]}
+            "loss": sum(result.train_losses) / len(result.train_losses)}  # (the epoch's mean, as TRL reports it)
 
 
 def run_trl(work: Path, batch: int, out: Path) -> dict:
@@ -215,7 +215,7 @@ def main() -> None:
             results[side].append(r)
             print(f"  [{rep + 1}/{args.repeat}] {side:<6} {r['useful']:>8,} response tokens in {r['seconds']:6.1f} s = "
                   f"{r['tps']:7.0f} tok/s, peak +{r['peak'] / 2**20:6.0f} MiB ({r['steps']} steps, "
-                  f"loss {r['loss']:.4f})", flush=True)
+                  f"mean loss {r['loss']:.4f})", flush=True)
 
     print(f"\nmedian of {args.repeat}:")
     med = {s: statistics.median(r["tps"] for r in results[s]) for s in sides}
