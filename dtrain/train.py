@@ -44,6 +44,7 @@ from dtrain.objectives import Objective, build_objective, objective_class, objec
 from dtrain.optim import build_optimizer, build_scheduler, scaled_lr
 from dtrain.outputs import check_output_dir, save_final_model, save_preset_base, write_config, write_worst_examples
 from dtrain.parallel import Strategy, build_strategy
+from dtrain.parallel.collectives import Collectives
 from dtrain.peft import apply_peft
 from dtrain.presets import is_preset
 from dtrain.schema import Config, ConfigError
@@ -295,8 +296,9 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOu
 
     Every micro-batch's summed loss (each term of it) is divided by the objective's count of
     what it sums over in the whole global step (all micro-batches, all ranks), so that
-    accumulation of any lengths gives exactly the gradient of one large batch. An update whose loss or gradient is NaN/inf is skipped, never
-    applied; train.max_bad_steps of them in a row stop the run."""
+    accumulation of any lengths gives exactly the gradient of one large batch. An update whose
+    loss or gradient is NaN/inf is skipped, never applied; train.max_bad_steps of them in a row
+    stop the run. The objective's statistics of the step come back as its metrics."""
     cfg, strategy, state, comm = run.cfg, run.strategy, run.state, run.strategy.comm
     micro = [to_device(batch, comm.device) for batch in micro_batches]
     counts = step_totals(comm, [run.objective.counts(batch) for batch in micro])
@@ -331,7 +333,7 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOu
     return StepOutput(loss, grad_norm, lr, applied, tokens, metrics)
 
 
-def step_totals(comm: Any, parts: list[dict[str, Any]]) -> dict[str, float]:
+def step_totals(comm: Collectives, parts: list[dict[str, Any]]) -> dict[str, float]:
     """Each key's sum over `parts` (this rank's micro-batches) and over the ranks, in one all-reduce."""
     keys = sorted({key for part in parts for key in part})
     if not keys:

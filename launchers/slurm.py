@@ -27,6 +27,10 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # submitit is imported where a job is submitted, not by the node launcher
+    import submitit
 
 PREEMPTED_EXIT_CODE = 75  # dtrain's "checkpoint saved, run me again" (dtrain.launch)
 REQUEUE_GRACE_S = 90  # how long a preempted task waits to be ended by the requeue

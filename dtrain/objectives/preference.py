@@ -1,11 +1,11 @@
-"""What the preference objectives share: log-probabilities of whole responses, the reference
-model, and the metrics of a preference.
+"""What the preference objectives share: the config rules, the pair's log-probabilities and
+rewards, the reference model, and the metrics of a preference.
 
 A micro-batch of B pairs is 2B sequences, the B prompt + chosen then the B prompt + rejected
 (dtrain.data.loader.collate_preference), run in one forward pass; with data.packing all of them
 sit in one row and attend only to themselves. A response's log-probability is the sum of
-log p(token) over its tokens (the prompt is masked in the labels); `sequence_logps` returns it
-with the number of tokens, per sequence, in the batch's order.
+log p(token) over its tokens (the prompt is masked in the labels): dtrain.objectives.reference's
+`sequence_logps` returns it with the number of tokens, per sequence, in the batch's order.
 
 The reference model (preference.reference) is one of three:
 
