@@ -29,9 +29,12 @@ def check_model_path(cfg: ModelConfig, key: str = "model.path") -> None:
     if not presets.is_preset(cfg.path):
         path = Path(cfg.path)
         if not path.is_dir():
+            hint = ""
+            if path.name == "final":  # another run's output, e.g. examples/tiny_dpo.yaml's SFT model
+                hint = f"; a run writes {path} when it finishes: train the run whose output_dir is {path.parent} first"
             raise ConfigError(
                 f"{key}: {cfg.path!r} is neither a local model directory nor a preset "
-                f"({', '.join(presets.PRESETS)})"
+                f"({', '.join(presets.PRESETS)}){hint}"
             )
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}: {cfg.path!r} has no config.json (is it a Hugging Face model directory?)")

@@ -23,6 +23,10 @@ FULL_SCALE = {
 
 EXAMPLE_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in EXAMPLES.rglob("*.yaml"))
 
+# Examples that start from the model another example writes (its output_dir/final): on a clean
+# checkout that run is trained first, shortened, as a user would (the example's comment says so).
+STARTS_FROM = {"examples/tiny_dpo.yaml": "examples/tiny_alpaca.yaml"}
+
 
 def test_examples_exist():
     assert any("cluster/" in c for c in EXAMPLE_CONFIGS) and "examples/tiny_alpaca.yaml" in EXAMPLE_CONFIGS
@@ -30,12 +34,20 @@ def test_examples_exist():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", EXAMPLE_CONFIGS)
-def test_dry_run_passes(config, capsys, monkeypatch):
+def test_dry_run_passes(config, capsys, monkeypatch, tmp_path):
     # `dtrain train CONFIG --dry-run` through the CLI's entry point, in this process: the dry run
     # trains and resumes a shrunk model in-process anyway, and a new interpreter per config only
     # adds its start-up (the tests below run the CLI as a subprocess).
     monkeypatch.chdir(REPO)
-    code = main(["train", config, "--dry-run"])
+    overrides = []
+    if config in STARTS_FROM:
+        first = STARTS_FROM[config]
+        assert load_config(REPO / config).model.path == f"{load_config(REPO / first).output_dir}/final"
+        sft_dir = tmp_path / "first"
+        assert main(["train", first, "train.max_steps=2", f"output_dir={sft_dir}"]) == 0
+        overrides = [f"model.path={sft_dir / 'final'}"]
+        capsys.readouterr()
+    code = main(["train", config, "--dry-run", *overrides])
     captured = capsys.readouterr()
     proc = subprocess.CompletedProcess(["dtrain", "train", config, "--dry-run"], code, captured.out, captured.err)
     assert proc.returncode == 0, proc.stdout + proc.stderr
