@@ -135,6 +135,9 @@ def check_rules(cfg: Config) -> None:
     objective = objective_class(cfg)
     objective.check_config(cfg)
     check_strategy(cfg)
+    if cfg.model.logits == "chunked" and cfg.model.task != "causal_lm":
+        raise ValueError(f"model.logits=chunked chunks a language model's head; model.task={cfg.model.task} has "
+                         "none: set model.logits=auto")
     metrics = objective.metric_names(cfg)
     if cfg.eval.metric not in metrics:
         raise ValueError(f"eval.metric={cfg.eval.metric!r} is not reported for this task; allowed: {sorted(metrics)}")

@@ -12,7 +12,9 @@ counts are those of the real model, exactly. Memory per device is then the sum o
                   layer as it runs under SDPA: no attention matrix is stored, but a padding or
                   packing mask is, per layer), or with activation checkpointing only each
                   layer's input plus one layer recomputed in backward
-    logits/loss   the transient logits copies at the loss (batch x seq x vocab, fp32)
+    logits/loss   the transient logits copies at the loss: batch x seq x vocab (fp32) in full, or
+                  one chunk of model.logits_chunk_tokens positions x vocab with model.logits
+                  chunked (dtrain.lm_head; the default where the model's head allows it)
 
 each divided over the ranks as each strategy really does it (see `strategy_memory`). The
 sum is a conservative peak: with gradient accumulation the gradients do coexist with a
@@ -76,6 +78,7 @@ class ModelShape:
     matmul_params: int  # weights used in matmuls per token (the tied head counted as a matmul)
     trainable_matmul_params: int
     notes: list[str] = field(default_factory=list)  # what the estimate had to assume about this model (dims' too)
+    chunkable_head: bool = False  # a causal LM head dtrain.lm_head can chunk (model.logits)
 
     @property
     def total(self) -> int:
@@ -213,6 +216,7 @@ def _dropout_on(config: Any, cfg: Config) -> str:
 def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = None) -> ModelShape:
     """The run's model built on the meta device, with its adapters and freezing: exact counts."""
     from dtrain.finetune import freeze
+    from dtrain.lm_head import chunkable
     from dtrain.model import load_model_config, transformer_blocks
     from dtrain.peft import apply_peft
 
@@ -242,6 +246,7 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
                      if cfg.peft.method == "qlora" else set())
         model = apply_peft(model, peft, cfg.model.task)
         freeze(model, cfg.freeze)
+        chunkable_head = cfg.model.task == "causal_lm" and chunkable(model) is None  # (adapters on the head: no)
     # After peft: its LoRA factors are new tensors inside the same block modules.
     block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
     params = [ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, block_of.get(id(p)))
@@ -263,7 +268,7 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
     if not vocab:
         vocab = model.get_input_embeddings().weight.shape[0]
     return ModelShape(dims=dims, vocab=vocab, params=params, matmul_params=matmul,
-                      trainable_matmul_params=trainable_matmul, notes=notes)
+                      trainable_matmul_params=trainable_matmul, notes=notes, chunkable_head=chunkable_head)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,12 +307,15 @@ def adamw_8bit_bytes(numels: list[int]) -> int:
 class Activations:
     """Per micro-batch of `batch` x `seq` tokens."""
 
-    saved: int  # saved for backward (the autograd graph), at the end of forward
+    saved: int  # saved for backward (the autograd graph), at the end of forward, on the device
     logits: int  # transient logits copies at the loss, on top of `saved`
+    overlap: int = 0  # counted in both, never alive together: the total counts it once
+    offloaded: int = 0  # saved in host memory instead (model.activation_offloading)
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp32", checkpointing: bool = False,
-                     mask: bool = False, attention: str = "sdpa", causal_lm: bool = True) -> Activations:
+                     mask: bool = False, attention: str = "sdpa", causal_lm: bool = True,
+                     logits_chunk: int = 0, offload: bool = False) -> Activations:
     """Bytes autograd keeps for backward for one micro-batch (Hugging Face Llama-family layer).
 
     `mode`: fp32 (fp32 weights, no autocast), bf16 (weights in bf16: model.dtype, DeepSpeed's
@@ -327,6 +335,16 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
     Outside the layers: the final norm, and the log-softmax output of the loss (fp32 logits).
     With activation checkpointing each layer keeps only its input; one layer at a time is
     recomputed during backward, so one layer's full set is added.
+
+    `logits_chunk` > 0 (dtrain.lm_head, model.logits=chunked): no logits are saved; the loss
+    keeps the gradient of the head's input (hidden-size per token) and, while it computes one
+    chunk, that chunk's fp32 logits, shifted logits, softmax (its gradient, in place) and, in a
+    16-bit compute dtype, the 16-bit logits and gradient: chunk x vocab x (12 + 2t). With
+    checkpointing, the chunk is computed (in forward, or at the start of backward) while no
+    layer is being recomputed: the two are counted once, the larger (`overlap`).
+
+    `offload` (model.activation_offloading): the decoder's saved tensors go to host memory; with
+    checkpointing the layers' inputs, without it every layer's set but the one in flight.
     """
     b, s, h, f = batch, seq, shape.dims.hidden, shape.dims.intermediate
     a, dh = shape.dims.heads, shape.dims.head_dim
@@ -352,15 +370,25 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
     rope = 2 * s * dh * 4  # cos and sin, shared by every layer
     head_in = norm(1)  # final norm (its output is lm_head's input)
     logits_saved = 4 * b * (s - 1) * shape.vocab if causal_lm else 0  # log_softmax output (fp32)
+    if causal_lm and logits_chunk:
+        logits_saved = tokens * h * residual  # the head input's gradient, computed in forward
     outside = head_in + rope + logits_saved + 8 * tokens  # + input ids
-    saved = shape.dims.layers * (residual * tokens * h if checkpointing else layer) + outside
+    per_layer = residual * tokens * h if checkpointing else layer
+    saved, offloaded = shape.dims.layers * per_layer + outside, 0
+    if offload:  # (and the decoder's final norm, which saves its input and its output)
+        offloaded = head_in + (shape.dims.layers * per_layer if checkpointing else (shape.dims.layers - 1) * layer)
+        saved -= offloaded
     if checkpointing:
         saved += layer  # the layer being recomputed in backward
     # At the loss: the logits in the compute dtype, their fp32 copy (when t != 4), the
     # reshaped fp32 slice cross_entropy reads; in backward a gradient of the same size.
     vocab_tokens = b * s * shape.vocab if causal_lm else 0
     logits = vocab_tokens * (t + (4 if t != 4 else 0) + 4)
-    return Activations(saved=saved, logits=logits)
+    overlap = 0
+    if causal_lm and logits_chunk:
+        logits = min(logits_chunk, tokens) * shape.vocab * (12 + (2 * t if t != 4 else 0))
+        overlap = min(logits, layer) if checkpointing else 0
+    return Activations(saved=saved, logits=logits, overlap=overlap, offloaded=offloaded)
 
 
 # --------------------------------------------------------------------------------------
@@ -405,10 +433,11 @@ class Memory:
     cpu: int = 0  # offloaded to host memory
     gathered: int = 0  # of `weights`: parameters gathered for compute (FSDP, ZeRO-3), not resident shards
     note: str = ""
+    overlap: int = 0  # of activations + logits: never alive together (a logits chunk, a recomputed layer)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits - self.overlap
 
 
 @dataclass
@@ -428,6 +457,8 @@ class RunShape:
     attention: str = "sdpa"
     causal_lm: bool = True
     fsdp_reshard: bool = True
+    logits_chunk: int = 0  # model.logits: positions per chunk when the head may be chunked; 0: full logits
+    offload_activations: bool = False  # model.activation_offloading
 
 
 def _shard_rows(shape: tuple[int, ...], world: int) -> int:
@@ -463,8 +494,6 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     infos = shape.params
 
     def stored(p: ParamInfo) -> int:  # bytes per element as loaded for dtrain's torch strategies
-        if qlora and not p.quantized:
-            return 4  # prepare_model_for_kbit_training upcasts the rest; peft keeps adapters fp32
         if p.trainable and run.peft != "none":
             return 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
         return weight_bytes
@@ -490,7 +519,9 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     if bf16 and spec.layout != "replicated":
         mode = "bf16"  # ZeRO's engine casts the module to bf16; FSDP's MixedPrecisionPolicy gathers bf16
     act = activation_bytes(shape, run.micro_batch, run.seq, mode=mode, checkpointing=run.checkpointing,
-                           mask=run.mask, attention=run.attention, causal_lm=run.causal_lm)
+                           mask=run.mask, attention=run.attention, causal_lm=run.causal_lm,
+                           logits_chunk=run.logits_chunk if shape.chunkable_head else 0,
+                           offload=run.offload_activations)
     if mode == "autocast":
         # autocast casts each matmul weight to bf16 once per forward; backward needs the copies.
         act.saved += 2 * shape.matmul_params
@@ -504,7 +535,7 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
             opt = adamw_8bit_bytes([p.numel for p in trainable])
         else:
             opt = sum(adamw_bytes([p.numel], stored(p)) for p in trainable)
-        return Memory(spec.name, weights, grads, opt, act.saved, act.logits)
+        return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=act.offloaded, overlap=act.overlap)
 
     if spec.layout == "sharded":
         compute = 2 if bf16 else None
@@ -526,11 +557,11 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
             gathered = 0  # one rank, on the device, no dtype cast: the shard is the parameter itself
         block_grads = max((sum(p.numel * 4 for p in ps if p.trainable) for k, ps in blocks.items() if k is not None),
                           default=0) if N > 1 or spec.offload else 0
-        cpu = 0
+        cpu = act.offloaded
         if spec.offload:
-            cpu, weights, grads, opt = weights + grads + opt, 0, 0, 0
+            cpu, weights, grads, opt = cpu + weights + grads + opt, 0, 0, 0
         return Memory(spec.name, weights + gathered, grads + block_grads, opt, act.saved, act.logits, cpu=cpu,
-                      gathered=gathered)
+                      gathered=gathered, overlap=act.overlap)
 
     # DeepSpeed ZeRO
     module_bytes = 2 if bf16 else weight_bytes
@@ -550,14 +581,15 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
         weights = math.ceil(P / N) * module_bytes + gathered
     else:
         weights = P * module_bytes
-    opt, cpu = master + moments, 0
+    opt, cpu = master + moments, act.offloaded
     if spec.offload:
-        cpu = master + moments + 4 * part
+        cpu += master + moments + 4 * part
         opt, grads = 0, (bucket if spec.stage > 1 else Pt * module_bytes)
         if spec.stage == 3:
             cpu += math.ceil(P / N) * module_bytes
             weights -= math.ceil(P / N) * module_bytes
-    return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=cpu, gathered=gathered)
+    return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=cpu, gathered=gathered,
+                  overlap=act.overlap)
 
 
 def strategies_for(world: int) -> list[StrategySpec]:
@@ -640,7 +672,9 @@ def run_shape(cfg: Config, world: int, **changes: Any) -> RunShape:
                    # (transformers still builds one square bool mask per forward then; not counted).
                    mask=not (flash or (cfg.model.attn_implementation == "sdpa_varlen" and cfg.data.packing)),
                    attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
-                   causal_lm=cfg.model.task == "causal_lm", fsdp_reshard=cfg.parallel.fsdp.reshard_after_forward)
+                   causal_lm=cfg.model.task == "causal_lm", fsdp_reshard=cfg.parallel.fsdp.reshard_after_forward,
+                   logits_chunk=0 if cfg.model.logits == "full" else cfg.model.logits_chunk_tokens,
+                   offload_activations=cfg.model.activation_offloading)
     for key, value in changes.items():
         setattr(run, key, value)
     return run
@@ -701,6 +735,17 @@ def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels:
         m = first_fit(est.shape, run_shape(cfg, world, checkpointing=True))
         if m:
             lines.append(f"  - activation checkpointing (model.gradient_checkpointing=true): {m.strategy}, "
+                         f"{m.total / GiB:.2f} GiB")
+    if not est.run.offload_activations:
+        m = first_fit(est.shape, run_shape(cfg, world, checkpointing=True, offload_activations=True))
+        if m:
+            lines.append(f"  - activation offloading (model.activation_offloading=true"
+                         f"{'' if est.run.checkpointing else ', with checkpointing'}): {m.strategy}, "
+                         f"{m.total / GiB:.2f} GiB")
+    if est.run.optim not in ("adamw_8bit", "paged_adamw_8bit"):
+        m = first_fit(est.shape, run_shape(cfg, world, optim="adamw_8bit"))
+        if m:
+            lines.append(f"  - 8-bit AdamW (optim.name=adamw_8bit or paged_adamw_8bit): {m.strategy}, "
                          f"{m.total / GiB:.2f} GiB")
     b = est.run.micro_batch
     while b > 1:
@@ -775,7 +820,10 @@ def format_estimate(est: Estimate) -> str:
         f"per device: micro-batch {r.micro_batch} x {r.seq} tokens, activation checkpointing "
         f"{'on' if r.checkpointing else 'off'}, attention {r.attention}"
         + (" with a mask (padded or packed batches)" if r.mask else " without a mask (flash-attention or sdpa_varlen on packed rows)")
-        + f", optimizer {r.optim}",
+        + f", optimizer {r.optim}"
+        + (f"; the loss over chunks of {r.logits_chunk} positions" if s.chunkable_head and r.logits_chunk else
+           "; the loss over the full logits" if r.causal_lm else "")
+        + ("; activations offloaded" if r.offload_activations else ""),
         "",
         f"memory per device ({unit_name}):",
         f"  {'strategy':<15}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'logits':>9}"
@@ -788,6 +836,9 @@ def format_estimate(est: Estimate) -> str:
         lines.append(f"  {m.strategy:<15}{_size(m.weights, unit):>10}{_size(m.gradients, unit):>10}"
                      f"{_size(m.optimizer, unit):>11}{_size(m.activations, unit):>13}{_size(m.logits, unit):>9}"
                      f"{_size(m.total, unit):>10}{_size(m.cpu, unit):>9}  {'yes' if _fits(m, est.gpu_memory) else 'NO'}")
+    if any(m.overlap for m in est.rows):
+        lines.append("  (total: a chunk's logits and the layer recomputed in backward are never alive together: "
+                     "the larger is counted)")
     if est.peft_rows:
         names = [m.strategy for m in est.rows]
         lines += ["", f"total per device ({unit_name}) with another PEFT mode:",

@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dtrain import attention, presets  # (importing attention registers sdpa_varlen)
+from dtrain import activation_offload, attention, lm_head, presets  # (importing attention registers sdpa_varlen)
 from dtrain.schema import SEQUENCE_HEADS, ConfigError, DropoutConfig, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -231,6 +231,14 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.activation_offloading:
+        activation_offload.enable(model, device)
+    if cfg.task == "causal_lm" and cfg.logits != "full":
+        why_not = lm_head.chunkable(model)
+        if why_not is not None and cfg.logits == "chunked":
+            raise ConfigError(f"model.logits=chunked: the LM head of {path} cannot be chunked: {why_not}; "
+                              "set model.logits=auto (or full)")
+        lm_head.install(model, cfg.logits_chunk_tokens)
     return model
 
 

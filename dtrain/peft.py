@@ -74,7 +74,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, gradient_checkpoint
     """Wrap `model` with (Do)LoRA adapters; only the adapters (and a classification head) train."""
     if cfg.method == "none":
         return model
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, TaskType, get_peft_model
 
     check_target_modules(model, cfg)
     try:
@@ -89,13 +89,11 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, gradient_checkpoint
     except ValueError as exc:  # (the schema's constraints cover peft's; this is a safety net)
         raise ConfigError(f"peft.*: peft refuses the adapter config (peft.method={cfg.method}, peft.r={cfg.r}, "
                           f"peft.alpha={cfg.alpha}, peft.dropout={cfg.dropout}): {_first_line(exc)}") from None
-    if cfg.method == "qlora":
-        # Freezes the base, upcasts norms and the head to fp32 for stability, and (with
-        # checkpointing) makes the inputs require grad; the model's own setting is kept.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
+    # QLoRA: not peft's prepare_model_for_kbit_training, which upcasts every weight that is not
+    # 4-bit to fp32: for an 8B Llama the embeddings and the LM head alone would grow from 2 GiB
+    # to 4 GiB. They stay in model.dtype (as torchtune keeps them); the loss is computed in fp32
+    # all the same (dtrain.lm_head), and get_peft_model freezes the base.
+    if gradient_checkpointing:
         # With checkpointing and frozen embeddings, inputs must require grad or no grad flows.
         model.enable_input_require_grads()
     try:

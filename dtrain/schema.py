@@ -62,7 +62,19 @@ class ModelConfig(Section):
         "auto", description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa; "
                             "on CPU sdpa_varlen (SDPA run per example on packed rows; plain SDPA otherwise).")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing: recompute activations in backward.")
+    activation_offloading: bool = Field(False, description="Keep what the decoder saves for backward in host "
+                                        "memory (pinned, copied on a side stream on CUDA); with "
+                                        "model.gradient_checkpointing only the layers' inputs.")
     compile: bool = Field(False, description="torch.compile each transformer block (torch strategies).")
+    logits: Literal["auto", "chunked", "full"] = Field(
+        "auto", description="How a causal LM's loss reads its head: chunked (the LM head and the loss computed "
+        "together, model.logits_chunk_tokens positions at a time, so that the tokens x vocabulary logits are never "
+        "held whole: dtrain/lm_head.py), full (the whole logits, as transformers returns them); auto: chunked when "
+        "the model's head is a plain linear layer with nothing applied to its logits (Llama, Qwen2, Mistral, GPT-2; "
+        "not Gemma's soft-capping), else full.")
+    logits_chunk_tokens: int = Field(256, ge=1, description="model.logits=chunked: positions per chunk (each chunk "
+                                     "holds chunk x vocabulary fp32 logits and their gradient: 0.5 GiB at 256 x "
+                                     "Llama 3's 128,256).")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
 

@@ -37,6 +37,7 @@ from dtrain.data.report import write_report
 from dtrain.diagnose import write_learning_report
 from dtrain.evaluation import describe, evaluate
 from dtrain.finetune import freeze
+from dtrain.lm_head import chunked_head
 from dtrain.model import (apply_dropout, autocast, compile_blocks, count_parameters, load_frozen_model, load_model,
                           load_model_config, load_tokenizer, position_limit, quantization_config,
                           quiet_progress_bars)
@@ -192,6 +193,9 @@ def build_model(cfg: Config, tokenizer: Any, label_names: list[str] | None, stra
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is longer than the {limit} positions "
                           f"{cfg.model.path} has embeddings for; set data.max_seq_len to {limit} or less")
     model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
+    if cfg.model.logits == "chunked" and chunked_head(model) is None:
+        raise ConfigError("model.logits=chunked: the LM head (lm_head) carries an adapter, which adds to its logits, "
+                          "so they cannot be chunked; take lm_head out of peft.target_modules, or set model.logits=auto")
     freeze(model, cfg.freeze)
     if cfg.model.compile:
         compile_blocks(model)

@@ -31,6 +31,10 @@ STRATEGIES = {
     "zero2": ["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero2.json"],
     "zero3": ["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero3.json"],
 }
+# The LM head and the loss in chunks of 96 positions (model.logits=auto chunks the tiny Llama's
+# head): several chunks per micro-batch, in every run of this module.
+CHUNKS = "model.logits_chunk_tokens=96"
+FULL_LOGITS = ["model.logits=full"]
 # LoRA dropout draws per-rank random numbers, which no other world size can reproduce.
 LORA = ["peft.method=lora", "peft.dropout=0", "optim.lr=1e-2"]
 
@@ -38,7 +42,8 @@ LORA = ["peft.method=lora", "peft.dropout=0", "optim.lr=1e-2"]
 def common(model_dir: Path) -> list[str]:
     return [f"model.path={model_dir}", f"data.train={ALPACA}", "data.format=alpaca", "data.max_seq_len=256",
             f"train.max_steps={STEPS}", "train.log_every=1", "optim.lr=2e-3", "schedule.warmup_steps=2",
-            "eval.max_batches=4", "logging.tensorboard=false", "logging.progress_bar=false", "seed=7"]
+            "eval.max_batches=4", "logging.tensorboard=false", "logging.progress_bar=false", "seed=7",
+            CHUNKS]
 
 
 def torchrun(spec: dict, out: Path, *, nproc: int = 2, timeout: float = 900, env: dict | None = None) -> list[dict]:
@@ -64,12 +69,19 @@ def distributed_runs(tiny_model_dir, tmp_path_factory):
     for name, overrides in STRATEGIES.items():
         runs[name] = strategies + overrides
         runs[f"{name}_lora"] = strategies + overrides + LORA
+        runs[f"{name}_full_logits"] = strategies + overrides + FULL_LOGITS
     runs.update({name: matrix_base(tiny_model_dir, out / "matrix-cache") + overrides
                  for name, overrides in matrix(tiny_model_dir).items()})
     runs.update({f"{objective}-{strategy}{suffix}": preference_run(tiny_model_dir, out / "preference-cache", objective,
                                                                    micro_batch=2, extra=STRATEGIES[strategy] + lora)
                  for objective in PREFERENCE for strategy in ("ddp", "fsdp", "zero3")
                  for suffix, lora in (("", []), ("_lora", LORA))})
+    runs.update({f"{strategy}-distill-lora_full_logits": matrix_base(tiny_model_dir, out / "matrix-cache")
+                 + STRATEGIES[strategy] + TECHNIQUES["distill-lora"](tiny_model_dir) + FULL_LOGITS
+                 for strategy in ("ddp", "fsdp", "zero3")})
+    runs.update({f"dpo-{strategy}_full_logits": preference_run(tiny_model_dir, out / "preference-cache", "dpo",
+                                                               micro_batch=2, extra=STRATEGIES[strategy] + FULL_LOGITS)
+                 for strategy in ("fsdp", "zero3")})
     runs["dpo-fsdp-precomputed"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
                                                   extra=STRATEGIES["fsdp"] + ["preference.precompute_reference=true"])
     runs["dpo-fsdp_qlora"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
@@ -113,6 +125,24 @@ def test_loss_curve_matches_single_process(strategy_runs, single_runs, strategy,
         assert b == pytest.approx(a, abs=1e-5, rel=0), f"{strategy}{suffix} step {step}: {b} vs single {a}"
     assert got["final"]["eval_loss"] == pytest.approx(reference.final_metrics["eval_loss"], abs=1e-5, rel=0)
     assert ranks[1][strategy + suffix]["losses"] == got["losses"]  # every rank logs the global loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [*STRATEGIES, *(f"{strategy}-distill-lora" for strategy in ("ddp", "fsdp", "zero3")),
+                                 "dpo-fsdp", "dpo-zero3"])
+def test_chunked_logits_equal_full_logits_under_every_strategy(distributed_runs, run):
+    # The LM head and the loss in chunks against the whole logits, same strategy: the step's
+    # loss at every step (so the weights after each update) and the evaluation. ZeRO-3 gathers
+    # the head's weight for the chunks; a distilling teacher's head is copied out of FSDP's
+    # and ZeRO-3's gathered weights; DPO's full fine-tuning recomputes the chunks in backward.
+    _, ranks = distributed_runs
+    chunked, full = ranks[0][run], ranks[0][f"{run}_full_logits"]
+    assert "config_error" not in chunked and "config_error" not in full, (chunked, full)
+    assert len(chunked["losses"]) == len(full["losses"]) > 1
+    assert chunked["losses"] == pytest.approx(full["losses"], abs=1e-5, rel=0), run
+    for key, value in full["final"].items():
+        if isinstance(value, float):
+            assert chunked["final"][key] == pytest.approx(value, abs=1e-5), (run, key)
 
 
 @pytest.mark.slow
@@ -193,7 +223,7 @@ def matrix_base(model_dir: Path, cache: Path) -> list[str]:
     return [f"model.path={model_dir}", f"data.train={ALPACA}", "data.format=alpaca", "data.max_seq_len=256",
             "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.log_every=1",
             "eval.max_batches=1", "logging.tensorboard=false", "logging.progress_bar=false",
-            f"data.cache_dir={cache}"]
+            f"data.cache_dir={cache}", CHUNKS]
 
 
 def matrix(model_dir: Path) -> dict[str, list[str]]:
@@ -300,7 +330,7 @@ def preference_run(model_dir: Path, cache: Path, objective: str, *, micro_batch:
     return [f"model.path={model_dir}", *PREFERENCE[objective], f"train.objective={objective}", "data.max_seq_len=320",
             f"train.max_steps={PREFERENCE_STEPS}", f"train.micro_batch_size={micro_batch}", "train.log_every=1",
             "optim.lr=5e-3", "eval.max_batches=2", "logging.tensorboard=false", "logging.progress_bar=false",
-            f"data.cache_dir={cache}", "seed=3", *extra, *(["optim.lr=3e-4"] if objective == "reward_model" else [])]
+            f"data.cache_dir={cache}", "seed=3", CHUNKS, *extra, *(["optim.lr=3e-4"] if objective == "reward_model" else [])]
 
 
 @pytest.fixture(scope="module")

@@ -224,12 +224,18 @@ def test_a_config_without_a_dimension_is_one_clear_error():
         model_dims(PretrainedConfig(hidden_size=64))
 
 
-def test_qlora_counts_and_4bit_weight_bytes_match_the_quantised_model(make_config, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_counts_and_4bit_weight_bytes_match_the_quantised_model(make_config, tmp_path, dtype):
     """Logical parameter counts and the stored bytes of the 4-bit base (packed data + the
-    quantisation state bitsandbytes keeps beside it) against a really quantised model."""
-    cfg = make_config("peft.method=qlora", "peft.r=8")
+    quantisation state bitsandbytes keeps beside it) against a really quantised model. The
+    weights that are not quantised (embeddings, head, norms) stay in model.dtype: no fp32
+    upcast; the adapters are fp32."""
+    cfg = make_config("peft.method=qlora", "peft.r=8", f"model.dtype={dtype}")
     shape = model_shape(cfg)
     model, _ = built(cfg, tmp_path)
+    for name, p in model.named_parameters():
+        if getattr(p, "quant_state", None) is None:
+            assert p.dtype == (torch.float32 if "lora_" in name else getattr(torch, dtype)), name
     lora_cfg = make_config("peft.method=lora", "peft.r=8")
     assert (shape.trainable, shape.total) == count_parameters(built(lora_cfg, tmp_path / "lora")[0])
     stored = []
@@ -239,7 +245,7 @@ def test_qlora_counts_and_4bit_weight_bytes_match_the_quantised_model(make_confi
         if qs is not None:
             stored += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
     measured = sum(t.numel() * t.element_size() for t in stored)
-    est = strategy_memory(shape, RunShape(peft="qlora"), SINGLE)
+    est = strategy_memory(shape, RunShape(peft="qlora", dtype=dtype), SINGLE)
     print(f"QLoRA weights: estimate {est.weights:,} B, measured {measured:,} B, ratio {est.weights / measured:.4f}")
     # The quantisation code (a 16-entry table per layer) and offsets are counted approximately.
     assert est.weights == pytest.approx(measured, rel=0.02), (est.weights, measured)
@@ -445,3 +451,45 @@ def test_per_rank_state_matches_the_running_strategies(tiny_model_dir, tmp_path)
         exact = name in ("ddp", "fsdp")  # DeepSpeed pads its flat partitions and keeps tiny params whole
         for key in ("parameters", "optimizer"):
             assert estimated[key] == (measured[key] if exact else pytest.approx(measured[key], rel=0.05)), (name, key)
+
+
+@pytest.fixture(scope="module")
+def big_vocab_dir(tmp_path_factory):
+    """A 2-layer, hidden-64 Llama with a 32,000-token vocabulary: the logits dominate its step."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dtrain.presets import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("big-vocab")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ac", "ac"])
+def test_the_logits_term_full_and_chunked_within_25_percent(make_config, big_vocab_dir, tmp_path, checkpointing):
+    """The step's peak with a large vocabulary, where the logits are most of it, for the full
+    logits and the chunked loss (model.logits): the estimate against the measured peak, and the
+    chunked step at most half the full one."""
+    from dtrain.estimate import run_shape
+
+    b, s = 2, 256
+    batch = batch_of(b, s, 260, packed=False)
+    measured, estimated = {}, {}
+    for logits in ("full", "chunked"):
+        cfg = make_config(f"model.path={big_vocab_dir}", f"model.logits={logits}", "model.logits_chunk_tokens=64",
+                          f"model.gradient_checkpointing={str(checkpointing).lower()}")
+        model, strategy = built(cfg, tmp_path / logits)
+        model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
+        model.train()
+        measured[logits] = _step_peak(model, optimizer, batch)["Total"]
+        estimated[logits] = strategy_memory(model_shape(cfg), run_shape(cfg, 1, micro_batch=b, seq=s), SINGLE).total
+        print(f"vocab 32000, {b}x{s} tokens, {logits} logits, AC {'on' if checkpointing else 'off'}: estimate "
+              f"{estimated[logits]:,} B, measured {measured[logits]:,} B (ratio "
+              f"{estimated[logits] / measured[logits]:.3f})")
+        assert estimated[logits] == pytest.approx(measured[logits], rel=0.25)
+    assert measured["chunked"] <= 0.5 * measured["full"]

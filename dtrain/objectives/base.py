@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
+from dtrain.lm_head import model_inputs
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
     from dtrain.schema import Config, ModelConfig
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass
@@ -162,17 +162,10 @@ def head_format_mismatch(cls: type[Objective], cfg: "Config") -> str:
 
 
 def logits_and_labels(model: nn.Module, batch: dict[str, torch.Tensor], *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits and the labels they predict (`shift`: causal LM, each position predicts the next token)."""
-    # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or
-    # (flattened, for flash-attention) no mask. No KV cache: nothing is generated here.
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "attention_mask" not in batch and "position_ids" in batch and batch["input_ids"].shape[0] == 1:
-        # Flattened: the example boundaries once per forward, in the keyword arguments that
-        # flash-attention and sdpa_varlen take (each layer would otherwise derive them again).
-        from dtrain.attention import varlen_kwargs  # (transformers' attention code: loaded only to run a model)
-
-        inputs.update(varlen_kwargs(batch["position_ids"]))
-    logits = model(**inputs, use_cache=False).logits.float()
+    """fp32 logits, in full, and the labels they predict (`shift`: causal LM, each position
+    predicts the next token). A causal LM's objectives ask dtrain.lm_head for what they need
+    from the logits instead, which never holds them whole."""
+    logits = model(**model_inputs(batch), use_cache=False).logits.float()
     labels = batch["labels"]
     if shift:
         logits, labels = logits[:, :-1, :], labels[:, 1:]

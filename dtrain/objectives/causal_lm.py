@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
+from dtrain.lm_head import CrossEntropy, Scores, head_outputs
 from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, logits_and_labels,
-                                    loss_metrics, scored_labels)
+                                    loss_metrics)
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -45,7 +46,9 @@ class CausalLM(Objective):
         generation = ["exact_match", "contains_answer"] if cfg.eval.generation.enabled else []
         return ["loss", "perplexity", *generation]
 
-    # The parts distillation reuses: the forward pass, and the loss of its logits.
+    # The loss and the scores come from the LM head through dtrain.lm_head, chunked when the
+    # model's head is (model.logits). An objective built on this one that needs the full logits
+    # (a z-loss over the normaliser) has them from `predict`, and their loss from `loss_of`.
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return logits_and_labels(model, batch, shift=True)
@@ -57,10 +60,10 @@ class CausalLM(Objective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_of(*self.predict(model, batch))
+        return head_outputs(model, batch, CrossEntropy(batch["labels"], self.label_smoothing))
 
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
-        scored = scored_labels(*self.predict(model, batch))
+        scored = head_outputs(model, batch, Scores(batch["labels"]))
         targets = scored["labels"] != IGNORE_INDEX
         return {"loss": scored["token_loss"].sum(), "targets": targets.sum()}, scored
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain import lm_head
 from dtrain.data.formats import IGNORE_INDEX
+from dtrain.lm_head import Hidden, head_outputs
 from dtrain.objectives.base import Objective
 from dtrain.objectives.causal_lm import CausalLM
 from dtrain.objectives.classification import Classification
@@ -68,7 +70,8 @@ class Distillation(Objective):
     @classmethod
     def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
         teacher = cfg.model.model_copy(update={"path": cfg.distill.teacher, "tokenizer": None,
-                                               "gradient_checkpointing": False, "compile": False})
+                                               "gradient_checkpointing": False, "activation_offloading": False,
+                                               "compile": False})
         return {TEACHER: teacher}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -77,6 +80,13 @@ class Distillation(Objective):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.teacher is None:
             raise RuntimeError("distillation was built without its teacher (only for evaluation)")
+        if isinstance(self.task, CausalLM):
+            # Over the vocabulary, from the LM heads: the student's chunked with the teacher's
+            # (dtrain.lm_head), so that neither model's logits are ever held whole.
+            with torch.no_grad():
+                teacher = head_outputs(self.teacher, batch, Hidden())
+            return head_outputs(model, batch, lm_head.Distillation(
+                batch["labels"], teacher, self.alpha, self.temperature, self.task.label_smoothing))
         logits, labels = self.task.predict(model, batch)
         with torch.no_grad():
             teacher_logits, _ = self.task.predict(self.teacher, batch)

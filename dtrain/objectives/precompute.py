@@ -90,7 +90,7 @@ def compute(objective: "PreferenceObjective", data: "PreparedData", model: nn.Mo
         from dtrain.model import load_frozen_model, load_tokenizer
 
         spec = cfg.model.model_copy(update={"path": other, "tokenizer": None, "gradient_checkpointing": False,
-                                            "compile": False})
+                                            "activation_offloading": False, "compile": False})
         loaded = strategy.wrap_frozen(load_frozen_model(spec, REFERENCE, load_tokenizer(cfg.model), num_labels=None,
                                                         seed=cfg.seed, device=strategy.device))
         reference = Reference("copy", loaded)

@@ -104,7 +104,8 @@ class PreferenceObjective(Objective):
         if not cls.uses_reference or reference_mode(cfg) != "copy" or cfg.preference.precompute_reference:
             return {}
         copy = cfg.model.model_copy(update={"path": cfg.preference.reference_model or cfg.model.path,
-                                            "tokenizer": None, "gradient_checkpointing": False, "compile": False})
+                                            "tokenizer": None, "gradient_checkpointing": False,
+                                            "activation_offloading": False, "compile": False})
         return {REFERENCE: copy}
 
     # ---- during the run

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
-from dtrain.objectives.base import logits_and_labels
+from dtrain.lm_head import TokenLogprobs, head_outputs
 
 if TYPE_CHECKING:
     from dtrain.schema import Config
@@ -35,15 +36,13 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str
     how many there are; with `whole`, the same over all its tokens too (prompt included). `prefix`
     selects another set of sequences of the batch (kl_: KTO's)."""
     inputs = {key[len(prefix):]: value for key, value in batch.items() if key.startswith(prefix)}
-    logits, labels = logits_and_labels(model, inputs, shift=True)
-    masks = [labels != IGNORE_INDEX]
-    if whole:  # every token but a sequence's first (and padding)
+    labels = inputs["labels"]
+    masks = [labels[:, 1:] != IGNORE_INDEX]
+    if whole:  # every token but a sequence's first (and padding): the responses' labels are among them
         masks.append(inputs["position_ids"][:, 1:] != 0 if "position_ids" in inputs
                      else inputs["attention_mask"][:, 1:].bool())
-        labels = torch.where(masks[1], inputs["input_ids"][:, 1:], IGNORE_INDEX)
-    # log_softmax at the label only: logit - logsumexp, without a second vocabulary-sized tensor.
-    log_z = torch.logsumexp(logits, dim=-1)
-    token_logps = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - log_z
+        labels = F.pad(torch.where(masks[1], inputs["input_ids"][:, 1:], IGNORE_INDEX), (1, 0), value=IGNORE_INDEX)
+    token_logps = head_outputs(model, inputs, TokenLogprobs(labels))  # (B, T - 1), position t scores token t + 1
     out = []
     for mask in masks:
         out += _per_sequence(token_logps * mask, mask, inputs)

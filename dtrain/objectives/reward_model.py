@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.objectives.base import MODEL_INPUTS
+from dtrain.lm_head import MODEL_INPUTS
 from dtrain.objectives.preference import PreferenceObjective
 
 METRICS = ["loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"]
