@@ -3,6 +3,15 @@
     python benchmarks/gpu.py                       # on a GPU: ~1B Llama, full and LoRA, each strategy; 8B QLoRA
     python benchmarks/gpu.py --device cpu --tiny   # smoke test of the same code paths on a CPU
 
+Memory options (model.logits, model.gradient_checkpointing, model.activation_offloading,
+model.compile), each measured on the ~1B full fine-tune (single) and on the 8B QLoRA:
+
+    full          the whole logits (model.logits=full: dtrain before the chunked loss)
+    chunked       the LM head and the loss in chunks (the default)
+    +ac           and activation checkpointing
+    +ac+offload   and activation offloading
+    +compile      and compiled decoder blocks (1B only)
+
 1. Peak: the device's measured bf16 matmul rate (best of several timed loops of square
    matmuls), the denominator of MFU.
 2. A ~1B Llama from config (hidden 2048, 22 layers, 32 heads / 4 KV heads, intermediate 5632,
@@ -19,8 +28,8 @@
 3. QLoRA peak memory for a Llama-3-8B-shaped model (the llama3-8b preset) with random weights
    at seq 2048: built on the meta device, each linear layer of the blocks materialised in bf16
    and quantised to NF4 one at a time (no full-precision 8B copy ever exists), then dtrain's
-   apply_peft (prepare_model_for_kbit_training + LoRA) and one training step with activation
-   checkpointing.
+   memory options and apply_peft (LoRA; embeddings and head stay bf16), then two training steps
+   with activation checkpointing; the peak against the estimate for the same options.
 
 Prints a table and writes JSON lines to --out (default: stdout only).
 """
@@ -40,6 +49,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = ["single", "fsdp", "zero2", "zero3", "zero2+offload", "fsdp+offload", "zero3+offload"]
+OPTIONS = {
+    "full": ["model.logits=full"],
+    "chunked": ["model.logits=chunked"],
+    "chunked+ac": ["model.logits=chunked", "model.gradient_checkpointing=true"],
+    "chunked+ac+offload": ["model.logits=chunked", "model.gradient_checkpointing=true",
+                           "model.activation_offloading=true"],
+    "chunked+compile": ["model.logits=chunked", "model.compile=true"],
+}
+QLORA_OPTIONS = ["full", "chunked+ac", "chunked+ac+offload"]  # (QLoRA always checkpoints here)
 DS_JSON = {"zero2": "ds_configs/zero2.json", "zero3": "ds_configs/zero3.json",
            "zero2+offload": "ds_configs/zero2_offload.json", "zero3+offload": "ds_configs/zero3_offload.json"}
 
@@ -104,15 +122,16 @@ def strategy_overrides(case: str) -> list[str]:
     return ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={DS_JSON[case]}"]
 
 
-def run_case(args, case: str, peft: str) -> dict:
-    """One strategy x peft case, in this process: dtrain's step, timed, with peak memory."""
+def run_case(args, case: str, peft: str, option: str) -> dict:
+    """One strategy x peft x memory option case, in this process: dtrain's step, timed, with peak memory."""
     from dtrain.config import load_config
     from dtrain.parallel import build_strategy
 
     extra = ["peft.method=lora", "peft.r=16", "peft.alpha=32", "peft.dropout=0"] if peft == "lora" else []
-    cfg = load_config(None, llama_overrides(args) + strategy_overrides(case) + extra + [f"output_dir={args.work}/run"])
+    cfg = load_config(None, llama_overrides(args) + strategy_overrides(case) + extra + OPTIONS[option]
+                      + [f"output_dir={args.work}/run"])
     with build_strategy(cfg) as strategy:
-        return _timed_case(args, cfg, case, peft, strategy)
+        return {**_timed_case(args, cfg, case, peft, strategy), "option": option}
 
 
 def _timed_case(args, cfg, case: str, peft: str, strategy) -> dict:
@@ -168,7 +187,7 @@ def _timed_case(args, cfg, case: str, peft: str, strategy) -> dict:
 # QLoRA, 8B on the meta device, quantised layer by layer
 
 
-def qlora_peak(args) -> dict:
+def qlora_peak(args, option: str) -> dict:
     import bitsandbytes as bnb
     from torch import nn
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -176,7 +195,7 @@ def qlora_peak(args) -> dict:
 
     from dtrain.config import load_config
     from dtrain.estimate import model_shape, run_shape, strategy_memory, STRATEGIES
-    from dtrain.model import autocast, keep_4bit_training_kernel
+    from dtrain.model import apply_memory_options, autocast, keep_4bit_training_kernel
     from dtrain.objectives import CausalLM
     from dtrain.optim import build_optimizer
     from dtrain.peft import apply_peft
@@ -189,8 +208,8 @@ def qlora_peak(args) -> dict:
     seq = 64 if args.tiny else 2048
     cfg = load_config(None, [f"model.path={preset}", "peft.method=qlora", "peft.r=16", "peft.alpha=32",
                              "peft.dropout=0", "model.gradient_checkpointing=true", "train.precision=bf16",
-                             "model.dtype=bfloat16", "train.micro_batch_size=1", f"data.max_seq_len={seq}",
-                             f"parallel.device={args.device}"])
+                             "model.dtype=bfloat16", f"train.micro_batch_size={1 if args.tiny else 2}",
+                             f"data.max_seq_len={seq}", f"parallel.device={args.device}", *OPTIONS[option]])
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     with torch.device("meta"):
@@ -198,6 +217,7 @@ def qlora_peak(args) -> dict:
     # What from_pretrained(quantization_config=...) does: Linear -> Linear4bit, head kept.
     model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"], quantization_config=quant)
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # (the weights drawn on the device: the same in every option's run)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for module in model.modules():
@@ -217,27 +237,28 @@ def qlora_peak(args) -> dict:
     model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # its buffers were on meta
     model.is_loaded_in_4bit = True
     keep_4bit_training_kernel(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(model, cfg.model, device, preset)  # (what load_model does after loading)
     model = apply_peft(model, cfg.peft, "causal_lm", gradient_checkpointing=True)  # dtrain's QLoRA path
     model.train()
     after_load = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     optimizer = build_optimizer(model, cfg.optim)
-    ids = torch.randint(4, config.vocab_size, (1, seq), generator=gen).to(device)
+    batch_size = cfg.train.micro_batch_size
+    ids = torch.randint(4, config.vocab_size, (batch_size, seq), generator=gen).to(device)
     batch = {"input_ids": ids, "labels": ids}
     for _ in range(2):  # the second step has the optimizer state from the start
         with autocast("bf16", device):
             loss_sum = CausalLM().loss(model, batch)
-        (loss_sum / (seq - 1)).backward()
+        (loss_sum / (batch_size * (seq - 1))).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     single = next(s for s in STRATEGIES if s.name == "single")
     mem = strategy_memory(model_shape(cfg), run_shape(cfg, 1, mask=False), single)
-    return {"case": f"qlora {preset} seq {seq}", "peak_bytes": peak, "after_load_bytes": after_load,
+    return {"case": f"qlora {preset} {batch_size}x{seq}", "option": option, "peak_bytes": peak, "after_load_bytes": after_load,
             "estimate_bytes": mem.total, "estimate": {"weights": mem.weights, "gradients": mem.gradients,
                                                      "optimizer": mem.optimizer, "activations": mem.activations,
                                                      "logits": mem.logits},
-            "loss": (loss_sum / (seq - 1)).item()}
+            "loss": (loss_sum / (batch_size * (seq - 1))).item()}
 
 
 # --------------------------------------------------------------------------------------
@@ -253,6 +274,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--pefts", default="none,lora")
+    parser.add_argument("--options", default=",".join(OPTIONS), help="memory options run on single, full fine-tuning")
     parser.add_argument("--skip-qlora", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
     parser.add_argument("--work", default=None, help="scratch directory (model, runs)")
@@ -274,11 +296,11 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
 
     if args.one:
-        case, peft = args.one.split(":")
+        case, peft, option = args.one.split(":")
         if case == "qlora":
-            print("RESULT " + json.dumps(qlora_peak(args)))
+            print("RESULT " + json.dumps(qlora_peak(args, option)))
         else:
-            print("RESULT " + json.dumps(run_case(args, case, peft)))
+            print("RESULT " + json.dumps(run_case(args, case, peft, option)))
         return
 
     if args.peak_tflops is None:
@@ -288,12 +310,13 @@ def main() -> None:
     print(f"device: {name}; measured bf16 matmul peak {args.peak_tflops:.3g} TFLOP/s; "
           f"memory {args.gpu_memory_bytes / 2**30:.1f} GiB", flush=True)
     make_model_dir(args)
-    jobs = [(c, p) for p in args.pefts.split(",") for c in args.cases.split(",")]
+    jobs = [(c, p, "chunked") for p in args.pefts.split(",") for c in args.cases.split(",")]
+    jobs += [("single", "none", option) for option in args.options.split(",") if option != "chunked"]
     if not args.skip_qlora:
-        jobs.append(("qlora", "qlora"))
+        jobs += [("qlora", "qlora", option) for option in QLORA_OPTIONS]
     results = []
-    for case, peft in jobs:
-        cmd = [sys.executable, __file__, "--one", f"{case}:{peft}", "--device", args.device, "--batch", str(args.batch),
+    for case, peft, option in jobs:
+        cmd = [sys.executable, __file__, "--one", f"{case}:{peft}:{option}", "--device", args.device, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--peak-tflops", str(args.peak_tflops), "--work", args.work] + (["--tiny"] if args.tiny else [])
         env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -302,7 +325,8 @@ def main() -> None:
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             oom = "out of memory" in proc.stderr.lower() or "OutOfMemoryError" in proc.stderr
-            r = {"case": case, "peft": peft, "error": "OOM" if oom else proc.stderr.strip().splitlines()[-1][:200]}
+            r = {"case": case, "peft": peft, "option": option,
+                 "error": "OOM" if oom else proc.stderr.strip().splitlines()[-1][:200]}
         else:
             r = json.loads(line[len("RESULT "):])
         r["device"], r["peak_tflops"] = name, args.peak_tflops
@@ -315,13 +339,14 @@ def main() -> None:
 
 def format_row(r: dict) -> str:
     if "error" in r:
-        return f"  {r['case']:<14} {r.get('peft', ''):<6} {r['error']}"
+        return f"  {r['case']:<14} {r.get('peft', ''):<6} {r.get('option', ''):<20} {r['error']}"
     gib = 2**30
     peak = f"{r['peak_bytes'] / gib:6.2f} GiB" if r.get("peak_bytes") else "   n/a (CPU)"
     vs = f" ({r['estimate_bytes'] / r['peak_bytes'] - 1:+.0%})" if r.get("peak_bytes") else ""
     if "tokens_per_s" not in r:
-        return f"  {r['case']:<30} peak {peak}, estimate {r['estimate_bytes'] / gib:.2f} GiB{vs}; loss {r['loss']:.3f}"
-    return (f"  {r['case']:<14} {r['peft']:<6} {r['tokens_per_s']:10,.0f} tok/s  MFU {r['mfu']:6.1%}  peak {peak}  "
+        return (f"  {r['case']:<24} {r['option']:<20} peak {peak}, estimate {r['estimate_bytes'] / gib:.2f} GiB{vs}; "
+                f"loss {r['loss']:.3f}")
+    return (f"  {r['case']:<14} {r['peft']:<6} {r['option']:<20} {r['tokens_per_s']:10,.0f} tok/s  MFU {r['mfu']:6.1%}  peak {peak}  "
             f"estimate {r['estimate_bytes'] / gib:6.2f} GiB{vs}  loss {r['loss']:.3f}")
 
 

@@ -229,6 +229,13 @@ def load_model(
     if cfg.task in SEQUENCE_HEADS:
         # Sequence-classification heads pool the last non-pad token: they must know the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
+    apply_memory_options(model, cfg, device, path)
+    return model
+
+
+def apply_memory_options(model: nn.Module, cfg: ModelConfig, device: torch.device, path: str) -> None:
+    """What model.gradient_checkpointing, model.activation_offloading and model.logits ask of a
+    loaded model (`path`: where it came from, for the messages)."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.activation_offloading:
@@ -239,7 +246,6 @@ def load_model(
             raise ConfigError(f"model.logits=chunked: the LM head of {path} cannot be chunked: {why_not}; "
                               "set model.logits=auto (or full)")
         lm_head.install(model, cfg.logits_chunk_tokens)
-    return model
 
 
 def position_limit(model: nn.Module) -> int | None:

@@ -141,8 +141,8 @@ def test_chunked_logits_equal_full_logits_under_every_strategy(distributed_runs,
     assert len(chunked["losses"]) == len(full["losses"]) > 1
     assert chunked["losses"] == pytest.approx(full["losses"], abs=1e-5, rel=0), run
     for key, value in full["final"].items():
-        if isinstance(value, float):
-            assert chunked["final"][key] == pytest.approx(value, abs=1e-5), (run, key)
+        if isinstance(value, float):  # (perplexity = exp(loss): its own scale)
+            assert chunked["final"][key] == pytest.approx(value, abs=1e-5, rel=1e-6), (run, key)
 
 
 @pytest.mark.slow
@@ -210,7 +210,12 @@ EXTRAS = {
     "fsdp-keep_gathered-ac-lora": ["parallel.strategy=fsdp", "parallel.fsdp.reshard_after_forward=false",
                                    "model.gradient_checkpointing=true", "peft.method=lora"],
     "ddp-ac": ["parallel.strategy=ddp", "model.gradient_checkpointing=true"],
-    "ddp-compile": ["parallel.strategy=ddp", "model.compile=true"],
+    # Compiled blocks with LoRA, FSDP2 and the chunked loss at once (compiling costs ~1 min here);
+    # LoRA dropout off: compiled code draws its random numbers differently.
+    "ddp-lora-no_dropout": ["parallel.strategy=ddp", "peft.method=lora", "peft.dropout=0"],
+    "fsdp-compile-lora": ["parallel.strategy=fsdp", "model.compile=true", "peft.method=lora", "peft.dropout=0"],
+    "fsdp-ac-offload": ["parallel.strategy=fsdp", "model.gradient_checkpointing=true",
+                        "model.activation_offloading=true"],
     "ddp-adamw_8bit": ["parallel.strategy=ddp", "optim.name=adamw_8bit"],
     "ddp-paged_adamw_8bit-qlora": ["parallel.strategy=ddp", "optim.name=paged_adamw_8bit", "peft.method=qlora"],
     "zero2_offload": ["parallel.strategy=deepspeed", "parallel.deepspeed_config=ds_configs/zero2_offload.json"],
@@ -284,16 +289,21 @@ def test_every_combination_trains_or_is_refused_up_front(matrix_runs, strategy):
                 assert len(got["losses"]) == 2 and all(math.isfinite(x) for x in got["losses"]), (peft, prec, got)
 
 
+SAME_NUMBERS = {"ddp-ac": "ddp-none-fp32", "fsdp-cpu_offload": "ddp-none-fp32",
+                "zero2_offload": "ddp-none-fp32", "fsdp-compile-lora": "ddp-lora-no_dropout",
+                "fsdp-ac-offload": "ddp-none-fp32"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXTRAS))
 def test_strategy_switches_train(matrix_runs, name):
     got = matrix_runs[name]
     assert "config_error" not in got, got
     assert len(got["losses"]) == 2 and all(math.isfinite(x) for x in got["losses"])
-    if name in ("ddp-ac", "ddp-compile", "fsdp-cpu_offload", "zero2_offload"):
+    if name in SAME_NUMBERS:
         # Recomputing activations, compiling or offloading changes where the numbers are
-        # computed, not what they are.
-        reference = matrix_runs["ddp-none-fp32"]["losses"]
+        # computed, not what they are (the chunked loss is on in all of them: model.logits=auto).
+        reference = matrix_runs[SAME_NUMBERS[name]]["losses"]
         assert got["losses"] == pytest.approx(reference, abs=1e-4, rel=0), name
 
 
