@@ -20,7 +20,7 @@ from dtrain.diagnose import Diagnosis, diagnose
 from dtrain.evaluation import generation_scores, prompt_and_answer
 from dtrain.objectives import CausalLM, Distillation
 from dtrain.objectives.classification import classification_metrics
-from dtrain.objectives.distillation import kl_sum
+from dtrain.objectives.base import kl_sum
 from dtrain.finetune import freeze
 from dtrain.model import apply_dropout
 from dtrain.optim import build_optimizer

@@ -189,6 +189,15 @@ def scored_labels(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
     return {"token_loss": token_loss, "predicted": logits.argmax(-1), "labels": labels}
 
 
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+           temperature: float) -> torch.Tensor:
+    """Sum over the positions where `mask` is true of KL(softmax(teacher/T) || softmax(student/T)) * T^2."""
+    teacher = torch.nn.functional.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = torch.nn.functional.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)
+    return (per_position * mask).sum() * temperature**2
+
+
 def mean_loss(sums: dict[str, torch.Tensor]) -> float:
     """Mean loss over the counted targets."""
     return (sums["loss"] / sums["targets"].clamp(min=1)).item()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
-from dtrain.lm_head import CrossEntropy, Scores, head_outputs
+from dtrain.lm_head import CrossEntropy, Distillation, Hidden, Scores, head_outputs
 from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, logits_and_labels,
                                     loss_metrics)
 
@@ -61,6 +61,15 @@ class CausalLM(Objective):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return head_outputs(model, batch, CrossEntropy(batch["labels"], self.label_smoothing))
+
+    def distillation_loss(self, model: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], *,
+                          alpha: float, temperature: float) -> torch.Tensor:
+        """dtrain.objectives.distillation's loss, over the vocabulary: the student's head computes
+        it chunk by chunk with the teacher's logits of the same positions."""
+        with torch.no_grad():
+            teacher_output = head_outputs(teacher, batch, Hidden())
+        return head_outputs(model, batch, Distillation(batch["labels"], teacher_output, alpha, temperature,
+                                                       self.label_smoothing))
 
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         scored = head_outputs(model, batch, Scores(batch["labels"]))

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
-from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, logits_and_labels,
-                                    mean_loss, scored_labels)
+from dtrain.objectives.base import (ExampleScore, Objective, cross_entropy_sum, head_format_mismatch, kl_sum,
+                                    logits_and_labels, mean_loss, scored_labels)
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -80,6 +80,15 @@ class Classification(Objective):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.loss_of(*self.predict(model, batch))
+
+    def distillation_loss(self, model: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], *,
+                          alpha: float, temperature: float) -> torch.Tensor:
+        """dtrain.objectives.distillation's loss, over the classes."""
+        logits, labels = self.predict(model, batch)
+        with torch.no_grad():
+            teacher_logits, _ = self.predict(teacher, batch)
+        soft = kl_sum(logits, teacher_logits, labels != IGNORE_INDEX, temperature)
+        return alpha * soft + (1.0 - alpha) * self.loss_of(logits, labels)
 
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         scored = scored_labels(*self.predict(model, batch))

@@ -3,10 +3,11 @@
     loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * task loss
 
 (Hinton et al., 2015: the T^2 keeps the gradient scale of the soft term independent of T.)
-The task is the objective of model.task (next-token or classification), whose forward pass and
-loss are reused; both terms are sums over the task's trained positions, normalised with the
-task loss by the number of targets in the whole optimizer step, so accumulation and world size
-change nothing. The teacher is loaded like the student (same task, dtype, attention) and placed
+The task is the objective of model.task (next-token or classification), which computes both
+terms (`distillation_loss`; a language model's over the vocabulary from both LM heads in chunks,
+dtrain.lm_head, so that neither model's logits are ever held whole). Both are sums over the
+task's trained positions, normalised with the task loss by the number of targets in the whole
+optimizer step, so accumulation and world size change nothing. The teacher is loaded like the student (same task, dtype, attention) and placed
 or sharded by the strategy like it; evaluation reports the task's metrics.
 """
 
@@ -15,12 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dtrain import lm_head
-from dtrain.data.formats import IGNORE_INDEX
-from dtrain.lm_head import Hidden, head_outputs
 from dtrain.objectives.base import Objective
 from dtrain.objectives.causal_lm import CausalLM
 from dtrain.objectives.classification import Classification
@@ -31,15 +28,6 @@ if TYPE_CHECKING:
 
 TEACHER = "distill.teacher"
 TASKS = {task.model_task: task for task in (CausalLM, Classification)}  # model.task -> what the student learns
-
-
-def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-           temperature: float) -> torch.Tensor:
-    """Sum over the positions where `mask` is true of KL(softmax(teacher/T) || softmax(student/T)) * T^2."""
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_position = (teacher.exp() * (teacher - student)).sum(-1)
-    return (per_position * mask).sum() * temperature**2
 
 
 class Distillation(Objective):
@@ -80,18 +68,7 @@ class Distillation(Objective):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.teacher is None:
             raise RuntimeError("distillation was built without its teacher (only for evaluation)")
-        if isinstance(self.task, CausalLM):
-            # Over the vocabulary, from the LM heads: the student's chunked with the teacher's
-            # (dtrain.lm_head), so that neither model's logits are ever held whole.
-            with torch.no_grad():
-                teacher = head_outputs(self.teacher, batch, Hidden())
-            return head_outputs(model, batch, lm_head.Distillation(
-                batch["labels"], teacher, self.alpha, self.temperature, self.task.label_smoothing))
-        logits, labels = self.task.predict(model, batch)
-        with torch.no_grad():
-            teacher_logits, _ = self.task.predict(self.teacher, batch)
-        soft = kl_sum(logits, teacher_logits, labels != IGNORE_INDEX, self.temperature)
-        return self.alpha * soft + (1.0 - self.alpha) * self.task.loss_of(logits, labels)
+        return self.task.distillation_loss(model, self.teacher, batch, alpha=self.alpha, temperature=self.temperature)
 
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         return self.task.eval_sums(model, batch)
