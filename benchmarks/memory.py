@@ -21,6 +21,14 @@ are compared with the full-logits run's step by step.
               device memory: it can only cost here; on a GPU it moves the saved inputs off it
   +compile    and model.compile (each decoder block compiled)
   trainer     transformers.Trainer on the same model and batches (causal_lm only)
+  lora-*      dpo with LoRA adapters (the head frozen), the full logits and chunked; the reference
+              is then the policy with its adapters off
+
+Gradients: for each objective, the first step's loss and gradients of model.logits=full and
+chunked from the same weights and batch (`--variant gradients`), as the largest difference over
+the largest gradient. Later steps' losses are compared too, but AdamW divides each gradient by
+its own running scale, so parameters whose gradient is nearly zero (rounding noise) move by a
+whole step either way, and the curves drift apart by more than the gradients do.
 """
 
 from __future__ import annotations
@@ -49,11 +57,13 @@ VARIANTS = {  # name: dtrain overrides
     "chunked+ac+offload": ["model.logits=chunked", "model.gradient_checkpointing=true",
                            "model.activation_offloading=true"],
     "chunked+compile": ["model.logits=chunked", "model.compile=true"],
+    "lora-full": ["model.logits=full", "peft.method=lora", "peft.dropout=0"],
+    "lora-chunked": ["model.logits=chunked", "peft.method=lora", "peft.dropout=0"],
 }
 OBJECTIVE_VARIANTS = {
     "causal_lm": ["full", "chunked", "chunked+ac", "chunked+ac+offload", "chunked+compile", "trainer"],
     "distillation": ["full", "chunked", "chunked+ac"],
-    "dpo": ["full", "chunked", "chunked+ac"],
+    "dpo": ["full", "chunked", "chunked+ac", "lora-full", "lora-chunked"],
 }
 WORDS = ("the model data train value answer number list sum compute explain short long result question "
          "write describe example token batch step loss rate").split()
@@ -116,6 +126,28 @@ def run_dtrain(work: Path, objective: str, variant: str, steps: int, out: Path) 
     return {"peak": peak, "tokens_per_s": statistics.median(speeds), "losses": result.train_losses}
 
 
+def gradient_difference(work: Path, objective: str, steps: int, out: Path) -> dict:
+    """The first step's loss and gradients, full logits against chunked, from the same weights."""
+    from dtrain.config import load_config
+    from dtrain.train import setup, to_device
+
+    found = {}
+    for logits in ("full", "chunked"):
+        cfg = load_config(None, overrides(work, objective, steps) + [f"model.logits={logits}",
+                                                                   f"output_dir={out}-{logits}"])
+        with setup(cfg) as run:
+            batch = to_device(next(run.batches), run.strategy.device)
+            counts = run.objective.counts(batch)
+            terms = run.objective.loss_terms(run.model, batch)
+            loss = sum(value / max(counts[key], 1) for key, value in terms.sums.items())  # (as train_step)
+            loss.backward()
+            found[logits] = (loss.item(), {n: p.grad for n, p in run.model.named_parameters() if p.grad is not None})
+    (full_loss, full), (chunked_loss, chunked) = found["full"], found["chunked"]
+    diff = max((full[n] - chunked[n]).abs().max().item() for n in full)
+    return {"loss_diff": abs(full_loss - chunked_loss), "grad_diff": diff,
+            "grad_max": max(g.abs().max().item() for g in full.values())}
+
+
 def run_trainer(work: Path, steps: int, out: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -162,6 +194,8 @@ def side_main(args: argparse.Namespace) -> None:
     work, out = Path(args.work), Path(args.out)
     if args.variant == "trainer":
         result = run_trainer(work, args.steps, out)
+    elif args.variant == "gradients":
+        result = gradient_difference(work, args.objective, args.steps, out)
     else:
         result = run_dtrain(work, args.objective, args.variant, args.steps, out)
     (out.parent / f"{out.name}.json").write_text(json.dumps(result))
@@ -217,14 +251,25 @@ def main() -> None:
                 print(f"{objective} {variant}: failed\n{proc.stderr[-3000:]}")
                 continue
             results[variant] = json.loads((work / f"{objective}-{variant}.json").read_text())
+        grads = None
+        cmd = [sys.executable, str(HERE), "--objective", objective, "--variant", "gradients", "--steps",
+               str(args.steps), "--threads", str(args.threads), "--work", str(work), "--out",
+               str(work / f"{objective}-gradients")]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
+            grads = json.loads((work / f"{objective}-gradients.json").read_text())
         base = results.get("full")
         print(f"\n{objective}:")
-        print(f"  {'run':<22}{'peak MiB':>10}{'x full':>8}{'tokens/s':>10}{'x full':>8}   max |loss - full's|")
+        if grads:
+            print(f"  first step, chunked vs full logits: loss differs by {grads['loss_diff']:.1e}, gradients by at "
+                  f"most {grads['grad_diff']:.1e} (largest gradient {grads['grad_max']:.2f})")
+        print(f"  {'run':<22}{'peak MiB':>10}{'x full':>8}{'tokens/s':>10}{'x full':>8}   max |loss - full's| "
+              "(lora-*: against lora-full)")
         for variant, r in results.items():
-            ratio_mem = r["peak"] / base["peak"] if base else float("nan")
-            ratio_speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-            diff = (max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
-                    if base and r["losses"] else None)
+            ref = results.get("lora-full", base) if variant.startswith("lora") else base  # (LoRA against LoRA)
+            ratio_mem = r["peak"] / ref["peak"] if ref else float("nan")
+            ratio_speed = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
+            diff = (max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+                    if ref and r["losses"] else None)
             print(f"  {variant:<22}{r['peak'] / 2**20:>10.0f}{ratio_mem:>8.2f}{r['tokens_per_s']:>10.0f}"
                   f"{ratio_speed:>8.2f}   {'' if diff is None else f'{diff:.1e}'}")
     print(f"\n(work directory: {work})")
