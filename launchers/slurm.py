@@ -8,7 +8,8 @@ The job is what slurm/train.sh does: one task per node, each running `dtrain tra
 limit (and on `scancel --signal=USR2`) SLURM signals every process of the job step: dtrain's
 workers agree on a step, save a checkpoint and exit 75, while submitit calls `TrainJob.checkpoint`
 on rank 0, which waits for that save and hands submitit the same job to requeue. The rerun
-resumes from the checkpoint.
+resumes from the checkpoint. The save, not dtrain's exit, is what the requeue waits for: a
+process can hang after a complete save (see QUIET_AFTER_SAVE_S), and the requeue ends it.
 
 dtrain itself knows nothing of SLURM or submitit: this module only starts it and reads its
 output directory.
@@ -34,6 +35,14 @@ if TYPE_CHECKING:  # submitit is imported where a job is submitted, not by the n
 
 PREEMPTED_EXIT_CODE = 75  # dtrain's "checkpoint saved, run me again" (dtrain.launch)
 REQUEUE_GRACE_S = 90  # how long a preempted task waits to be ended by the requeue
+# Once a checkpoint newer than the one at the signal is complete (dtrain replaces
+# checkpoints/latest last, after every rank's part is written) and the output directory has been
+# quiet this long, checkpoint() requeues without waiting for dtrain to exit. It normally exits
+# within seconds of the save; but a worker can deadlock tearing down its process group after it
+# (torch's ProcessGroupGloo destructor joining a thread that waits for the GIL, which the
+# DDP Reducer's destructor holds: pytorch/pytorch#56297), and then every agent waits for it, the
+# other nodes' in torchrun's exit barrier (300 s). The requeue ends them all; the run lost nothing.
+QUIET_AFTER_SAVE_S = 30
 
 
 def final_metrics(output_dir: str | Path) -> dict:
@@ -44,6 +53,25 @@ def final_metrics(output_dir: str | Path) -> dict:
     for record in read_metrics(output_dir):  # (a line torn by a kill is skipped; dtrain drops it on restart)
         metrics.update(record)
     return metrics
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """dtrain's checkpoints/latest (the newest complete checkpoint, as JSON text), or None."""
+    try:
+        return (Path(output_dir) / "checkpoints" / "latest").read_text()
+    except OSError:
+        return None
+
+
+def output_progress(output_dir: str | Path) -> tuple:
+    """What dtrain's output directory shows of its progress: the newest complete checkpoint,
+    the saves in flight (their temporary directories) and the length of metrics.jsonl."""
+    out = Path(output_dir)
+    try:
+        logged = (out / "metrics.jsonl").stat().st_size
+    except OSError:
+        logged = 0
+    return latest_checkpoint(out), tuple(sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))), logged
 
 
 def rendezvous_endpoint(job_id: str, restart: int) -> str:
@@ -67,10 +95,13 @@ class TrainJob:
     overrides: list[str] = field(default_factory=list)
     nproc_per_node: int = 1
     stop_timeout_s: float = 240.0  # how long checkpoint() waits for dtrain's save
+    output_dir: str | None = None  # the config's output_dir (found from the config on rank 0 when not given)
 
     def __post_init__(self):
         self._proc: subprocess.Popen | None = None
         self._returncode: int | None = None
+        self._latest_before: str | None = None  # checkpoints/latest as rank 0 last saw it before a signal
+        self._watching = False  # whether __call__ has read it yet
 
     def command(self) -> list[str]:
         import submitit
@@ -93,7 +124,15 @@ class TrainJob:
         # The child is reaped by a thread; the main thread only sleeps. submitit's signal handler
         # runs on the main thread, and must find no lock held there (Popen.wait holds one).
         threading.Thread(target=self._reap, daemon=True).start()
+        rank0 = env.global_rank == 0
+        if rank0 and self.output_dir is None:  # (while dtrain starts: this imports what the config needs)
+            try:
+                self.output_dir = self._find_output_dir()
+            except Exception:  # noqa: BLE001 - dtrain says what is wrong with the config
+                pass
         while self._returncode is None:
+            if rank0 and self.output_dir is not None:  # what checkpoint() compares with (see there)
+                self._latest_before, self._watching = latest_checkpoint(self.output_dir), True
             time.sleep(0.5)
         code = self._returncode
         if code == PREEMPTED_EXIT_CODE:
@@ -106,14 +145,17 @@ class TrainJob:
                                "and the job was not requeued; resubmit the same command to resume")
         if code != 0:
             raise RuntimeError(f"dtrain exited with {code} on node {env.node} (see this task's log)")
-        if env.global_rank != 0:
+        if not rank0:
             return None
-        from dtrain.config import load_config
-
-        return final_metrics(load_config(self.config, self.overrides).output_dir)
+        return final_metrics(self.output_dir or self._find_output_dir())
 
     def _reap(self) -> None:
         self._returncode = self._proc.wait()
+
+    def _find_output_dir(self) -> str:
+        from dtrain.config import load_config
+
+        return str(Path(load_config(self.config, self.overrides).output_dir).resolve())
 
     def checkpoint(self) -> "submitit.helpers.DelayedSubmission | None":
         """submitit's requeue hook (rank 0, on SLURM's USR2). The signal went to every process of
@@ -126,16 +168,44 @@ class TrainJob:
                 self._proc.send_signal(signal.SIGUSR2)
             except ProcessLookupError:
                 pass
-            deadline = time.monotonic() + self.stop_timeout_s
-            while self._returncode is None and time.monotonic() < deadline:
-                time.sleep(0.2)
+            self._wait_for_the_save()
         if self._returncode not in (None, PREEMPTED_EXIT_CODE):
             print(f"launchers.slurm: dtrain exited with {self._returncode}, not its preemption code; not requeueing",
                   file=sys.stderr, flush=True)
             return None
         # A fresh TrainJob: this one holds a live process, which does not pickle.
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.nproc_per_node,
-                                                           self.stop_timeout_s))
+                                                           self.stop_timeout_s, self.output_dir))
+
+    def _wait_for_the_save(self) -> None:
+        """Until dtrain exits, or its save is complete and it has had QUIET_AFTER_SAVE_S to exit
+        (see there), or stop_timeout_s has passed. Complete: checkpoints/latest names another
+        checkpoint than before the signal, no save is in flight, and nothing in the output
+        directory changed for that long (a periodic save may complete just after the signal;
+        training then goes on to the step the ranks stop at, and saves that)."""
+        deadline = time.monotonic() + self.stop_timeout_s
+        if not self._watching:  # (a signal before __call__ knew the output directory)
+            while self._returncode is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return
+        before = self._latest_before
+        progress, since = output_progress(self.output_dir), time.monotonic()
+        while self._returncode is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = output_progress(self.output_dir)
+            if now != progress:
+                progress, since = now, time.monotonic()
+            latest, saving, _ = progress
+            quiet = time.monotonic() - since >= QUIET_AFTER_SAVE_S
+            if latest is not None and latest != before and not saving and quiet:
+                try:
+                    name = json.loads(latest)["checkpoint"]
+                except (ValueError, KeyError, TypeError):
+                    name = latest.strip()
+                print(f"launchers.slurm: dtrain's checkpoint {name} is complete, but dtrain has not "
+                      f"exited {QUIET_AFTER_SAVE_S} s later; requeueing (the requeue ends it)",
+                      file=sys.stderr, flush=True)
+                return
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -188,13 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --local runs on this machine: use --nodes 1", file=sys.stderr)
         return 2
     try:  # a bad config or override fails here, before anything is queued
-        load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     nproc = args.nproc_per_node or args.gpus_per_node or 1
     job = TrainJob(str(Path(args.config).resolve()), list(args.overrides), nproc,
-                   stop_timeout_s=max(args.signal_delay_s - 30, 30))
+                   stop_timeout_s=max(args.signal_delay_s - 30, 30), output_dir=str(Path(cfg.output_dir).resolve()))
     executor = make_executor(args)
     submitted = executor.submit(job)
     unexpanded = Path(args.log_dir)  # submitit also makes the folder with a literal %j in its name

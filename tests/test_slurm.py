@@ -6,7 +6,9 @@ MariaDB, started on this host by tests/slurm_cluster.py and stopped afterwards.
   `scontrol requeue` on the running job lead to a checkpoint, a requeue and a completed job whose
   losses equal those of the uninterrupted job, step by step;
 - submitit (`python -m launchers.slurm`): the same run, preempted by SLURM's USR2 on the way,
-  completes and `--wait` prints its final metrics; `--local` runs it through LocalExecutor.
+  completes and `--wait` prints its final metrics; `--local` runs it through LocalExecutor;
+  its checkpoint() hook (no cluster) requeues once the preemption save is complete, even when
+  dtrain never exits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -178,6 +181,64 @@ def test_submitit_job_survives_a_preemption_and_returns_its_final_metrics(cluste
     assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs
     assert cluster.sacct_states(job) == ["REQUEUED", "COMPLETED"]
     assert_same_curve(out, reference["out"])
+
+
+def stand_in_for_dtrain(on_usr2: str) -> subprocess.Popen:
+    """A process in dtrain's place: on USR2 it exits with the code `on_usr2`, or with "hang" never
+    exits (as when a worker deadlocks tearing down after its save, and every agent waits for it)."""
+    code = ("import signal, sys, time\n"
+            f"on = {on_usr2!r}\n"
+            "signal.signal(signal.SIGUSR2, signal.SIG_IGN if on == 'hang' else lambda *_: sys.exit(int(on)))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"  # its handler is in place
+    return proc
+
+
+@pytest.mark.parametrize("dtrain, requeued", [("hang", True), ("75", True), ("1", False)])
+def test_checkpoint_hook_waits_for_the_save_not_for_dtrains_exit(tmp_path, monkeypatch, dtrain, requeued):
+    """submitit's checkpoint() hook requeues once the preemption checkpoint is complete, even if
+    dtrain never exits (it used to wait stop_timeout_s, 270 s by default, for the exit); an exit
+    with 75 requeues at once, any other exit code not at all."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from launchers import slurm
+
+    monkeypatch.setattr(slurm, "QUIET_AFTER_SAVE_S", 1.0)
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / "latest").write_text(json.dumps({"checkpoint": "step_00000002", "step": 2}))
+    job = slurm.TrainJob("config.yaml", ["train.max_steps=9"], 1, stop_timeout_s=60, output_dir=str(root.parent))
+    job._proc = stand_in_for_dtrain(dtrain)
+    threading.Thread(target=job._reap, daemon=True).start()
+    job._latest_before, job._watching = slurm.latest_checkpoint(root.parent), True  # as TrainJob.__call__ does
+
+    def save():  # dtrain's save: a temporary directory, renamed into place, then `latest` replaced
+        time.sleep(0.5)
+        (root / ".tmp-step_00000003").mkdir()
+        time.sleep(1.0)
+        (root / ".tmp-step_00000003").rename(root / "step_00000003")
+        (root / "latest").write_text(json.dumps({"checkpoint": "step_00000003", "step": 3}))
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    try:
+        started = time.monotonic()
+        delayed = job.checkpoint()
+        waited = time.monotonic() - started
+        saved = json.loads(slurm.latest_checkpoint(root.parent))["step"]
+    finally:
+        saver.join()
+        job._proc.kill()
+        job._proc.wait()
+    if not requeued:
+        assert delayed is None
+        return
+    assert delayed.function == slurm.TrainJob("config.yaml", ["train.max_steps=9"], 1, 60, str(root.parent))
+    if dtrain == "hang":  # after the save, and its quiet time, not at stop_timeout_s
+        assert saved == 3 and 2.5 <= waited < 20, waited
+    else:  # at its exit, before the save's quiet time could have passed
+        assert job._returncode == 75 and waited < 2.5, waited
 
 
 def test_submitit_local_executor_runs_the_job_here(tiny_model_dir, tmp_path):
