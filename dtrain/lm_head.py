@@ -379,13 +379,7 @@ class _SummedTokenLoss(torch.autograd.Function):
             loss, grad = chunk_loss(rows, logits)
             total += loss
             if need_h or need_w or need_b:
-                grad = grad.to(dtype)
-                if need_h:
-                    grad_h[rows] = (grad @ w).to(flat.dtype)
-                if need_w:
-                    grad_w.addmm_(grad.t().float(), flat[rows].float())
-                if need_b:
-                    grad_b += grad.float().sum(0)
+                _add_chunk_grads(grad.to(dtype), rows, flat, w, grad_h, grad_w, grad_b)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -443,14 +437,21 @@ class _TokenLogprobs(torch.autograd.Function):
         w = weight.to(dtype)
         for rows, logits in _chunk_logits(flat, weight, bias, ctx.chunk_tokens, dtype):
             grad = (_logp_grad(logits, log_z[rows], targets[rows]) * grad_out[rows, None].float()).to(dtype)
-            if need_h:
-                grad_h[rows] = (grad @ w).to(flat.dtype)
-            if need_w:
-                grad_w.addmm_(grad.t().float(), flat[rows].float())
-            if need_b:
-                grad_b += grad.float().sum(0)
+            _add_chunk_grads(grad, rows, flat, w, grad_h, grad_w, grad_b)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _add_chunk_grads(grad: torch.Tensor, rows: slice, flat: torch.Tensor, w: torch.Tensor,
+                     grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None) -> None:
+    """From a chunk's gradient with respect to its logits (in the matmul's dtype): its rows of the
+    head input's gradient, and its share of the weight's and bias's (accumulated in fp32)."""
+    if grad_h is not None:
+        grad_h[rows] = (grad @ w).to(flat.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(grad.t().float(), flat[rows].float())
+    if grad_b is not None:
+        grad_b += grad.float().sum(0)
 
 
 def _logp_grad(logits: torch.Tensor, log_z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
