@@ -6,7 +6,7 @@ SPEC.json: {"config": null, "base": [overrides], "runs": {name: [overrides]}, "d
 run trains as the config file (if any) with the base and its own overrides, in OUT_DIR/<name> (an
 override `output_dir=...` picks another directory). Every rank writes
 OUT_DIR/rank<r>.json with, per run: the losses, final metrics and state bytes `train`
-returned, how many times this rank built the prepared data, or the configuration error.
+returned, its wall time, how many times this rank built the prepared data, or the configuration error.
 Any other exception ends the job with its traceback.
 
 With "dump": true, every checkpoint save and every resume also writes the full (gathered)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -116,7 +117,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     results = {}
     for name, overrides in spec["runs"].items():
-        before = builds["n"]
+        before, started = builds["n"], time.perf_counter()
         try:
             cfg = load_config(spec.get("config"), spec["base"] + [f"output_dir={out / name}"] + overrides)
         except ConfigError as exc:
@@ -124,7 +125,8 @@ def main() -> None:
             continue
         result = train(cfg)
         results[name] = {"losses": result.train_losses, "final": result.final_metrics,
-                         "state_bytes": result.state_bytes, "data_builds": builds["n"] - before}
+                         "state_bytes": result.state_bytes, "data_builds": builds["n"] - before,
+                         "seconds": round(time.perf_counter() - started, 2)}  # (what each run costs the suite)
     rank = dist.get_rank() if dist.is_initialized() else 0
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     destroy_process_group()

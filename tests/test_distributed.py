@@ -69,7 +69,6 @@ def distributed_runs(tiny_model_dir, tmp_path_factory):
     for name, overrides in STRATEGIES.items():
         runs[name] = strategies + overrides
         runs[f"{name}_lora"] = strategies + overrides + LORA
-        runs[f"{name}_full_logits"] = strategies + overrides + FULL_LOGITS
     runs.update({name: matrix_base(tiny_model_dir, out / "matrix-cache") + overrides
                  for name, overrides in matrix(tiny_model_dir).items()})
     runs.update({f"{objective}-{strategy}{suffix}": preference_run(tiny_model_dir, out / "preference-cache", objective,
@@ -79,9 +78,6 @@ def distributed_runs(tiny_model_dir, tmp_path_factory):
     runs.update({f"{strategy}-distill-lora_full_logits": matrix_base(tiny_model_dir, out / "matrix-cache")
                  + STRATEGIES[strategy] + TECHNIQUES["distill-lora"](tiny_model_dir) + FULL_LOGITS
                  for strategy in ("ddp", "fsdp", "zero3")})
-    runs.update({f"dpo-{strategy}_full_logits": preference_run(tiny_model_dir, out / "preference-cache", "dpo",
-                                                               micro_batch=2, extra=STRATEGIES[strategy] + FULL_LOGITS)
-                 for strategy in ("fsdp", "zero3")})
     runs["dpo-fsdp-precomputed"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
                                                   extra=STRATEGIES["fsdp"] + ["preference.precompute_reference=true"])
     runs["dpo-fsdp_qlora"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
@@ -99,10 +95,11 @@ def strategy_runs(distributed_runs):
 
 @pytest.fixture(scope="module")
 def single_runs(tiny_model_dir, tmp_path_factory):
-    """The reference: one process, micro-batch 8 (the same global batch)."""
+    """The references: one process, micro-batch 8 (the same global batch); and the same
+    without the chunked loss."""
     out = tmp_path_factory.mktemp("single")
     results = {}
-    for name, extra in (("single", []), ("single_lora", LORA)):
+    for name, extra in (("single", []), ("single_lora", LORA), ("single_full_logits", FULL_LOGITS)):
         cfg = load_config(None, common(tiny_model_dir) + ["train.micro_batch_size=8", *extra,
                                                           f"output_dir={out / name}"])
         results[name] = train(cfg)
@@ -128,20 +125,43 @@ def test_loss_curve_matches_single_process(strategy_runs, single_runs, strategy,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [*STRATEGIES, *(f"{strategy}-distill-lora" for strategy in ("ddp", "fsdp", "zero3")),
+@pytest.mark.parametrize("strategy", ["single", *STRATEGIES])
+def test_chunked_logits_equal_full_logits_under_every_strategy(strategy_runs, single_runs, strategy):
+    # Every strategy's run with the LM head and the loss in chunks against the whole logits
+    # computed in one process: the loss at every one of the 20 steps (so the weights after each
+    # update) and the evaluation. ZeRO-3 gathers the head's weight for the chunks.
+    _, ranks = strategy_runs
+    _, singles = single_runs
+    chunked = singles["single"] if strategy == "single" else ranks[0][strategy]
+    full = singles["single_full_logits"]
+    chunked_losses = chunked.train_losses if strategy == "single" else chunked["losses"]
+    chunked_final = chunked.final_metrics if strategy == "single" else chunked["final"]
+    assert len(chunked_losses) == len(full.train_losses) == STEPS
+    assert chunked_losses == pytest.approx(full.train_losses, abs=1e-5, rel=0), strategy
+    for key, value in full.final_metrics.items():
+        if isinstance(value, float):  # (perplexity = exp(loss): its own scale)
+            assert chunked_final[key] == pytest.approx(value, abs=1e-5, rel=1e-6), (strategy, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [*(f"{strategy}-distill-lora" for strategy in ("ddp", "fsdp", "zero3")),
                                  "dpo-fsdp", "dpo-zero3"])
-def test_chunked_logits_equal_full_logits_under_every_strategy(distributed_runs, run):
-    # The LM head and the loss in chunks against the whole logits, same strategy: the step's
-    # loss at every step (so the weights after each update) and the evaluation. ZeRO-3 gathers
-    # the head's weight for the chunks; a distilling teacher's head is copied out of FSDP's
-    # and ZeRO-3's gathered weights; DPO's full fine-tuning recomputes the chunks in backward.
+def test_distillation_and_dpo_chunked_equal_full_logits(distributed_runs, preference_singles, run):
+    # A distilling teacher's head is copied out of FSDP's and ZeRO-3's gathered weights (against
+    # the same strategy without chunks); DPO's full fine-tuning recomputes the chunks in backward
+    # (against one process without chunks).
     _, ranks = distributed_runs
-    chunked, full = ranks[0][run], ranks[0][f"{run}_full_logits"]
+    chunked = ranks[0][run]
+    if run.startswith("dpo-"):
+        full = {"losses": preference_singles["dpo_full_logits"].train_losses,
+                "final": preference_singles["dpo_full_logits"].final_metrics}
+    else:
+        full = ranks[0][f"{run}_full_logits"]
     assert "config_error" not in chunked and "config_error" not in full, (chunked, full)
     assert len(chunked["losses"]) == len(full["losses"]) > 1
     assert chunked["losses"] == pytest.approx(full["losses"], abs=1e-5, rel=0), run
     for key, value in full["final"].items():
-        if isinstance(value, float):  # (perplexity = exp(loss): its own scale)
+        if isinstance(value, float):
             assert chunked["final"][key] == pytest.approx(value, abs=1e-5, rel=1e-6), (run, key)
 
 
@@ -204,6 +224,7 @@ def test_data_is_prepared_once_by_the_main_rank(strategy_runs):
 PEFTS = ["none", "lora", "dora", "qlora"]
 PRECISIONS = ["fp32", "bf16"]
 REFUSED = {("zero1", "qlora"), ("zero2", "qlora"), ("zero3", "qlora")}
+FEW_GRAPHS = ["train.micro_batch_size=1", "train.grad_accum_steps=4", "data.val_ratio=0"]
 # Switches that change the strategy's code path, each trained once.
 EXTRAS = {
     "fsdp-cpu_offload": ["parallel.strategy=fsdp", "parallel.fsdp.cpu_offload=true"],
@@ -211,9 +232,12 @@ EXTRAS = {
                                    "model.gradient_checkpointing=true", "peft.method=lora"],
     "ddp-ac": ["parallel.strategy=ddp", "model.gradient_checkpointing=true"],
     # Compiled blocks with LoRA, FSDP2 and the chunked loss at once (compiling costs ~1 min here);
-    # LoRA dropout off: compiled code draws its random numbers differently.
-    "ddp-lora-no_dropout": ["parallel.strategy=ddp", "peft.method=lora", "peft.dropout=0"],
-    "fsdp-compile-lora": ["parallel.strategy=fsdp", "model.compile=true", "peft.method=lora", "peft.dropout=0"],
+    # LoRA dropout off: compiled code draws its random numbers differently. Each block compiles once
+    # per kind of input it meets, so these two train on fewer kinds: single sequences (no padding
+    # mask: 1 x 4 per step instead of 2 x 2) and no validation split (no graphs without gradients).
+    "ddp-lora-no_dropout": ["parallel.strategy=ddp", "peft.method=lora", "peft.dropout=0", *FEW_GRAPHS],
+    "fsdp-compile-lora": ["parallel.strategy=fsdp", "model.compile=true", "peft.method=lora", "peft.dropout=0",
+                          *FEW_GRAPHS],
     "fsdp-ac-offload": ["parallel.strategy=fsdp", "model.gradient_checkpointing=true",
                         "model.activation_offloading=true"],
     "ddp-adamw_8bit": ["parallel.strategy=ddp", "optim.name=adamw_8bit"],
@@ -348,11 +372,13 @@ def preference_singles(tiny_model_dir, tmp_path_factory):
     """The references: one process, micro-batch 4 (the same global batch)."""
     out = tmp_path_factory.mktemp("preference-single")
     results = {}
-    for objective in PREFERENCE:
-        for suffix, lora in (("", []), ("_lora", LORA)):
-            run = preference_run(tiny_model_dir, out / "cache", objective, micro_batch=4,
-                                 extra=[*lora, f"output_dir={out / (objective + suffix)}"])
-            results[objective + suffix] = train(load_config(None, run))
+    runs = {objective + suffix: (objective, extra) for objective in PREFERENCE
+            for suffix, extra in (("", []), ("_lora", LORA))}
+    runs["dpo_full_logits"] = ("dpo", FULL_LOGITS)
+    for name, (objective, extra) in runs.items():
+        run = preference_run(tiny_model_dir, out / "cache", objective, micro_batch=4,
+                             extra=[*extra, f"output_dir={out / name}"])
+        results[name] = train(load_config(None, run))
     return results
 
 
