@@ -19,16 +19,9 @@ TEXT = EXAMPLES / "data" / "arithmetic_text.jsonl"
 CLASSIFICATION = EXAMPLES / "data" / "compare_classification.csv"
 
 torch.set_num_threads(1)  # the suite's numbers must not depend on the thread count
-# ... nor those of the processes it starts: pytest-xdist runs about one worker per core (below),
-# and a process with more threads than its share only oversubscribes the cores.
+# ... nor those of the processes it starts. pytest-xdist runs one worker per core (pyproject's
+# addopts): a process with more threads than its share only oversubscribes the cores.
 os.environ["OMP_NUM_THREADS"] = "1"
-
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pyproject's addopts): one worker more than the cores. A worker spends much of
-    its time waiting (on daemons starting, subprocesses importing, a job's state polled), and the
-    extra one keeps the cores busy meanwhile."""
-    return len(os.sched_getaffinity(0)) + 1
 
 
 # pytest-xdist gives each worker whole files (--dist loadfile): a module's fixtures, the reference
