@@ -375,6 +375,11 @@ class Checkpointer:
         finally:
             self.preemption.__exit__()
 
+    def release(self) -> None:
+        """Forget the stateful objects (the run is over; see Run.release)."""
+        self.model = self.optimizer = None  # type: ignore[assignment]
+        self.states = {}
+
     def restore(self, path: Path) -> dict[str, Any]:
         """Load checkpoint `path` into the model, the optimizer, every state and this rank's RNG
         (collective); returns what the trainer state file held."""

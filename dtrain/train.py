@@ -17,10 +17,12 @@ on neither.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -142,8 +144,20 @@ class Run:
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc: Any) -> bool | None:
-        return self.resources.__exit__(*exc)
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool | None:
+        if getattr(exc, "on_every_rank", False):
+            # A preemption or the NaN guard, raised from inside a step: its traceback's finished
+            # frames hold the model too (the locals of train_step); nobody debugs them.
+            traceback.clear_frames(tb)
+        return self.resources.__exit__(exc_type, exc, tb)
+
+    def release(self) -> None:
+        """Let go of the wrapped model, its optimizer and the frozen models: the strategy destroys
+        the process group next, and nothing may hold it then. (DDP's reducer, freed after the
+        group was destroyed, frees the gloo group itself from a destructor that holds the GIL,
+        which can hang the process for good: pytorch/pytorch#56297.) The run is spent after this."""
+        self.checkpointer.release()
+        self.model = self.optimizer = self.scheduler = self.objective = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -206,6 +220,8 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
     """Build the run `cfg` describes, resumed from its checkpoint when checkpoint.resume says so."""
     with contextlib.ExitStack() as resources:  # if setup fails, what it built so far is ended
         strategy = resources.enter_context(build_strategy(cfg))
+        built: list[Run] = []
+        resources.callback(_release, built)  # (after the checkpointer and the tracker, before the strategy)
         comm, tcfg = strategy.comm, cfg.train
         if not comm.is_main or not sys.stderr.isatty():
             quiet_progress_bars()  # one process speaks; a log file gets lines, not bars
@@ -264,8 +280,15 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         run = Run(cfg, strategy, tokenizer, data, objective, model, optimizer, scheduler, batches, state,
                   EarlyStopping.from_config(cfg), checkpointer, tracker, total_steps, out,
                   resources=resources.pop_all())
+        built.append(run)
     _announce(run, trainable, total, optim_cfg.lr, tokens_per_batch, resume)
     return run
+
+
+def _release(built: list[Run]) -> None:
+    for run in built:
+        run.release()
+    gc.collect()  # (a wrapped module sits in reference cycles: its hooks refer to it)
 
 
 def _announce(run: Run, trainable: int, total: int, lr: float, tokens_per_batch: int, resume: Path | None) -> None:

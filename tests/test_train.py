@@ -4,9 +4,12 @@ the NaN guard, atomic checkpoints, exact resume, the saved final model, every da
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from dtrain.parallel.single import SingleDevice
 from dtrain.peft import apply_peft
 from dtrain.presets import byte_tokenizer
 from dtrain.objectives import CausalLM
-from dtrain.train import NonFiniteLossError, train
+from dtrain.train import NonFiniteLossError, Preempted, train
 
 LM = CausalLM()  # the objective of these runs, to compute losses and counts by hand
 
@@ -847,3 +850,32 @@ def test_report_is_called_after_each_evaluation_and_checkpoint(make_config, tmp_
     assert "eval_loss" not in calls[1][1] and {"step", "loss"} <= calls[1][1]
     root = out / "checkpoints"
     assert [c[2] for c in calls] == [None, root / "step_00000003", None, root / "step_00000006"]
+
+
+def _live_ddp_modules() -> list:
+    from torch.nn.parallel import DistributedDataParallel
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+
+
+def test_the_wrapped_model_is_gone_before_the_process_group_is(make_config, tmp_path):
+    """After a run, normal or preempted (its exception still held, as the command line holds it),
+    nothing keeps the DDP-wrapped model alive: freed after the process group was destroyed, its
+    reducer frees the gloo group from a destructor holding the GIL, which can hang the process
+    (pytorch/pytorch#56297)."""
+    assert not _live_ddp_modules()
+    train(make_config("parallel.strategy=ddp", "train.max_steps=2", output_dir=tmp_path / "done"))
+    assert not _live_ddp_modules()
+
+    def preempt(step, metrics, checkpoint):
+        os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM signals a job before its time is up
+
+    try:
+        train(make_config("parallel.strategy=ddp", "train.max_steps=8", "eval.every_steps=2",
+                          output_dir=tmp_path / "preempted"), report=preempt)
+    except Preempted as exc:  # (as dtrain.cli catches it: the traceback and its frames alive)
+        assert "stopped at step" in str(exc) and exc.__traceback__ is not None
+        assert not _live_ddp_modules()
+    else:
+        raise AssertionError("the run was not preempted")
