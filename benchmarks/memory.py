@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--objectives", default=",".join(OBJECTIVE_VARIANTS))
+    parser.add_argument("--variants", help="only these runs of each objective (comma-separated, e.g. "
+                        "lora-full,lora-chunked); default: all")
     parser.add_argument("--objective", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -242,7 +244,8 @@ def main() -> None:
           f"fp32, {args.threads} threads; a step: {BATCH} x {SEQ} tokens; {args.steps} steps, speed over steps 2-")
     for objective in args.objectives.split(","):
         results = {}
-        for variant in OBJECTIVE_VARIANTS[objective]:
+        wanted = args.variants.split(",") if args.variants else OBJECTIVE_VARIANTS[objective]
+        for variant in [v for v in OBJECTIVE_VARIANTS[objective] if v in wanted]:
             out = work / f"{objective}-{variant}"
             cmd = [sys.executable, str(HERE), "--objective", objective, "--variant", variant, "--steps",
                    str(args.steps), "--threads", str(args.threads), "--work", str(work), "--out", str(out)]
