@@ -38,10 +38,13 @@ REQUEUE_GRACE_S = 90  # how long a preempted task waits to be ended by the reque
 # Once a checkpoint newer than the one at the signal is complete (dtrain replaces
 # checkpoints/latest last, after every rank's part is written) and the output directory has been
 # quiet this long, checkpoint() requeues without waiting for dtrain to exit. It normally exits
-# within seconds of the save; but a worker can deadlock tearing down its process group after it
+# within seconds of the save. A worker could deadlock tearing down its process group after it
 # (torch's ProcessGroupGloo destructor joining a thread that waits for the GIL, which the
-# DDP Reducer's destructor holds: pytorch/pytorch#56297), and then every agent waits for it, the
-# other nodes' in torchrun's exit barrier (300 s). The requeue ends them all; the run lost nothing.
+# DDP Reducer's destructor holds: pytorch/pytorch#56297); dtrain now lets go of the wrapped model
+# before the group is destroyed (dtrain.train.Run.release), which removes that cause. This rule
+# stays for any other hang after a complete save, in which every agent would wait for the hung
+# worker, the other nodes' in torchrun's exit barrier (300 s). The requeue ends them all; the run
+# lost nothing.
 QUIET_AFTER_SAVE_S = 30
 
 
