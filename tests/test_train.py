@@ -853,9 +853,9 @@ def test_report_is_called_after_each_evaluation_and_checkpoint(make_config, tmp_
 
 
 def _live_ddp_modules() -> list:
+    """Every DistributedDataParallel object in memory, reachable or not (no collection first)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    gc.collect()
     return [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
 
 
@@ -863,7 +863,17 @@ def test_the_wrapped_model_is_gone_before_the_process_group_is(make_config, tmp_
     """After a run, normal or preempted (its exception still held, as the command line holds it),
     nothing keeps the DDP-wrapped model alive: freed after the process group was destroyed, its
     reducer frees the gloo group from a destructor holding the GIL, which can hang the process
-    (pytorch/pytorch#56297)."""
+    (pytorch/pytorch#56297). The garbage collector is off: the module must be freed when the run
+    lets go of it, not whenever a collection happens to come."""
+    gc.collect()
+    gc.disable()
+    try:
+        _check_the_wrapped_model_is_freed(make_config, tmp_path)
+    finally:
+        gc.enable()
+
+
+def _check_the_wrapped_model_is_freed(make_config, tmp_path) -> None:
     assert not _live_ddp_modules()
     train(make_config("parallel.strategy=ddp", "train.max_steps=2", output_dir=tmp_path / "done"))
     assert not _live_ddp_modules()
