@@ -70,9 +70,12 @@ KILL_STRATEGIES = {
     "fsdp-async": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
     "zero3": ZERO[3],
 }
-# Uninterrupted runs to compare with: the kill -9 strategies, and DDP (with the checkpoints the
+# Uninterrupted runs to compare with: the kill -9 strategies, saving nothing until the end (so the
+# comparison also shows that saving every step changes nothing), and DDP (with the checkpoints the
 # damaged-checkpoint test starts from).
-REFERENCE_STRATEGIES = {"ddp": ["parallel.strategy=ddp", "checkpoint.every_steps=3"], **KILL_STRATEGIES}
+REFERENCE_STRATEGIES = {"ddp": ["parallel.strategy=ddp", "checkpoint.every_steps=3"],
+                        **{name: [*overrides, "checkpoint.every_steps=100"]
+                           for name, overrides in KILL_STRATEGIES.items()}}
 
 
 @pytest.fixture(scope="module")
