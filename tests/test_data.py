@@ -1080,6 +1080,28 @@ def test_cache_reuses_an_unchanged_build(tmp_path, tok):
         assert prep(tok, path, **kw, **extra).from_cache, extra
 
 
+def test_the_reports_figures_are_rendered_once_per_cache_entry(tmp_path, tok, monkeypatch):
+    from dtrain.data import report
+
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    kw = dict(cache_dir=str(tmp_path / "cache"), val_ratio=0.25)
+    report.write_report(prep(tok, path, **kw), tok, tmp_path / "run1", batch_size=2, max_seq_len=64, seed=0)
+    figure = (tmp_path / "run1" / "data_lengths.png").read_bytes()
+    assert figure.startswith(b"\x89PNG")
+    cached = prep(tok, path, **kw)
+    assert (Path(cached.cache_path) / "figures" / "data_lengths.png").read_bytes() == figure
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("the figure was drawn again")
+
+    monkeypatch.setattr(report, "_histogram", no_drawing)
+    report.write_report(cached, tok, tmp_path / "run2", batch_size=4, max_seq_len=64, seed=1)
+    assert (tmp_path / "run2" / "data_lengths.png").read_bytes() == figure
+    # The markdown is written afresh for each run (its padding figure depends on the batch size).
+    assert "batches of 4" in (tmp_path / "run2" / "data_report.md").read_text()
+    assert not [p for p in (tmp_path / "run2").iterdir() if p.name.startswith(".")]  # (no temporary left)
+
+
 def test_cache_default_location_is_under_dtrain_cache(tmp_path, tok):
     data = prep(tok, write_jsonl(tmp_path / "a.jsonl", ROWS[:2]))
     assert Path(data.cache_path).parent == Path(os.environ["DTRAIN_CACHE"]) / "data"

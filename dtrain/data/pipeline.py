@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the pipeline's output or cache layout changes for the same inputs.
 # 3: splits are Arrow stream files (train.arrow, ...) instead of save_to_disk directories.
+# (The data report's figures are kept in the entry too, under figures/: bump when they change.)
 PIPELINE_VERSION = "3"
 
 ENCODED_FEATURES = Features({

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -45,6 +49,34 @@ def _histogram(path: Path, series: dict[str, list[int]], title: str, xlabel: str
     ax.set_ylabel("count")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _figure(data: PreparedData, path: Path, render: Callable[[Path], None]) -> None:
+    """Write the figure `path`. The report's figures show the prepared data and nothing else, so
+    they are rendered once and kept in its cache entry: later runs on the same data copy them
+    (matplotlib costs ~0.1 s a figure, paid again by every run's main rank otherwise)."""
+    cached = Path(data.cache_path) / "figures" / path.name if data.cache_path else None
+    if cached is not None and cached.is_file():
+        _copy_atomic(cached, path)
+        return
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # (savefig picks the format by the suffix)
+    render(tmp)
+    os.replace(tmp, path)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(exist_ok=True)
+            _copy_atomic(path, cached)
+        except OSError:  # a read-only cache still serves the data; the figure is rendered next time
+            pass
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")  # (runs sharing a cache may copy at once)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _bars(path: Path, counts: dict[str, list[int]], label_names: list[str]) -> None:
@@ -112,8 +144,8 @@ def preference_section(data: PreparedData, out_dir: Path) -> list[str]:
                   f"{sorted(chosen)[len(chosen) // 2]}; rejected: mean {sum(rejected) / max(len(rejected), 1):.1f}, "
                   f"median {sorted(rejected)[len(rejected) // 2]}",
                   f"- the chosen response is the longer one in {100 * longer / max(len(chosen), 1):.0f}% of the pairs"]
-        _histogram(out_dir / "data_responses.png", {"chosen": chosen, "rejected": rejected},
-                   "response tokens: chosen vs rejected", "tokens")
+        _figure(data, out_dir / "data_responses.png", lambda path: _histogram(
+            path, {"chosen": chosen, "rejected": rejected}, "response tokens: chosen vs rejected", "tokens"))
         lines += ["", "![responses](data_responses.png)", ""]
     else:
         labels = train["label"]
@@ -152,8 +184,8 @@ def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir
     if data.packed:
         lines.append(f"- after packing into {len(after)} sequences: {100 * padding_fraction(after, batch_size):.1f}% "
                      f"padding ({len(before)} examples, {sum(before)} tokens)")
-    _histogram(out_dir / "data_lengths.png", {"examples": before, "packed sequences": after},
-               "training tokens per sequence", "tokens")
+    _figure(data, out_dir / "data_lengths.png", lambda path: _histogram(
+        path, {"examples": before, "packed sequences": after}, "training tokens per sequence", "tokens"))
     lines += ["", "![lengths](data_lengths.png)", ""]
 
     if data.label_names:
@@ -167,7 +199,7 @@ def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir
         if data.class_weights:
             lines.append("\nClass weights for the loss: " + ", ".join(
                 f"{n}={w:.3f}" for n, w in zip(data.label_names, data.class_weights)))
-        _bars(out_dir / "data_labels.png", counts, data.label_names)
+        _figure(data, out_dir / "data_labels.png", lambda path: _bars(path, counts, data.label_names))
         lines += ["", "![labels](data_labels.png)", ""]
 
     lines += ["## Samples", "", "Exactly as the model sees them; ⟦trained⟧ spans carry the loss.", ""]
@@ -185,5 +217,7 @@ def write_report(data: PreparedData, tokenizer: PreTrainedTokenizerBase, out_dir
                 text += f"\n--- {'desirable' if row['label'] else 'undesirable'}"
         lines += [f"### train[{i}]", "", "```", text, "```", ""]
     path = out_dir / "data_report.md"
-    path.write_text("\n".join(lines))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
     return path
