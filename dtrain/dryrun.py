@@ -115,8 +115,24 @@ def dry_run_config(cfg: Config, model_dir: Path, out_dir: Path, on_cpu: bool) ->
         "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": DRY_STEPS - 1, "keep_last": 2, "resume": None}),
         "logging": cfg.logging.model_copy(update={"tensorboard": False, "wandb": False, "progress_bar": False}),
         "output_dir": str(out_dir),
+        # One process: the mesh's layout is checked apart (check_mesh), its code path needs its world.
+        "parallel": cfg.parallel.model_copy(update={"mesh": type(cfg.parallel.mesh)()}),
     }
     return cfg.model_copy(update=update)
+
+
+def check_mesh(cfg: Config, full_config: PretrainedConfig) -> str:
+    """parallel.mesh's layout, and (tensor parallel) that the architecture has a plan and its heads
+    divide by the degree."""
+    from dtrain.parallel.tensor import plan_for
+
+    mesh = cfg.parallel.mesh
+    if mesh.tensor > 1:
+        plan_for(getattr(full_config, "text_config", None) or full_config, mesh.tensor)
+    shard = "the rest" if mesh.shard == -1 else str(mesh.shard)
+    fixed = mesh.replicate * mesh.tensor * max(mesh.shard, 1)
+    count = f"{fixed} processes" if mesh.shard != -1 else f"a multiple of {fixed} processes"
+    return f"replicate {mesh.replicate} x shard {shard} x tensor {mesh.tensor} ({count})"
 
 
 def command_started() -> float:
@@ -268,6 +284,10 @@ def dry_run(cfg: Config, gpus: int | None = None, nodes: int = 1, started: float
                    lambda: prepare_data(cfg.data, tokenizer, cfg.seed, rows_per_file=SAMPLE_ROWS))
     num_labels = len(sample.label_names) if sample and sample.label_names else None
     counts = check("full-scale parameter count (meta device)", lambda: full_scale_counts(cfg, full_config, num_labels))
+    if full_config is not None and not cfg.parallel.mesh.is_default:
+        layout = check("parallel.mesh against the model", lambda: check_mesh(cfg, full_config))
+        if layout:
+            say(f"         mesh: {layout}")
 
     with scratch as tmp:
         model_dir, out_dir = Path(tmp) / "model", Path(tmp) / "run"

@@ -81,9 +81,9 @@ def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "C
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     candidates: list[ExampleScore] = []
-    sample = sample_rows(len(examples), loss_sample_size(cfg, comm.world_size), cfg.seed)
+    sample = sample_rows(len(examples), loss_sample_size(cfg, comm.data_size), cfg.seed)
     batches = eval_batches(examples, eval_batch_size(cfg), tokenizer.pad_token_id,
-                           rank=comm.rank, world_size=comm.world_size, max_batches=cfg.eval.max_batches,
+                           rank=comm.data_rank, world_size=comm.data_size, max_batches=cfg.eval.max_batches,
                            flatten_packed=uses_varlen_attention(generator), ids=sample)
     scored_rows = 0  # rows this rank scored (a rank's repeated filler batch has index -1: not counted)
     for batch in batches:
@@ -97,8 +97,8 @@ def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "C
         if worst:
             candidates += objective.worst_examples(batch, scored, index)
             candidates = sorted(candidates, key=lambda ex: -ex.loss)[:worst]
-    totals = {key: comm.all_reduce_sum(value.to(comm.device)).cpu() for key, value in sums.items()}
-    scored_total = comm.all_reduce_sum(torch.tensor(scored_rows, dtype=torch.long, device=comm.device))
+    totals = {key: comm.data_sum(value.to(comm.device)).cpu() for key, value in sums.items()}
+    scored_total = comm.data_sum(torch.tensor(scored_rows, dtype=torch.float64, device=comm.device))
     metrics = {f"eval_{name}": value for name, value in objective.eval_metrics(totals).items()}
     metrics.update({"eval_examples": int(scored_total.item()), "eval_examples_total": len(examples),
                     "eval_sampled": sample is not None})
@@ -109,7 +109,9 @@ def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "C
         metrics["eval_generation_examples"] = min(cfg.eval.generation.max_examples, len(examples))
     model.train()
     if worst:
-        gathered = [ex for part in comm.all_gather_object(candidates) for ex in part]
+        # (ranks that share a batch found the same examples: one of them speaks for it)
+        mine = candidates if comm.data_leader else []
+        gathered = [ex for part in comm.all_gather_object(mine) for ex in part]
         candidates = sorted(gathered, key=lambda ex: -ex.loss)[:worst] if comm.is_main else []
     return metrics, candidates
 
@@ -139,9 +141,9 @@ def generation_scores(generator: nn.Module, examples: Sequence, cfg: "Config", c
     gcfg = cfg.eval.generation
     rows = list(ids) if ids is not None else list(range(min(gcfg.max_examples, len(examples))))
     count = len(rows)
-    mine = rows[comm.rank::comm.world_size]
+    mine = rows[comm.data_rank::comm.data_size]
     # A sharded model's forward is a collective: every rank makes the same number of calls.
-    calls = math.ceil(math.ceil(count / comm.world_size) / gcfg.batch_size)
+    calls = math.ceil(math.ceil(count / comm.data_size) / gcfg.batch_size)
     scores = torch.zeros(3, dtype=torch.float64)  # exact, contains, counted
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     for call in range(calls):
@@ -165,7 +167,7 @@ def generation_scores(generator: nn.Module, examples: Sequence, cfg: "Config", c
             reference = _normalise(tokenizer.decode([t for t in answer if t != eos], skip_special_tokens=True))
             said = _normalise(tokenizer.decode(generated, skip_special_tokens=True))
             scores += torch.tensor([float(said == reference), float(reference in said), 1.0], dtype=torch.float64)
-    scores = comm.all_reduce_sum(scores.to(comm.device)).cpu()
+    scores = comm.data_sum(scores.to(comm.device)).cpu()
     counted = scores[2].clamp(min=1)
     return {"eval_exact_match": (scores[0] / counted).item(), "eval_contains_answer": (scores[1] / counted).item()}
 

@@ -280,12 +280,38 @@ class FsdpConfig(Section):
         "float32", description="Dtype of the gradient reduce-scatter (parameters use bf16 with train.precision=bf16).")
 
 
+class MeshConfig(Section):
+    replicate: int = Field(
+        1, ge=1, description="fsdp: whole replicas of the sharded model (HSDP); parameters are gathered within a "
+        "replica, gradients all-reduced across them: map nodes here (ranks are laid out replicate-major).")
+    shard: int = Field(
+        -1, ge=-1, description="fsdp: ranks each replica's parameters, gradients and optimizer state are sharded "
+        "over; -1: the processes left over by replicate and tensor.")
+    tensor: int = Field(
+        1, ge=1, description="fsdp: tensor-parallel degree (with sequence parallel for the norms): each decoder "
+        "block's linear layers split across this many consecutive ranks (keep them within a node); attention "
+        "and KV heads must divide by it.")
+
+    @field_validator("shard")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be at least 1, or -1 for the processes left over by replicate and tensor")
+        return value
+
+    @property
+    def is_default(self) -> bool:
+        return self.replicate == 1 and self.shard == -1 and self.tensor == 1
+
+
 class ParallelConfig(Section):
     strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = Field(
         "single", description="single (one process), ddp, fsdp (FSDP2), or deepspeed (ZeRO-1/2/3, see deepspeed_config).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto: nccl on CUDA, gloo on CPU.")
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig, description="fsdp: how the processes are arranged: "
+                             "replicate x shard x tensor (HSDP, tensor parallel); default: all of them shard.")
     deepspeed_config: str | dict[str, Any] | None = Field(
         None, description="deepspeed: a JSON file (ds_configs/zero3.json, ...) or an inline mapping; batch size, "
         "accumulation, clipping and precision come from train.* / optim.* (\"auto\" or equal values only).")

@@ -256,14 +256,15 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
 
         # Batches, schedule and the state a checkpoint restores.
         batches = BatchIterator(data.train, tcfg.micro_batch_size, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
-                                seed=cfg.seed, rank=strategy.dims.dp_rank(comm.rank), world_size=strategy.dims.dp_size,
+                                seed=cfg.seed, rank=comm.data_rank, world_size=comm.data_size,
                                 group_by_length=cfg.data.group_by_length and not data.packed,
                                 flatten_packed=uses_varlen_attention(strategy.unwrap(model)), pack=cfg.data.packing)
         total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches.batches_per_epoch / tcfg.grad_accum_steps))
         scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
         state = TrainState()
-        # Dropout and other run-time randomness: distinct per rank, reproducible per seed.
-        seed_everything(cfg.seed + 1 + comm.rank)
+        # Dropout and other run-time randomness: distinct per slice of the data, reproducible per
+        # seed (ranks that share a batch, tensor parallel, draw the same numbers for it).
+        seed_everything(cfg.seed + 1 + comm.data_rank)
         checkpointer = resources.enter_context(ckpt.Checkpointer(
             cfg, strategy, model, optimizer, {"scheduler": scheduler, "data": batches, "train_state": state}))
         if resume is not None:
@@ -301,6 +302,7 @@ def _announce(run: Run, trainable: int, total: int, lr: float, tokens_per_batch:
     tracker.message(
         f"dtrain: {cfg.model.path} ({cfg.model.task}), {trainable:,} of {total:,} parameters trainable "
         f"({100 * trainable / total:.2f}%), strategy {strategy.name} x{strategy.comm.world_size} on {strategy.device}"
+        + (f", mesh {strategy.dims.describe()}" if len(strategy.dims.sizes) > 1 else "")
     )
     tracker.message(run.data.summary())
     if cfg.optim.lr_scaling != "none":
@@ -339,10 +341,11 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOu
         with strategy.gradient_sync(run.model, enabled=i == len(micro) - 1):
             with autocast(cfg.train.precision, comm.device):
                 terms = run.objective.loss_terms(run.model, batch)
-                # Ranks' gradients are averaged by the strategy; x world_size makes it a global sum.
-                loss = sum(terms.sums[key] * (comm.world_size / max(counts[key], 1.0)) for key in terms.sums)
+                # The strategy averages gradients over the data-parallel ranks; x data_size makes
+                # it a global sum.
+                loss = sum(terms.sums[key] * (comm.data_size / max(counts[key], 1.0)) for key in terms.sums)
             strategy.backward(run.model, loss)
-        step_loss += loss.detach() / comm.world_size
+        step_loss += loss.detach() / comm.data_size
         stats.append({key: value.detach() for key, value in terms.stats.items()})
     totals = step_totals(comm, [{"": step_loss}, *stats])  # ("": the step's loss, apart from the statistics)
     loss, metrics = totals.pop(""), run.objective.step_metrics(totals)
@@ -366,7 +369,8 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOu
 
 
 def step_totals(comm: Collectives, parts: list[dict[str, Any]]) -> dict[str, float]:
-    """Each key's sum over `parts` (this rank's micro-batches) and over the ranks, in one all-reduce."""
+    """Each key's sum over `parts` (this rank's micro-batches) and over the slices of the data, in
+    one all-reduce."""
     keys = sorted({key for part in parts for key in part})
     if not keys:
         return {}
@@ -375,7 +379,7 @@ def step_totals(comm: Collectives, parts: list[dict[str, Any]]) -> dict[str, flo
         for i, key in enumerate(keys):
             if key in part:
                 local[i] += torch.as_tensor(part[key], dtype=torch.float64, device=comm.device)
-    return dict(zip(keys, comm.all_reduce_sum(local).tolist()))
+    return dict(zip(keys, comm.data_sum(local).tolist()))
 
 
 # --------------------------------------------------------------------------------------
@@ -407,7 +411,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
                 result.train_losses.append(step.loss)
             # The first step too: the loss a run starts from.
             if step.applied and (state.step % cfg.train.log_every == 0 or last or state.step == 1):
-                total = run.strategy.comm.all_reduce_sum(torch.tensor(float(tokens), device=run.strategy.device))
+                total = run.strategy.comm.data_sum(torch.tensor(float(tokens), device=run.strategy.device))
                 rate = total.item() / max(seconds, 1e-9)
                 tracker.log(state.step, {"epoch": round(run.batches.epoch_progress, 4), "loss": step.loss,
                                          **step.metrics, "lr": step.lr, "grad_norm": step.grad_norm,

@@ -58,7 +58,7 @@ class KTO(PreferenceObjective):
         with torch.no_grad():
             policy = sequence_logps(model, batch, prefix="kl_")[0]
             (reference,) = self.reference.logps(model, batch, self.kl_stored, prefix="kl_")
-            totals = self.comm.all_reduce_sum(torch.stack([((policy - reference) * valid).sum(),
+            totals = self.comm.data_sum(torch.stack([((policy - reference) * valid).sum(),
                                                            valid.sum().to(policy.dtype)]))
         return (totals[0] / totals[1].clamp(min=1)).clamp(min=0)
 

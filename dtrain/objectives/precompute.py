@@ -107,7 +107,7 @@ def compute(objective: "PreferenceObjective", data: "PreparedData", model: nn.Mo
             rows = getattr(data, split)
             found: dict[int, list[float]] = {}
             for batch in eval_batches(rows, cfg.eval.batch_size or cfg.train.micro_batch_size, pad_id,
-                                      rank=comm.rank, world_size=comm.world_size):
+                                      rank=comm.data_rank, world_size=comm.data_size):
                 index = batch["index"].tolist()
                 batch = to_device(batch, comm.device)
                 with autocast(cfg.train.precision, comm.device):

@@ -10,7 +10,8 @@ capabilities (base.py). Each strategy is one module here and one entry in STRATE
 
     single.py     one process, one device (the reference)
     ddp.py        DistributedDataParallel
-    fsdp.py       FSDP2 (fully_shard per transformer block, then the root)
+    fsdp.py       FSDP2 (fully_shard per transformer block, then the root); HSDP and tensor
+                  parallel over parallel.mesh (tensor.py: the plans per architecture)
     deepspeed.py  DeepSpeed ZeRO-1/2/3, with offload
 
     with build_strategy(cfg) as strategy:   # joins the process group; leaves it on every exit path
@@ -53,6 +54,10 @@ def check_config(cfg: "Config") -> None:
         raise ValueError(
             f"optim.name={optim} (bitsandbytes) with parallel.strategy={cls.name} is not supported: its state "
             f"cannot be sharded; use optim.name=adamw with {cls.name}, or {optim} with {unsharded}")
+    if not cls.arranges_by_mesh and not cfg.parallel.mesh.is_default:
+        meshed = " or ".join(f"parallel.strategy={name}" for name, other in STRATEGIES.items() if other.arranges_by_mesh)
+        raise ValueError(f"parallel.mesh (replicate x shard x tensor) with parallel.strategy={cls.name} is not "
+                         f"supported; remove parallel.mesh, or use {meshed}")
     cls.check_config(cfg)
 
 

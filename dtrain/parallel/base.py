@@ -35,12 +35,14 @@ class Strategy:
     supports_qlora: ClassVar[bool] = True  # can train (and checkpoint) a bitsandbytes 4-bit base
     runs_under_ray_train: ClassVar[bool] = False  # joins the process group Ray Train's workers set up
     engine_checkpoint: ClassVar[bool] = False  # checkpoints in an engine's own format (not torch.distributed's)
+    arranges_by_mesh: ClassVar[bool] = False  # lays its ranks out as parallel.mesh says (HSDP, tensor parallel)
 
     comm: Collectives
     dims: ParallelDims  # how the ranks are arranged (the device mesh's named dimensions)
 
     def __init__(self, comm: Collectives, dims: ParallelDims):
         self.comm, self.dims = comm, dims
+        comm.set_data_layout(dims.dp_rank(comm.rank), dims.dp_size, dims.is_data_leader(comm.rank))
 
     @property
     def device(self) -> torch.device:
@@ -121,11 +123,7 @@ class Strategy:
             for p in params:
                 if p.ndim >= 2:
                     p.grad.add_(p.detach().sign(), alpha=l1)
-        if max_norm is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = _full(norm).item()
+        norm = _clip_grad_norm(params, max_norm)
         applied = not skip and torch.isfinite(torch.tensor(norm)).item()
         if applied:
             optimizer.step()
@@ -224,6 +222,27 @@ def _optimizer_bytes(optimizer: Optimizer, model_param_ids: set[int]) -> int:
             for value in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.dim() > 0:
                     total += _local(value).numel() * value.element_size()
+    return total
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The global gradient norm before clipping (and the gradients clipped to `max_norm`). Under
+    tensor parallel the gradients live on two device meshes (the blocks' on data x tensor, the
+    embeddings' and the head's on the data dimensions alone), which torch's clip cannot stack:
+    each mesh's norm is taken first, then the norm of those."""
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(by_mesh) <= 1:
+        if max_norm is None:
+            return _full(torch.nn.utils.get_total_norm([p.grad for p in params])).item()
+        return _full(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
+    norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in group])).item() for group in by_mesh.values()]
+    total = sum(n * n for n in norms) ** 0.5
+    if max_norm is not None:
+        coefficient = min(1.0, max_norm / (total + 1e-6))  # (torch's clip_grad_norm_ formula)
+        for p in params:
+            p.grad.mul_(coefficient)
     return total
 
 

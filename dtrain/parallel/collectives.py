@@ -19,10 +19,27 @@ class Collectives:
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0):
         self.device, self.rank, self.world_size, self.local_rank = device, rank, world_size, local_rank
+        # Which slice of the data this rank reads, of how many: its rank and the world unless
+        # ranks share a batch (tensor parallel), set by the strategy from its mesh (set_data_layout).
+        self.data_rank, self.data_size, self.data_leader = rank, world_size, True
+
+    def set_data_layout(self, data_rank: int, data_size: int, data_leader: bool) -> None:
+        self.data_rank, self.data_size, self.data_leader = data_rank, data_size, data_leader
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_copies(self) -> int:
+        """How many ranks read each slice of the data (and compute the same sums from it)."""
+        return self.world_size // self.data_size
+
+    def data_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over the data's slices of a value every rank computed from its slice: an
+        all-reduce divided by the copies of each slice (exact in float64 for a power-of-two count)."""
+        total = self.all_reduce_sum(value)
+        return total / self.data_copies if self.data_copies > 1 else total
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return value

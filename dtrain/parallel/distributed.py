@@ -22,6 +22,7 @@ from dtrain.parallel.base import Strategy
 from dtrain.parallel.collectives import GroupCollectives
 from dtrain.parallel.mesh import ParallelDims
 from dtrain.parallel.single import pick_device
+from dtrain.schema import ConfigError
 
 if TYPE_CHECKING:
     from dtrain.schema import ParallelConfig
@@ -83,7 +84,12 @@ class Distributed(Strategy):
 
     def __init__(self, cfg: "ParallelConfig", dims: Callable[[int], ParallelDims]):
         comm, self._owns_group = init_process_group(cfg)
-        super().__init__(comm, dims(comm.world_size))
+        try:
+            layout = dims(comm.world_size)
+        except ValueError as exc:  # the configured mesh does not fit this world: leave the group first
+            self.close(clean=True)
+            raise ConfigError(str(exc)) from None
+        super().__init__(comm, layout)
         self._checkpoint_group: Any = None
 
     def close(self, clean: bool) -> None:

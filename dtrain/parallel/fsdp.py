@@ -1,9 +1,12 @@
-"""FSDP2: parameters, gradients and optimizer state sharded across ranks.
+"""FSDP2: parameters, gradients and optimizer state sharded across ranks; with parallel.mesh,
+HSDP and tensor parallel too.
 
-Applied the torchtitan way, as a function on the plain model over the mesh's data-parallel
-shard dimension: `fully_shard` on every transformer block, then on the root, so that one
-block's parameters are gathered at a time. LoRA (peft) is applied before sharding, so only
-adapter weights train; activation checkpointing is enabled on the model before sharding too.
+Applied the torchtitan way, as functions on the plain model over a named device mesh: tensor
+parallel over "tp" first (tensor.py), then `fully_shard` on every transformer block and on the
+root over the data-parallel dimensions, so that one block's parameters are gathered at a time.
+Over ("dp_replicate", "dp_shard") that is HSDP: sharded within a replica, all-reduced across
+replicas. LoRA (peft) is applied before sharding, so only adapter weights train; activation
+checkpointing is enabled on the model before sharding too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dtrain.parallel.distributed import Distributed
-from dtrain.parallel.mesh import ParallelDims
+from dtrain.parallel.mesh import TENSOR, ParallelDims
+from dtrain.parallel.tensor import apply_tp
 
 if TYPE_CHECKING:
     from dtrain.schema import Config, FsdpConfig, ParallelConfig
@@ -45,9 +49,11 @@ class FSDP(Distributed):
     name = "fsdp"
     shards_optimizer_state = True
     runs_under_ray_train = True
+    arranges_by_mesh = True
 
     def __init__(self, cfg: "ParallelConfig", *, bf16: bool = False):
-        super().__init__(cfg, lambda world: ParallelDims.of(dp_shard=world))
+        mesh = cfg.mesh
+        super().__init__(cfg, lambda world: ParallelDims.from_config(mesh.replicate, mesh.shard, mesh.tensor, world))
         self.cfg = cfg.fsdp
         self.bf16 = bf16
         self._mesh: Any = None
@@ -64,19 +70,42 @@ class FSDP(Distributed):
     def shards_parameters(self) -> bool:
         return True
 
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        super().check_config(cfg)
+        if cfg.parallel.mesh.tensor > 1:
+            tensor = f"parallel.mesh.tensor={cfg.parallel.mesh.tensor}"
+            if cfg.peft.method in ("qlora", "dora"):
+                raise ValueError(f"peft.method={cfg.peft.method} with {tensor} is not supported (tensor parallel "
+                                 "splits plain linear layers and LoRA only); use peft.method=lora, or tensor 1")
+            if cfg.eval.generation.enabled:
+                raise ValueError(f"eval.generation.enabled with {tensor} is not supported (sequence parallel "
+                                 "splits the tokens, and generation decodes one at a time); turn it off, or use "
+                                 "tensor 1")
+            if cfg.model.compile:
+                raise ValueError(f"model.compile with {tensor} is not supported yet; set model.compile=false")
+
     def mesh(self) -> Any:
-        """The device mesh (built once, by every rank); FSDP shards over its dp_shard dimension."""
+        """The device mesh (built once, by every rank)."""
         if self._mesh is None:
             self._mesh = self.dims.build(self.device.type)
-        return self._mesh["dp_shard"]
+        return self._mesh
+
+    def _parallelize(self, model: nn.Module) -> nn.Module:
+        mesh = self.mesh()
+        if TENSOR in self.dims.names:
+            model = apply_tp(model, mesh[TENSOR])
+        # Over one data dimension (shard) or two (replicate x shard: HSDP); also moves the shards
+        # to the mesh's device.
+        return apply_fsdp(model, mesh[self.dims.data_parallel_names], self.cfg, self.bf16)
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
-        model = apply_fsdp(model, self.mesh(), self.cfg, self.bf16)  # also moves the shards to the mesh's device
+        model = self._parallelize(model)
         return model, make_optimizer(model)
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        return apply_fsdp(model, self.mesh(), self.cfg, self.bf16).eval()  # sharded like the student
+        return self._parallelize(model).eval()  # sharded like the student
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         _reshard(model)

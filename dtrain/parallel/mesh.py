@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 DATA_PARALLEL = ("dp_replicate", "dp_shard")  # the dimensions over which the batch is split
+TENSOR = "tp"  # ranks that hold slices of the same layers and read the same batch
+KNOWN = (*DATA_PARALLEL, TENSOR)
+# How the config (parallel.mesh.*) names each dimension.
+CONFIG_NAMES = {"dp_replicate": "replicate", "dp_shard": "shard", TENSOR: "tensor"}
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,33 @@ class ParallelDims:
 
     @classmethod
     def of(cls, **sizes: int) -> "ParallelDims":
-        unknown = [name for name in sizes if name not in DATA_PARALLEL]
+        unknown = [name for name in sizes if name not in KNOWN]
         if unknown:
-            raise ValueError(f"unknown mesh dimensions {unknown}; known: {', '.join(DATA_PARALLEL)}")
+            raise ValueError(f"unknown mesh dimensions {unknown}; known: {', '.join(KNOWN)}")
         return cls(tuple(sizes.items()))
+
+    @classmethod
+    def from_config(cls, replicate: int, shard: int, tensor: int, world_size: int) -> "ParallelDims":
+        """replicate x shard x tensor over `world_size` processes (shard -1: what is left), laid out
+        replicate-major and tensor-minor: a tensor-parallel group is consecutive ranks (one node),
+        a replica spans nodes only when it must. ValueError when the sizes do not fit the world."""
+        fixed = replicate * tensor
+        if shard == -1:
+            if world_size % fixed:
+                raise ValueError(
+                    f"parallel.mesh: replicate {replicate} x tensor {tensor} = {fixed} does not divide the "
+                    f"{world_size} processes of this run; choose sizes whose product divides it")
+            shard = world_size // fixed
+        if fixed * shard != world_size:
+            raise ValueError(
+                f"parallel.mesh: replicate {replicate} x shard {shard} x tensor {tensor} = {fixed * shard} "
+                f"processes, but this run has {world_size} (nodes x processes per node); change the sizes, or "
+                "set parallel.mesh.shard=-1 to shard over whatever is left")
+        sizes = {"dp_replicate": replicate} if replicate > 1 else {}
+        sizes["dp_shard"] = shard
+        if tensor > 1:
+            sizes[TENSOR] = tensor
+        return cls.of(**sizes)
 
     @property
     def world_size(self) -> int:
@@ -40,6 +67,17 @@ class ParallelDims:
     def dp_size(self) -> int:
         """Ranks that read different data (every data-parallel dimension multiplied)."""
         return math.prod(size for name, size in self.sizes if name in DATA_PARALLEL)
+
+    def size(self, name: str) -> int:
+        return dict(self.sizes).get(name, 1)
+
+    @property
+    def data_parallel_names(self) -> tuple[str, ...]:
+        return tuple(name for name in self.names if name in DATA_PARALLEL)
+
+    def describe(self) -> str:
+        """E.g. `replicate 2 x shard 2 x tensor 2`: the layout printed at start and by the dry run."""
+        return " x ".join(f"{CONFIG_NAMES[name]} {size}" for name, size in self.sizes)
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """Global rank `rank`'s position along each dimension (row-major, as init_device_mesh lays it out)."""
@@ -55,6 +93,10 @@ class ParallelDims:
             if name in DATA_PARALLEL:
                 index = index * size + position[name]
         return index
+
+    def is_data_leader(self, rank: int) -> bool:
+        """The first of the ranks that read the same batch (its position along every other dimension is 0)."""
+        return all(index == 0 for name, index in self.coordinates(rank).items() if name not in DATA_PARALLEL)
 
     def build(self, device_type: str) -> Any:
         """The torch DeviceMesh with these named dimensions (collective: every rank calls it)."""

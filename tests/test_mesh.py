@@ -1,0 +1,177 @@
+"""Device-mesh parallelism on this CPU machine: 4 processes, gloo, real torchrun.
+
+One torchrun job trains HSDP (replicate 2 x shard 2), FSDP x tensor parallel (shard 2 x tensor 2)
+and tensor parallel with data replicas (replicate 2 x tensor 2), full and LoRA, for 10 steps on
+the same global batch as one process; the tests compare every loss and the evaluation with that
+process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ALPACA
+from test_distributed import LORA, torchrun
+
+from dtrain.config import ConfigError, load_config
+from dtrain.parallel.mesh import ParallelDims
+from dtrain.train import train
+
+STEPS = 10
+GLOBAL_BATCH = 8
+MESHES = {  # name: (overrides, data-parallel size)
+    "hsdp": (["parallel.mesh.replicate=2", "parallel.mesh.shard=2"], 4),
+    "fsdp_tp": (["parallel.mesh.shard=2", "parallel.mesh.tensor=2"], 2),
+    "tp": (["parallel.mesh.replicate=2", "parallel.mesh.shard=1", "parallel.mesh.tensor=2"], 2),
+}
+
+
+def base(model_dir: Path, cache: Path) -> list[str]:
+    return [f"model.path={model_dir}", f"data.train={ALPACA}", "data.format=alpaca", "data.max_seq_len=256",
+            f"train.max_steps={STEPS}", "train.log_every=1", "optim.lr=2e-3", "schedule.warmup_steps=2",
+            "eval.max_batches=2", "logging.tensorboard=false", "logging.progress_bar=false",
+            "seed=7", f"data.cache_dir={cache}", "model.logits_chunk_tokens=96"]
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tiny_model_dir, tmp_path_factory):
+    """Each mesh, full and LoRA (and FSDP x TP with LoRA and activation checkpointing), in one
+    4-process job; each rank's results by run."""
+    out = tmp_path_factory.mktemp("mesh")
+    runs = {}
+    for name, (overrides, data_parallel) in MESHES.items():
+        mesh = ["parallel.strategy=fsdp", *overrides, f"train.micro_batch_size={GLOBAL_BATCH // data_parallel}"]
+        runs[name] = mesh
+        runs[f"{name}_lora"] = mesh + LORA
+    runs["fsdp_tp_lora_ac"] = runs["fsdp_tp_lora"] + ["model.gradient_checkpointing=true"]
+    ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "runs": runs}, out, nproc=4)
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def mesh_singles(tiny_model_dir, tmp_path_factory):
+    """The references: one process, micro-batch 8 (the same global batch)."""
+    out = tmp_path_factory.mktemp("mesh-single")
+    return {name: train(load_config(None, base(tiny_model_dir, out / "cache") + [
+        f"train.micro_batch_size={GLOBAL_BATCH}", *extra, f"output_dir={out / name}"]))
+        for name, extra in (("single", []), ("single_lora", LORA))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac"])
+def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
+    reference = mesh_singles["single_lora" if "lora" in run else "single"]
+    got = mesh_runs[0][run]
+    assert "config_error" not in got, got
+    assert len(reference.train_losses) == len(got["losses"]) == STEPS
+    assert reference.train_losses[-1] < reference.train_losses[0] - 0.3  # it learns: the curves say something
+    for step, (a, b) in enumerate(zip(reference.train_losses, got["losses"]), start=1):
+        assert b == pytest.approx(a, abs=1e-5, rel=0), f"{run} step {step}: {b} vs single {a}"
+    for key in ("eval_loss", "eval_examples"):
+        assert got["final"][key] == pytest.approx(reference.final_metrics[key], abs=1e-5, rel=0), (run, key)
+    for rank in mesh_runs[1:]:  # every rank logs the same global loss
+        assert rank[run]["losses"] == got["losses"]
+
+
+def test_the_mesh_is_laid_out_replicate_major_and_tensor_minor():
+    dims = ParallelDims.from_config(replicate=2, shard=-1, tensor=2, world_size=8)
+    assert dims.sizes == (("dp_replicate", 2), ("dp_shard", 2), ("tp", 2))
+    assert dims.describe() == "replicate 2 x shard 2 x tensor 2"
+    assert dims.dp_size == 4
+    # Ranks 0 and 1 are one tensor-parallel pair (one node): the same slice of the data.
+    assert [dims.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [dims.is_data_leader(r) for r in range(8)] == [True, False] * 4
+    assert ParallelDims.from_config(1, -1, 1, 4).sizes == (("dp_shard", 4),)  # the default: FSDP as before
+    for sizes, world, says in (((2, 3, 1), 4, "2 x shard 3 x tensor 1 = 6 processes, but this run has 4"),
+                               ((3, -1, 1), 4, "replicate 3 x tensor 1 = 3 does not divide the 4 processes")):
+        with pytest.raises(ValueError, match=says):
+            ParallelDims.from_config(*sizes, world_size=world)
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["parallel.strategy=ddp", "parallel.mesh.tensor=2"],
+     "parallel.mesh (replicate x shard x tensor) with parallel.strategy=ddp is not supported"),
+    (["parallel.strategy=fsdp", "parallel.mesh.tensor=2", "peft.method=dora"], "peft.method=dora with parallel.mesh"),
+    (["parallel.strategy=fsdp", "parallel.mesh.tensor=2", "eval.generation.enabled=true"],
+     "eval.generation.enabled with parallel.mesh.tensor=2"),
+    (["parallel.strategy=fsdp", "parallel.mesh.shard=0"], "parallel.mesh.shard"),
+])
+def test_impossible_meshes_are_refused_when_the_config_is_loaded(tiny_model_dir, tmp_path, overrides, says):
+    with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, base(tiny_model_dir, tmp_path / "cache") + overrides)
+
+
+def test_a_tensor_degree_that_does_not_divide_the_heads_is_refused(tmp_path):
+    from transformers import LlamaConfig, PhiConfig
+
+    from dtrain.parallel.tensor import plan_for
+
+    llama = LlamaConfig(num_attention_heads=4, num_key_value_heads=2)
+    assert plan_for(llama, 2).fan_in == ("self_attn.o_proj", "mlp.down_proj")
+    with pytest.raises(ConfigError, match="parallel.mesh.tensor=4 does not divide the model's num_key_value_heads=2"):
+        plan_for(llama, 4)
+    with pytest.raises(ConfigError, match="no tensor-parallel plan for model type 'phi'"):
+        plan_for(PhiConfig(), 2)
+
+
+# --------------------------------------------------------------------------------------
+# Resharding across mesh shapes: one run saved as FSDP x TP 2 x 2, resumed as HSDP 2 x 2, then
+# FSDP over 2 processes, then one process; every resume restores the parameters and the Adam
+# moments exactly, and the whole curve is the uninterrupted run's.
+
+CHAIN = [  # (name, processes, overrides, last step)
+    ("fsdp_tp", 4, ["parallel.strategy=fsdp", "parallel.mesh.shard=2", "parallel.mesh.tensor=2",
+                    "train.micro_batch_size=4"], 2),
+    ("hsdp", 4, ["parallel.strategy=fsdp", "parallel.mesh.replicate=2", "parallel.mesh.shard=2",
+                 "train.micro_batch_size=2"], 4),
+    ("fsdp", 2, ["parallel.strategy=fsdp", "train.micro_batch_size=4"], 6),
+    ("single", 1, ["train.micro_batch_size=8"], 8),
+]
+
+
+@pytest.fixture(scope="module")
+def reshard_chain(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mesh-reshard")
+    run = root / "run"
+    # Each run of the chain stops at its own max_steps, which a decaying schedule would stretch to:
+    # a constant one after the warmup gives every step the uninterrupted run's LR.
+    common = [*base(tiny_model_dir, root / "cache"), "checkpoint.every_steps=2", "eval.every_steps=2",
+              "schedule.name=constant"]
+    # The 4-process shapes share one job: each is a run of it, resuming the directory the last left.
+    jobs: dict[int, dict] = {}
+    for name, processes, overrides, last in CHAIN:
+        resume = ["checkpoint.resume=auto"] if last > 2 else []
+        jobs.setdefault(processes, {})[name] = [*overrides, f"train.max_steps={last}", *resume, f"output_dir={run}"]
+    for processes in (4, 2, 1):
+        torchrun({"base": common, "dump": True, "runs": jobs[processes]}, root / f"job{processes}", nproc=processes)
+    uninterrupted = train(load_config(None, [*common, "train.micro_batch_size=8", f"train.max_steps={CHAIN[-1][3]}",
+                                             f"output_dir={root / 'uninterrupted'}"]))
+    return run, uninterrupted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [2, 4, 6], ids=["fsdp_tp-to-hsdp", "hsdp-to-fsdp2", "fsdp2-to-single"])
+def test_each_resume_across_mesh_shapes_restores_the_state_exactly(reshard_chain, step):
+    import torch
+
+    run, _ = reshard_chain
+    saved = torch.load(run / f"values_saved_{step}.pt", weights_only=True)
+    loaded = torch.load(run / f"values_loaded_{step}.pt", weights_only=True)
+    assert saved.keys() == loaded.keys() and any(k.startswith("exp_avg/") for k in saved)
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.slow
+def test_the_resharded_run_is_the_uninterrupted_one(reshard_chain):
+    from dtrain.tracking import read_metrics
+
+    run, uninterrupted = reshard_chain
+    records = read_metrics(run)
+    curve = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, CHAIN[-1][3] + 1))
+    assert curve == pytest.approx(uninterrupted.train_losses, abs=1e-6, rel=0)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals == pytest.approx([r["eval_loss"] for r in read_metrics(run.parent / "uninterrupted")
+                                   if "eval_loss" in r], abs=1e-6, rel=0)
