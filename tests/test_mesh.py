@@ -2,8 +2,8 @@
 
 One torchrun job trains HSDP (replicate 2 x shard 2), FSDP x tensor parallel (shard 2 x tensor 2)
 and tensor parallel with data replicas (replicate 2 x tensor 2), full and LoRA, for 10 steps on
-the same global batch as one process; the tests compare every loss and the evaluation with that
-process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
+the same global batch as one process (and FSDP x TP for Qwen2 and GPT-NeoX); the tests compare
+every loss and the evaluation with that process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
 """
 
 from __future__ import annotations
@@ -34,10 +34,43 @@ def base(model_dir: Path, cache: Path) -> list[str]:
             "seed=7", f"data.cache_dir={cache}", "model.logits_chunk_tokens=96"]
 
 
+# The other families with a tensor-parallel plan: Qwen2 (biased q, k, v) and GPT-NeoX (fused
+# head-major qkv, parallel residual, biases everywhere), untied, with the byte tokenizer.
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.5,
+                                       tie_word_embeddings=False)),
+}
+
+
 @pytest.fixture(scope="module")
-def mesh_runs(tiny_model_dir, tmp_path_factory):
-    """Each mesh, full and LoRA (and FSDP x TP with LoRA and activation checkpointing), in one
-    4-process job; each rank's results by run."""
+def architecture_dirs(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    import transformers
+
+    from dtrain.presets import byte_tokenizer
+
+    dirs = {}
+    for name, (cls, kwargs) in ARCHITECTURES.items():
+        path = dirs[name] = tmp_path_factory.mktemp(f"tiny-{name}")
+        config = getattr(transformers, cls)(vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        byte_tokenizer().save_pretrained(path)
+    return dirs
+
+
+def architecture_run(model_dir: Path) -> list[str]:
+    return [f"model.path={model_dir}", "parallel.strategy=fsdp", *MESHES["fsdp_tp"][0],
+            f"train.micro_batch_size={GLOBAL_BATCH // MESHES['fsdp_tp'][1]}"]
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tiny_model_dir, architecture_dirs, tmp_path_factory):
+    """Each mesh, full and LoRA (and FSDP x TP with LoRA and activation checkpointing; FSDP x TP of
+    the other families), in one 4-process job; each rank's results by run."""
     out = tmp_path_factory.mktemp("mesh")
     runs = {}
     for name, (overrides, data_parallel) in MESHES.items():
@@ -45,23 +78,31 @@ def mesh_runs(tiny_model_dir, tmp_path_factory):
         runs[name] = mesh
         runs[f"{name}_lora"] = mesh + LORA
     runs["fsdp_tp_lora_ac"] = runs["fsdp_tp_lora"] + ["model.gradient_checkpointing=true"]
+    runs["qwen2_fsdp_tp_lora"] = architecture_run(architecture_dirs["qwen2"]) + LORA
+    runs["gpt_neox_fsdp_tp"] = architecture_run(architecture_dirs["gpt_neox"])
     ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "runs": runs}, out, nproc=4)
     return ranks
 
 
 @pytest.fixture(scope="module")
-def mesh_singles(tiny_model_dir, tmp_path_factory):
+def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
     """The references: one process, micro-batch 8 (the same global batch)."""
     out = tmp_path_factory.mktemp("mesh-single")
+    references = {"single": [], "single_lora": LORA,
+                  "qwen2_single_lora": [f"model.path={architecture_dirs['qwen2']}", *LORA],
+                  "gpt_neox_single": [f"model.path={architecture_dirs['gpt_neox']}"]}
     return {name: train(load_config(None, base(tiny_model_dir, out / "cache") + [
         f"train.micro_batch_size={GLOBAL_BATCH}", *extra, f"output_dir={out / name}"]))
-        for name, extra in (("single", []), ("single_lora", LORA))}
+        for name, extra in references.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac"])
+@pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac",
+                                 "qwen2_fsdp_tp_lora", "gpt_neox_fsdp_tp"])
 def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
-    reference = mesh_singles["single_lora" if "lora" in run else "single"]
+    family = next((name for name in ARCHITECTURES if run.startswith(name)), None)
+    prefix = f"{family}_" if family else ""
+    reference = mesh_singles[prefix + ("single_lora" if "lora" in run else "single")]
     got = mesh_runs[0][run]
     assert "config_error" not in got, got
     assert len(reference.train_losses) == len(got["losses"]) == STEPS
@@ -136,8 +177,9 @@ def reshard_chain(tiny_model_dir, tmp_path_factory):
     run = root / "run"
     # Each run of the chain stops at its own max_steps, which a decaying schedule would stretch to:
     # a constant one after the warmup gives every step the uninterrupted run's LR.
-    common = [*base(tiny_model_dir, root / "cache"), "checkpoint.every_steps=2", "eval.every_steps=2",
-              "schedule.name=constant"]
+    # (Every checkpoint kept: the first shape's is exported by a test.)
+    common = [*base(tiny_model_dir, root / "cache"), "checkpoint.every_steps=2", "checkpoint.keep_last=4",
+              "eval.every_steps=2", "schedule.name=constant"]
     # The 4-process shapes share one job: each is a run of it, resuming the directory the last left.
     jobs: dict[int, dict] = {}
     for name, processes, overrides, last in CHAIN:
@@ -161,6 +203,25 @@ def test_each_resume_across_mesh_shapes_restores_the_state_exactly(reshard_chain
     assert saved.keys() == loaded.keys() and any(k.startswith("exp_avg/") for k in saved)
     for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_a_2d_mesh_consolidates_into_one_model(reshard_chain, tmp_path):
+    """`dtrain checkpoint consolidate` (export) of FSDP x TP's step 2: blocks sharded over both
+    dimensions, the embeddings over the data one: a plain model with the training weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dtrain.export import export
+
+    run, _ = reshard_chain
+    model_dir = export(run / "checkpoints" / "step_00000002", tmp_path / "model")
+    weights = load_file(model_dir / "model.safetensors")
+    saved = {k.removeprefix("param/"): v for k, v in torch.load(run / "values_saved_2.pt", weights_only=True).items()
+             if k.startswith("param/")}
+    assert saved.keys() - weights.keys() <= {"lm_head.weight"}  # (tied: written once)
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, saved[name]), name
 
 
 @pytest.mark.slow
