@@ -1,7 +1,8 @@
 """The SLURM launchers on a real cluster: slurmctld, two slurmd (n1, n2), munge and slurmdbd on
 MariaDB, started on this host by tests/slurm_cluster.py and stopped afterwards.
 
-- `sbatch slurm/train.sh` on 2 nodes x 1 worker completes and leaves checkpoint and metrics;
+- `sbatch slurm/train.sh` on 2 nodes x 1 worker completes and leaves checkpoint and metrics; on
+  2 nodes x 2 workers, HSDP and FSDP x tensor parallel train the same curve;
 - preemption: `scancel --batch --signal=USR1` (what `--signal=B:USR1@300` sends) and, separately,
   `scontrol requeue` on the running job lead to a checkpoint, a requeue and a completed job whose
   losses equal those of the uninterrupted job, step by step;
@@ -64,10 +65,10 @@ def cluster():
 
 
 
-def sbatch(cluster: SlurmCluster, tmp: Path, name: str, *args: str) -> str:
+def sbatch(cluster: SlurmCluster, tmp: Path, name: str, *args: str, per_node: int = 1) -> str:
     proc = cluster.run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", f"--job-name={name}",
                        f"--output={tmp}/%x-%j.out", "slurm/train.sh", TINY, *args, cwd=REPO,
-                       env={"DTRAIN_LOG_DIR": str(tmp / "logs")})
+                       env={"DTRAIN_LOG_DIR": str(tmp / "logs"), "DTRAIN_NPROC_PER_NODE": str(per_node)})
     return proc.stdout.strip().split(";")[0]
 
 
@@ -117,6 +118,42 @@ def test_sbatch_two_nodes_completes_with_checkpoint_and_metrics(cluster, referen
     # Both nodes ran and logged to the per-job directory; accounting saw the job through.
     assert len(list((out.parent / "logs" / f"ref-{reference['job']}").glob("node*.out"))) == 2
     assert cluster.sacct_states(reference["job"]) == ["COMPLETED"]
+
+
+# 2 nodes x 2 workers as a 2-D mesh: nodes are the outer (replicate / data) dimension, the two
+# workers of a node the inner one (shard / tensor). The same global batch of 8: the same curve.
+MESH_JOBS = {
+    "hsdp": (["parallel.mesh.replicate=2", "parallel.mesh.shard=2", "train.micro_batch_size=2"],
+             "mesh replicate 2 x shard 2"),
+    "fsdp_tp": (["parallel.mesh.shard=2", "parallel.mesh.tensor=2", "train.micro_batch_size=4"],
+                "mesh shard 2 x tensor 2"),
+}
+MESH_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def mesh_jobs(cluster, tiny_model_dir, tmp_path_factory):
+    """Both submitted at once (they queue for the two nodes), then awaited."""
+    submitted = {}
+    for name, (mesh, _) in MESH_JOBS.items():
+        tmp = tmp_path_factory.mktemp(f"sbatch-{name}")
+        args = [*overrides(tiny_model_dir, tmp / "run"), "parallel.strategy=fsdp", *mesh,
+                f"train.max_steps={MESH_STEPS}", "eval.every_steps=3"]
+        submitted[name] = (tmp, sbatch(cluster, tmp, name, *args, per_node=2))
+    return {name: {"info": wait_until_finished(cluster, job, timeout=300), "out": tmp / "run",
+                   "log": job_logs(tmp, name, job)} for name, (tmp, job) in submitted.items()}
+
+
+def test_two_nodes_of_two_workers_train_as_a_2d_mesh(mesh_jobs):
+    for name, (_, layout) in MESH_JOBS.items():
+        job = mesh_jobs[name]
+        assert job["info"]["JobState"] == "COMPLETED", f"{job['info']}\n{job['log'][-5000:]}"
+        assert "2 node(s) x 2 worker(s)" in job["log"] and f"strategy fsdp x4 on cpu, {layout}" in job["log"]
+        assert sorted(losses(job["out"])) == list(range(1, MESH_STEPS + 1))
+    hsdp, tensor = (losses(mesh_jobs[name]["out"]) for name in MESH_JOBS)
+    assert [tensor[s] for s in sorted(tensor)] == pytest.approx([hsdp[s] for s in sorted(hsdp)], abs=1e-5, rel=0)
+    assert eval_losses(mesh_jobs["fsdp_tp"]["out"]) == pytest.approx(eval_losses(mesh_jobs["hsdp"]["out"]),
+                                                                    abs=1e-5, rel=0)
 
 
 @pytest.mark.parametrize("how", ["scancel --batch --signal=USR1", "scontrol requeue"])

@@ -12,6 +12,8 @@ checkpointing is enabled on the model before sharding too.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
@@ -24,6 +26,8 @@ from dtrain.parallel.tensor import apply_tp
 
 if TYPE_CHECKING:
     from dtrain.schema import Config, FsdpConfig, ParallelConfig
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -56,6 +60,11 @@ class FSDP(Distributed):
         super().__init__(cfg, lambda world: ParallelDims.from_config(mesh.replicate, mesh.shard, mesh.tensor, world))
         self.cfg = cfg.fsdp
         self.bf16 = bf16
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.comm.world_size))
+        if self.dims.size(TENSOR) > per_node:  # (valid, but every layer then waits on the slower link)
+            log.warning("parallel.mesh.tensor=%d is more than the %d processes of a node: its collectives, two per "
+                        "sub-layer, cross nodes; keep tensor within a node and put nodes on replicate or shard",
+                        self.dims.size(TENSOR), per_node)
         self._mesh: Any = None
 
     @classmethod
