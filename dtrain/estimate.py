@@ -64,6 +64,7 @@ class ParamInfo:
     trainable: bool
     quantized: bool  # a QLoRA 4-bit base weight
     block: int | None  # index of the transformer block holding it; None: the root (embeddings, norm, head)
+    tp_dim: int | None = None  # the dimension tensor parallel splits it along (dtrain.parallel.tensor); None: whole
 
     @property
     def numel(self) -> int:
@@ -79,6 +80,7 @@ class ModelShape:
     trainable_matmul_params: int
     notes: list[str] = field(default_factory=list)  # what the estimate had to assume about this model (dims' too)
     chunkable_head: bool = False  # a causal LM head dtrain.lm_head can chunk (model.logits)
+    tensor_plan: bool = False  # dtrain has a tensor-parallel plan for the architecture
 
     @property
     def total(self) -> int:
@@ -218,6 +220,7 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
     from dtrain.finetune import freeze
     from dtrain.lm_head import chunkable
     from dtrain.model import load_model_config, transformer_blocks
+    from dtrain.parallel.tensor import split_dims
     from dtrain.peft import apply_peft
 
     config = copy.deepcopy(model_config if model_config is not None else load_model_config(cfg.model))
@@ -247,9 +250,10 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
         model = apply_peft(model, peft, cfg.model.task)
         freeze(model, cfg.freeze)
         chunkable_head = cfg.model.task == "causal_lm" and chunkable(model) is None  # (adapters on the head: no)
+        split = split_dims(model)
     # After peft: its LoRA factors are new tensors inside the same block modules.
     block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
-    params = [ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, block_of.get(id(p)))
+    params = [ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, block_of.get(id(p)), split.get(id(p)))
               for p in model.parameters()]  # shared (tied) tensors once
     matmul = trainable_matmul = 0
     for module in model.modules():
@@ -268,7 +272,8 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
     if not vocab:
         vocab = model.get_input_embeddings().weight.shape[0]
     return ModelShape(dims=dims, vocab=vocab, params=params, matmul_params=matmul,
-                      trainable_matmul_params=trainable_matmul, notes=notes, chunkable_head=chunkable_head)
+                      trainable_matmul_params=trainable_matmul, notes=notes, chunkable_head=chunkable_head,
+                      tensor_plan=bool(split))
 
 
 # --------------------------------------------------------------------------------------
@@ -315,7 +320,7 @@ class Activations:
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp32", checkpointing: bool = False,
                      mask: bool = False, attention: str = "sdpa", causal_lm: bool = True,
-                     logits_chunk: int = 0, offload: bool = False) -> Activations:
+                     logits_chunk: int = 0, offload: bool = False, tensor: int = 1) -> Activations:
     """Bytes autograd keeps for backward for one micro-batch (Hugging Face Llama-family layer).
 
     `mode`: fp32 (fp32 weights, no autocast), bf16 (weights in bf16: model.dtype, DeepSpeed's
@@ -345,6 +350,12 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
 
     `offload` (model.activation_offloading): the decoder's saved tensors go to host memory; with
     checkpointing the layers' inputs, without it every layer's set but the one in flight.
+
+    `tensor` > 1 (tensor parallel with sequence parallel, dtrain.parallel.tensor): each rank keeps
+    its heads' share of attention and its share of the MLP's features, and the norms' tensors for
+    its slice of the sequence; the fan-out projections save their input gathered (the whole
+    sequence: the norm outputs they read), and outside the layers nothing is split (the final norm,
+    the head and the loss run on the whole sequence on every rank).
     """
     b, s, h, f = batch, seq, shape.dims.hidden, shape.dims.intermediate
     a, dh = shape.dims.heads, shape.dims.head_dim
@@ -352,28 +363,29 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, mode: str = "fp
     t = 4 if mode == "fp32" else 2
     residual = 2 if mode == "bf16" else 4  # the residual stream stays fp32 under autocast
 
-    def norm(consumers: int) -> int:
+    def norm(consumers: int, split: int = 1) -> int:
         # x and x*rsqrt in fp32 (bf16: the fp32 copy of x, then x*rsqrt cast back), rsqrt per
         # token, and the output as the matmuls save it: under autocast each consuming matmul
         # saves its own bf16 cast of the fp32 output (q, k, v: 3; gate, up: 2; the head: 1).
+        # `split`: sequence parallel (the norm on a slice; its output gathered for the matmuls).
         inner = {"fp32": 8, "bf16": 6, "autocast": 8}[mode]
         out = 2 * consumers if mode == "autocast" else t
-        return (inner + out) * tokens * h + 4 * tokens
+        return (inner * tokens * h + 4 * tokens) // split + out * tokens * h
     kv = a if mask else shape.dims.kv_heads  # HF passes enable_gqa only without a mask
     attn = tokens * (a * dh * t * 2 + 2 * kv * dh * t) + 4 * b * a * s  # q, out, k, v, logsumexp
     if attention == "eager":
         attn += b * a * s * s * (4 + (t if t != 4 else 0))
     elif mask:
-        attn += b * s * s * t
+        attn += b * s * s * t * tensor  # (the bias is made per call, whole, on every rank)
     mlp = 4 * tokens * f * t
-    layer = norm(3) + attn + norm(2) + mlp
+    layer = norm(3, tensor) + (attn + mlp) // tensor + norm(2, tensor)
     rope = 2 * s * dh * 4  # cos and sin, shared by every layer
     head_in = norm(1)  # final norm (its output is lm_head's input)
     logits_saved = 4 * b * (s - 1) * shape.vocab if causal_lm else 0  # log_softmax output (fp32)
     if causal_lm and logits_chunk:
         logits_saved = tokens * h * residual  # the head input's gradient, computed in forward
     outside = head_in + rope + logits_saved + 8 * tokens  # + input ids
-    per_layer = residual * tokens * h if checkpointing else layer
+    per_layer = residual * tokens * h // tensor if checkpointing else layer
     saved, offloaded = shape.dims.layers * per_layer + outside, 0
     if offload:  # (and the decoder's final norm, which saves its input and its output)
         offloaded = head_in + (shape.dims.layers * per_layer if checkpointing else (shape.dims.layers - 1) * layer)
@@ -406,7 +418,19 @@ class StrategySpec:
     stage: int = 0
     offload: bool = False
     bucket_copy: bool = False  # gradients also in the all-reduce buckets (DDP's reducer)
-    rank: int = 0  # how much it costs in speed (communication, offload), cheapest first
+    rank: float = 0  # how much it costs in speed (communication, offload), cheapest first
+    replicate: int = 1  # sharded: parallel.mesh.replicate (HSDP: replicas of the sharded model)
+    tensor: int = 1  # sharded: parallel.mesh.tensor (tensor parallel degree)
+
+    @property
+    def overrides(self) -> str:
+        """The config that runs as this row."""
+        if self.strategy != "fsdp" or (self.replicate, self.tensor) == (1, 1):
+            return f"parallel.strategy={self.strategy}"
+        keys = ["parallel.strategy=fsdp"]
+        keys += [f"parallel.mesh.replicate={self.replicate}"] if self.replicate > 1 else []
+        keys += [f"parallel.mesh.tensor={self.tensor}"] if self.tensor > 1 else []
+        return " ".join(keys)
 
 
 STRATEGIES = [
@@ -434,6 +458,7 @@ class Memory:
     gathered: int = 0  # of `weights`: parameters gathered for compute (FSDP, ZeRO-3), not resident shards
     note: str = ""
     overlap: int = 0  # of activations + logits: never alive together (a logits chunk, a recomputed layer)
+    comm: int = 0  # bytes each device sends per optimizer step (collectives' volume, see communication_bytes)
 
     @property
     def total(self) -> int:
@@ -459,6 +484,7 @@ class RunShape:
     fsdp_reshard: bool = True
     logits_chunk: int = 0  # model.logits: positions per chunk when the head may be chunked; 0: full logits
     offload_activations: bool = False  # model.activation_offloading
+    accum: int = 1  # train.grad_accum_steps
 
 
 def _shard_rows(shape: tuple[int, ...], world: int) -> int:
@@ -521,7 +547,7 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     act = activation_bytes(shape, run.micro_batch, run.seq, mode=mode, checkpointing=run.checkpointing,
                            mask=run.mask, attention=run.attention, causal_lm=run.causal_lm,
                            logits_chunk=run.logits_chunk if shape.chunkable_head else 0,
-                           offload=run.offload_activations)
+                           offload=run.offload_activations, tensor=spec.tensor)
     if mode == "autocast":
         # autocast casts each matmul weight to bf16 once per forward; backward needs the copies.
         act.saved += 2 * shape.matmul_params
@@ -535,33 +561,44 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
             opt = adamw_8bit_bytes([p.numel for p in trainable])
         else:
             opt = sum(adamw_bytes([p.numel], stored(p)) for p in trainable)
-        return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=act.offloaded, overlap=act.overlap)
+        comm = 2 * (N - 1) * grads // max(N, 1) // (2 if spec.bucket_copy and N > 1 else 1)  # all-reduce
+        return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=act.offloaded, overlap=act.overlap,
+                      comm=comm)
 
     if spec.layout == "sharded":
         compute = 2 if bf16 else None
-        shard = lambda p: _shard_rows(p.shape, N)  # noqa: E731
+        T = spec.tensor
+        S = N // (spec.replicate * T)  # the shard dimension: FSDP splits each (tensor-parallel) local tensor over it
+
+        def local(p: ParamInfo) -> tuple[int, ...]:  # this rank's slice under tensor parallel
+            if T == 1 or p.tp_dim is None:
+                return p.shape
+            return tuple(n // T if d == p.tp_dim else n for d, n in enumerate(p.shape))
+
+        shard = lambda p: _shard_rows(local(p), S)  # noqa: E731
+        whole = lambda p: math.prod(local(p))  # noqa: E731
         weights = weights_of(infos, shard)
         grads = sum(shard(p) * stored(p) for p in trainable)
         opt = sum(adamw_bytes([shard(p)], stored(p)) for p in trainable)
         blocks: dict[int | None, list[ParamInfo]] = {}
         for p in infos:
             blocks.setdefault(p.block, []).append(p)
-        per_block = [weights_of(ps, lambda p: p.numel) if compute is None else
-                     sum(nf4_bytes(p.numel, run.double_quant) if p.quantized else p.numel * compute for p in ps)
+        per_block = [weights_of(ps, whole) if compute is None else
+                     sum(nf4_bytes(whole(p), run.double_quant) if p.quantized else whole(p) * compute for p in ps)
                      for k, ps in blocks.items() if k is not None]
         root = blocks.get(None, [])
-        root_bytes = (weights_of(root, lambda p: p.numel) if compute is None
-                      else sum(p.numel * compute for p in root))
+        root_bytes = (weights_of(root, whole) if compute is None else sum(whole(p) * compute for p in root))
         gathered = root_bytes + 2 * max(per_block, default=0)
-        if N == 1 and not spec.offload and compute in (None, weight_bytes):
-            gathered = 0  # one rank, on the device, no dtype cast: the shard is the parameter itself
-        block_grads = max((sum(p.numel * 4 for p in ps if p.trainable) for k, ps in blocks.items() if k is not None),
-                          default=0) if N > 1 or spec.offload else 0
+        if S == 1 and not spec.offload and compute in (None, weight_bytes):
+            gathered = 0  # one shard, on the device, no dtype cast: the shard is the parameter itself
+        block_grads = max((sum(whole(p) * 4 for p in ps if p.trainable) for k, ps in blocks.items() if k is not None),
+                          default=0) if S > 1 or spec.offload else 0
         cpu = act.offloaded
+        comm = sharded_communication(shape, run, spec, S, whole, compute or weight_bytes)
         if spec.offload:
             cpu, weights, grads, opt = cpu + weights + grads + opt, 0, 0, 0
         return Memory(spec.name, weights + gathered, grads + block_grads, opt, act.saved, act.logits, cpu=cpu,
-                      gathered=gathered, overlap=act.overlap)
+                      gathered=gathered, overlap=act.overlap, comm=comm)
 
     # DeepSpeed ZeRO
     module_bytes = 2 if bf16 else weight_bytes
@@ -582,6 +619,11 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     else:
         weights = P * module_bytes
     opt, cpu = master + moments, act.offloaded
+    # Gradients reduce-scattered and the updated parameters all-gathered once per step; ZeRO-3 also
+    # gathers the parameters in every micro-batch's forward and backward.
+    comm = 2 * (N - 1) * Pt * module_bytes // N
+    if spec.stage == 3:
+        comm += 2 * run.accum * (N - 1) * P * module_bytes // N
     if spec.offload:
         cpu += master + moments + 4 * part
         opt, grads = 0, (bucket if spec.stage > 1 else Pt * module_bytes)
@@ -589,7 +631,48 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
             cpu += math.ceil(P / N) * module_bytes
             weights -= math.ceil(P / N) * module_bytes
     return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=cpu, gathered=gathered,
-                  overlap=act.overlap)
+                  overlap=act.overlap, comm=comm)
+
+
+def sharded_communication(shape: ModelShape, run: RunShape, spec: StrategySpec, shards: int, whole: Any,
+                          compute_bytes: int) -> int:
+    """Bytes each device sends per optimizer step under FSDP2 over replicate x shard x tensor
+    (ring collectives: an all-gather or reduce-scatter over n ranks sends (n-1)/n of the whole,
+    an all-reduce twice that):
+
+      shard      every micro-batch all-gathers this rank's tensor-parallel slice of the parameters
+                 (in the compute dtype) in forward, and again in backward when they are resharded
+                 after forward; once per step the gradients of what trains are reduce-scattered (fp32)
+      replicate  once per step, the gradient shards are all-reduced across the replicas (HSDP)
+      tensor     per layer and micro-batch, sequence parallel's two all-gathers and two
+                 reduce-scatters of the activations (micro-batch x seq x hidden) in forward, as many
+                 in backward, and a forward's again when a checkpointed layer is recomputed
+    """
+    S, R, T = shards, spec.replicate, spec.tensor
+    local = sum(whole(p) for p in shape.params)
+    trainable = sum(whole(p) for p in shape.params if p.trainable)
+    gathers = 2 if run.fsdp_reshard else 1
+    total = (S - 1) * (gathers * run.accum * local * compute_bytes + trainable * 4) // S
+    total += 2 * (R - 1) * (math.ceil(trainable / S) * 4) // R
+    if T > 1:
+        activation = run.micro_batch * run.seq * shape.dims.hidden * compute_bytes
+        per_layer = 8 + (4 if run.checkpointing else 0)
+        total += (T - 1) * per_layer * shape.dims.layers * run.accum * activation // T
+    return total
+
+
+def mesh_specs(world: int, nodes: int, shape: ModelShape) -> list[StrategySpec]:
+    """The 2-D meshes worth a row: HSDP with a replica per node (multi-node), and FSDP x tensor
+    parallel within a node at degrees that divide the heads (when dtrain has a plan)."""
+    specs = []
+    per_node = world // max(nodes, 1)
+    if nodes > 1 and per_node > 1:  # (one GPU per node: HSDP is DDP)
+        specs.append(StrategySpec(f"hsdp {nodes}x{per_node}", "fsdp", "sharded", rank=3.5, replicate=nodes))
+    heads = (shape.dims.heads, shape.dims.kv_heads)
+    for degree in (2, 4, 8):
+        if shape.tensor_plan and degree <= per_node and world % degree == 0 and all(h % degree == 0 for h in heads):
+            specs.append(StrategySpec(f"fsdp+tp{degree}", "fsdp", "sharded", rank=5 + degree / 100, tensor=degree))
+    return specs
 
 
 def strategies_for(world: int) -> list[StrategySpec]:
@@ -674,7 +757,7 @@ def run_shape(cfg: Config, world: int, **changes: Any) -> RunShape:
                    attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
                    causal_lm=cfg.model.task == "causal_lm", fsdp_reshard=cfg.parallel.fsdp.reshard_after_forward,
                    logits_chunk=0 if cfg.model.logits == "full" else cfg.model.logits_chunk_tokens,
-                   offload_activations=cfg.model.activation_offloading)
+                   offload_activations=cfg.model.activation_offloading, accum=cfg.train.grad_accum_steps)
     for key, value in changes.items():
         setattr(run, key, value)
     return run
@@ -696,7 +779,7 @@ def estimate(cfg: Config, *, gpus: int = 1, nodes: int = 1, gpu_memory: int = 80
     world = gpus * nodes
     shape = model_shape(cfg, num_labels, model_config)
     run = run_shape(cfg, world)
-    specs = strategies_for(world)
+    specs = sorted(strategies_for(world) + mesh_specs(world, nodes, shape), key=lambda spec: spec.rank)
     rows = [strategy_memory(shape, run, s) for s in specs]
     peft_rows = {}
     for method in ("none", "lora", "qlora") if other_pefts else ():
@@ -717,7 +800,9 @@ def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels:
     cap = f"{USABLE_FRACTION * est.gpu_memory / GiB:.1f} GiB usable of {est.gpu_memory / GiB:.1f} GiB"
     if fitting:
         best = fitting[0]
-        lines = [f"use {best.strategy}: {best.total / GiB:.2f} GiB per device fits ({cap})."]
+        spec = next(s for s in specs if s.name == best.strategy)
+        how = f" ({spec.overrides})" if (spec.replicate, spec.tensor) != (1, 1) else ""
+        lines = [f"use {best.strategy}{how}: {best.total / GiB:.2f} GiB per device fits ({cap})."]
         configured = _configured_name(cfg)
         if configured != best.strategy and configured in [m.strategy for m in est.rows]:
             mine = next(m for m in est.rows if m.strategy == configured)
@@ -781,6 +866,11 @@ def _configured_name(cfg: Config) -> str | None:
     from dtrain.parallel import strategy_class
 
     layout = strategy_class(cfg.parallel.strategy).memory_layout(cfg)
+    mesh = cfg.parallel.mesh
+    if not mesh.is_default:  # (a mesh row is named by its sizes: hsdp RxS, fsdp+tpT)
+        if mesh.tensor > 1:
+            return f"fsdp+tp{mesh.tensor}" if mesh.replicate == 1 else None
+        return f"hsdp {mesh.replicate}x{mesh.shard}" if mesh.shard > 0 else None
     return next((s.name for s in STRATEGIES if s.strategy == cfg.parallel.strategy and (s.stage, s.offload) == layout),
                 None)
 
@@ -827,7 +917,7 @@ def format_estimate(est: Estimate) -> str:
         "",
         f"memory per device ({unit_name}):",
         f"  {'strategy':<15}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'logits':>9}"
-        f"{'total':>10}{'CPU':>9}  fits",
+        f"{'total':>10}{'CPU':>9}{'comm/step':>11}  fits",
     ]
     for m in est.rows:
         if m.note:
@@ -835,7 +925,11 @@ def format_estimate(est: Estimate) -> str:
             continue
         lines.append(f"  {m.strategy:<15}{_size(m.weights, unit):>10}{_size(m.gradients, unit):>10}"
                      f"{_size(m.optimizer, unit):>11}{_size(m.activations, unit):>13}{_size(m.logits, unit):>9}"
-                     f"{_size(m.total, unit):>10}{_size(m.cpu, unit):>9}  {'yes' if _fits(m, est.gpu_memory) else 'NO'}")
+                     f"{_size(m.total, unit):>10}{_size(m.cpu, unit):>9}{_size(m.comm, unit):>11}  "
+                     f"{'yes' if _fits(m, est.gpu_memory) else 'NO'}")
+    lines.append(f"  (comm/step: {unit_name} each device sends per optimizer step in collectives; hsdp RxS: a "
+                 "replica per node, sharded within it; fsdp+tpT: tensor parallel over T GPUs of a node, "
+                 "FSDP over the rest)")
     if any(m.overlap for m in est.rows):
         lines.append("  (total: a chunk's logits and the layer recomputed in backward are never alive together: "
                      "the larger is counted)")

@@ -513,3 +513,20 @@ def test_the_logits_term_full_and_chunked_within_25_percent(make_config, big_voc
               f"{estimated[logits] / measured[logits]:.3f})")
         assert estimated[logits] == pytest.approx(measured[logits], rel=0.25)
     assert measured["chunked"] <= 0.5 * measured["full"]
+
+
+def test_the_estimate_offers_meshes_and_recommends_one_where_only_a_mesh_fits():
+    """Llama 3 70B with LoRA at 32k tokens on one node of 8 x 80 GB: the activations fit only when
+    tensor parallel splits them (FSDP alone: 81 GiB), so the recommendation is a mesh, with the keys
+    that set it; on 4 nodes the table also offers HSDP with a replica per node."""
+    args = ["estimate", "examples/cluster/llama3-8b-lora-1gpu.yaml", "model.path=llama3-70b", "optim.name=adamw",
+            "model.activation_offloading=false", "data.max_seq_len=32768", "train.micro_batch_size=1", "--gpus", "8"]
+    proc = run_cli(*args, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("  fsdp")}
+    assert rows["fsdp"][-1] == "NO" and rows["fsdp+tp2"][-1] == "yes"
+    assert float(rows["fsdp+tp8"][4]) < float(rows["fsdp+tp2"][4]) < float(rows["fsdp"][4])  # activations
+    assert "recommendation: use fsdp+tp2 (parallel.strategy=fsdp parallel.mesh.tensor=2)" in proc.stdout
+    proc = run_cli(*args, "--nodes", "4", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "  hsdp 4x8 " in proc.stdout

@@ -115,6 +115,27 @@ def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
         assert rank[run]["losses"] == got["losses"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES)])
+def test_the_estimate_of_each_mesh_is_the_state_each_rank_holds(mesh_runs, tiny_model_dir, tmp_path, run):
+    """`dtrain estimate`'s resident parameter and optimizer bytes per device for the mesh rows
+    (weights split by tensor parallel, then sharded over the shard dimension; replicated across
+    replicas) against what rank 0 holds after training (`state_bytes`: local shards, optimizer
+    tensors of dim > 0)."""
+    from dtrain.estimate import RunShape, StrategySpec, model_shape, strategy_memory
+
+    overrides, _ = MESHES[run.removesuffix("_lora")]
+    cfg = load_config(None, base(tiny_model_dir, tmp_path / "cache") + ["parallel.strategy=fsdp", *overrides]
+                      + (LORA if "lora" in run else []))
+    mesh = cfg.parallel.mesh
+    spec = StrategySpec(run, "fsdp", "sharded", replicate=mesh.replicate, tensor=mesh.tensor)
+    shape = model_shape(cfg)
+    memory = strategy_memory(shape, RunShape(world=4), spec)
+    adam_steps = 4 * sum(1 for p in shape.params if p.trainable)  # (0-dim "step" tensors: not in state_bytes)
+    estimated = {"parameters": memory.weights - memory.gathered, "optimizer": memory.optimizer - adam_steps}
+    assert estimated == mesh_runs[0][run]["state_bytes"]
+
+
 def test_the_mesh_is_laid_out_replicate_major_and_tensor_minor():
     dims = ParallelDims.from_config(replicate=2, shard=-1, tensor=2, world_size=8)
     assert dims.sizes == (("dp_replicate", 2), ("dp_shard", 2), ("tp", 2))

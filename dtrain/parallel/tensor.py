@@ -76,6 +76,27 @@ def plan_for(config: Any, degree: int) -> TensorPlan:
     return plan
 
 
+def split_dims(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> the dimension tensor parallel splits it along, for the parameters it splits
+    ({} for an architecture without a plan): what `dtrain estimate` divides by the degree."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plan = PLANS.get(getattr(hf.config, "model_type", None))
+    if plan is None:
+        return {}
+    dims: dict[int, int] = {}
+    for block in getattr(hf, hf.base_model_prefix).get_submodule(plan.blocks):
+        for names, dim, adapter in ((plan.fan_out, 0, "lora_B"), (plan.fan_in, 1, "lora_A")):
+            for name in names:
+                layer = block.get_submodule(name)
+                base = getattr(layer, "base_layer", layer)
+                dims[id(base.weight)] = dim
+                if dim == 0 and base.bias is not None:  # (a fan-in layer's bias is added once, whole)
+                    dims[id(base.bias)] = 0
+                for factor in getattr(layer, adapter, {}).values():
+                    dims[id(factor.weight)] = dim
+    return dims
+
+
 def apply_tp(model: nn.Module, tp_mesh: Any) -> nn.Module:
     """Split `model`'s decoder blocks over `tp_mesh` (in place; before FSDP, after LoRA and
     activation checkpointing are set up). Parameters keep their requires_grad."""
