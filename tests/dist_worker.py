@@ -17,10 +17,12 @@ resharding tests compare.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as dist
 
@@ -41,8 +43,6 @@ def _counting_build(*args, **kwargs):
     builds["n"] += 1
     return _real_build(*args, **kwargs)
 
-
-pipeline.build = _counting_build
 
 
 def full_values(strategy, model, optimizer) -> dict[str, torch.Tensor]:
@@ -92,7 +92,9 @@ def _dump(cfg, strategy, model, optimizer, kind: str, step: int) -> None:
         torch.save(values, Path(cfg.output_dir) / f"values_{kind}_{step}.pt")
 
 
-def enable_dumps() -> None:
+@contextlib.contextmanager
+def dumps() -> Iterator[None]:
+    """Every checkpoint save and resume in the block also dumps the values (see the docstring)."""
     real_save, real_restore = ckpt.Checkpointer.save, ckpt.Checkpointer.restore
 
     def save(self, step, metric=None):
@@ -104,18 +106,28 @@ def enable_dumps() -> None:
         _dump(self.cfg, self.strategy, self.model, self.optimizer, "loaded", state["step"])
         return state
 
-    ckpt.Checkpointer.save = save
-    ckpt.Checkpointer.restore = restore
+    ckpt.Checkpointer.save, ckpt.Checkpointer.restore = save, restore
+    try:
+        yield
+    finally:
+        ckpt.Checkpointer.save, ckpt.Checkpointer.restore = real_save, real_restore
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
-    if spec.get("dump"):
-        enable_dumps()
+    pipeline.build = _counting_build
     # The job's process group, made here: every training below joins it (and leaves it as it was).
     dist.init_process_group("gloo")
     results = {}
+    with dumps() if spec.get("dump") else contextlib.nullcontext():
+        run_all(spec, out, results)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    destroy_process_group()
+
+
+def run_all(spec: dict, out: Path, results: dict) -> None:
     for name, overrides in spec["runs"].items():
         before, started = builds["n"], time.perf_counter()
         try:
@@ -127,9 +139,6 @@ def main() -> None:
         results[name] = {"losses": result.train_losses, "final": result.final_metrics,
                          "state_bytes": result.state_bytes, "data_builds": builds["n"] - before,
                          "seconds": round(time.perf_counter() - started, 2)}  # (what each run costs the suite)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    (out / f"rank{rank}.json").write_text(json.dumps(results))
-    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -68,9 +68,10 @@ def architecture_run(model_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mesh_runs(tiny_model_dir, architecture_dirs, tmp_path_factory):
-    """Each mesh, full and LoRA (and FSDP x TP with LoRA and activation checkpointing; FSDP x TP of
-    the other families), in one 4-process job; each rank's results by run."""
+def four_processes(tiny_model_dir, architecture_dirs, tmp_path_factory):
+    """The module's one 4-process job: each mesh, full and LoRA (and FSDP x TP with LoRA and
+    activation checkpointing; FSDP x TP of the other families), then the reshard chain's 4-process
+    shapes. Returns its directory and each rank's results by run."""
     out = tmp_path_factory.mktemp("mesh")
     runs = {}
     for name, (overrides, data_parallel) in MESHES.items():
@@ -80,8 +81,14 @@ def mesh_runs(tiny_model_dir, architecture_dirs, tmp_path_factory):
     runs["fsdp_tp_lora_ac"] = runs["fsdp_tp_lora"] + ["model.gradient_checkpointing=true"]
     runs["qwen2_fsdp_tp_lora"] = architecture_run(architecture_dirs["qwen2"]) + LORA
     runs["gpt_neox_fsdp_tp"] = architecture_run(architecture_dirs["gpt_neox"])
-    ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "runs": runs}, out, nproc=4)
-    return ranks
+    runs.update(chain_runs(out / "chain", processes=4))
+    ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "dump": True, "runs": runs}, out, nproc=4)
+    return out, ranks
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(four_processes):
+    return four_processes[1]
 
 
 @pytest.fixture(scope="module")
@@ -192,24 +199,33 @@ CHAIN = [  # (name, processes, overrides, last step)
 ]
 
 
+# Each run of the chain stops at its own max_steps, which a decaying schedule would stretch to: a
+# constant one after the warmup gives every step the uninterrupted run's LR. (Every checkpoint
+# kept: the first shape's is exported by a test.)
+CHAIN_SETTINGS = ["checkpoint.every_steps=2", "checkpoint.keep_last=4", "eval.every_steps=2", "schedule.name=constant"]
+
+
+def chain_runs(run: Path, processes: int) -> dict[str, list[str]]:
+    """The chain's shapes that run on `processes` processes, each resuming the directory the last left."""
+    return {f"chain-{name}": [*CHAIN_SETTINGS, *overrides, f"train.max_steps={last}",
+                   *(["checkpoint.resume=auto"] if last > 2 else []), f"output_dir={run}"]
+            for name, count, overrides, last in CHAIN if count == processes}
+
+
 @pytest.fixture(scope="module")
-def reshard_chain(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mesh-reshard")
-    run = root / "run"
-    # Each run of the chain stops at its own max_steps, which a decaying schedule would stretch to:
-    # a constant one after the warmup gives every step the uninterrupted run's LR.
-    # (Every checkpoint kept: the first shape's is exported by a test.)
-    common = [*base(tiny_model_dir, root / "cache"), "checkpoint.every_steps=2", "checkpoint.keep_last=4",
-              "eval.every_steps=2", "schedule.name=constant"]
-    # The 4-process shapes share one job: each is a run of it, resuming the directory the last left.
-    jobs: dict[int, dict] = {}
-    for name, processes, overrides, last in CHAIN:
-        resume = ["checkpoint.resume=auto"] if last > 2 else []
-        jobs.setdefault(processes, {})[name] = [*overrides, f"train.max_steps={last}", *resume, f"output_dir={run}"]
-    for processes in (4, 2, 1):
-        torchrun({"base": common, "dump": True, "runs": jobs[processes]}, root / f"job{processes}", nproc=processes)
-    uninterrupted = train(load_config(None, [*common, "train.micro_batch_size=8", f"train.max_steps={CHAIN[-1][3]}",
-                                             f"output_dir={root / 'uninterrupted'}"]))
+def reshard_chain(four_processes, tiny_model_dir):
+    """The chain's 4-process shapes ran in the module's job; then FSDP on 2 processes, then one
+    process (here, dumping its values as the workers do); and the uninterrupted run."""
+    from dist_worker import dumps
+
+    out, _ = four_processes
+    run, common = out / "chain", base(tiny_model_dir, out / "cache")
+    torchrun({"base": common, "dump": True, "runs": chain_runs(run, processes=2)}, out / "job2", nproc=2)
+    with dumps():
+        for overrides in chain_runs(run, processes=1).values():
+            train(load_config(None, [*common, *overrides]))
+    uninterrupted = train(load_config(None, [*common, *CHAIN_SETTINGS, "train.micro_batch_size=8",
+                                             f"train.max_steps={CHAIN[-1][3]}", f"output_dir={out / 'uninterrupted'}"]))
     return run, uninterrupted
 
 
