@@ -19,9 +19,12 @@ import pytest
 import torch
 from conftest import ALPACA, REPO, eval_losses, losses, read_metrics, run_cli
 from polling import logged_steps, wait_for
+from dist_worker import dumps
 from test_distributed import torchrun
 
 from dtrain import checkpoint as ckpt
+from dtrain.config import load_config
+from dtrain.train import train
 
 POLL = 0.005  # seconds between looks: fast enough to catch a checkpoint while it is being written
 
@@ -219,7 +222,8 @@ def resharded(tiny_model_dir, tmp_path_factory):
     base = [f"model.path={tiny_model_dir}", f"data.train={ALPACA}", f"data.cache_dir={root / 'cache'}",
             *RESHARD_BASE]
     step3 = ["train.max_steps=3"]
-    torchrun({"base": base, "dump": True, "runs": {"single": step3}}, root / "save1", nproc=1)
+    with dumps():  # (one process: here, dumping its values as the torchrun workers do)
+        train(load_config(None, [*base, *step3, f"output_dir={root / 'save1' / 'single'}"]))
     torchrun({"base": base, "dump": True, "runs": {
         "fsdp": ["parallel.strategy=fsdp", *step3], "zero2": [*ZERO[2], *step3], "zero3": [*ZERO[3], *step3],
         "single-to-fsdp": ["parallel.strategy=fsdp", "train.max_steps=4", "checkpoint.resume=auto",
