@@ -132,6 +132,6 @@ register()
 
 
 def uses_varlen_attention(model: torch.nn.Module) -> bool:
-    """Flash-attention 2 and sdpa_varlen take packed examples as one flattened, padding-free
-    sequence (`model`: the plain model, not a strategy's wrapper)."""
-    return getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", NAME)
+    """Flash-attention 2, sdpa_varlen and sequence parallel's attention (ulysses) take packed
+    examples as one flattened, padding-free sequence (`model`: the plain model, not a strategy's wrapper)."""
+    return getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", NAME, "ulysses")

@@ -135,6 +135,11 @@ def check_rules(cfg: Config) -> None:
     objective = objective_class(cfg)
     objective.check_config(cfg)
     check_strategy(cfg)
+    if cfg.parallel.mesh.sequence > 1 and not objective.sums_over_tokens:
+        raise ValueError(f"parallel.mesh.sequence={cfg.parallel.mesh.sequence} with train.objective={objective.name} "
+                         "is not supported: sequence parallel splits each sequence across ranks, and this "
+                         "objective needs whole sequences (per-sequence log-probabilities, a teacher, a "
+                         "classification head); use parallel.mesh.sequence=1")
     if cfg.model.logits == "chunked" and cfg.model.task != "causal_lm":
         raise ValueError(f"model.logits=chunked chunks a language model's head; model.task={cfg.model.task} has "
                          "none: set model.logits=auto")

@@ -31,7 +31,7 @@ from transformers import PretrainedConfig
 
 from dtrain import checkpoint as ckpt
 from dtrain.estimate import build_from_config, dim_field, model_dims
-from dtrain.schema import Config
+from dtrain.schema import Config, ConfigError
 from dtrain.data import check_sources
 from dtrain.model import count_parameters, load_model_config, load_tokenizer
 from dtrain.parallel.single import pick_device
@@ -127,12 +127,19 @@ def check_mesh(cfg: Config, full_config: PretrainedConfig) -> str:
     from dtrain.parallel.tensor import plan_for
 
     mesh = cfg.parallel.mesh
+    config = getattr(full_config, "text_config", None) or full_config
     if mesh.tensor > 1:
-        plan_for(getattr(full_config, "text_config", None) or full_config, mesh.tensor)
+        plan_for(config, mesh.tensor)
+    if mesh.sequence > 1:
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            count = getattr(config, key, None) or config.num_attention_heads
+            if count % mesh.sequence:
+                raise ConfigError(f"parallel.mesh.sequence={mesh.sequence} does not divide the model's {key}={count}")
     shard = "the rest" if mesh.shard == -1 else str(mesh.shard)
-    fixed = mesh.replicate * mesh.tensor * max(mesh.shard, 1)
+    fixed = mesh.replicate * mesh.tensor * mesh.sequence * max(mesh.shard, 1)
     count = f"{fixed} processes" if mesh.shard != -1 else f"a multiple of {fixed} processes"
-    return f"replicate {mesh.replicate} x shard {shard} x tensor {mesh.tensor} ({count})"
+    return (f"replicate {mesh.replicate} x shard {shard} x sequence {mesh.sequence} x tensor {mesh.tensor} "
+            f"({count})")
 
 
 def command_started() -> float:

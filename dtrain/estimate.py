@@ -421,16 +421,20 @@ class StrategySpec:
     rank: float = 0  # how much it costs in speed (communication, offload), cheapest first
     replicate: int = 1  # sharded: parallel.mesh.replicate (HSDP: replicas of the sharded model)
     tensor: int = 1  # sharded: parallel.mesh.tensor (tensor parallel degree)
+    sequence: int = 1  # sharded: parallel.mesh.sequence (sequence parallel degree)
 
     @property
     def overrides(self) -> str:
         """The config that runs as this row."""
-        if self.strategy != "fsdp" or (self.replicate, self.tensor) == (1, 1):
-            return f"parallel.strategy={self.strategy}"
-        keys = ["parallel.strategy=fsdp"]
+        keys = [f"parallel.strategy={self.strategy}"]  # (mesh rows are all fsdp's: mesh_specs)
         keys += [f"parallel.mesh.replicate={self.replicate}"] if self.replicate > 1 else []
         keys += [f"parallel.mesh.tensor={self.tensor}"] if self.tensor > 1 else []
+        keys += [f"parallel.mesh.sequence={self.sequence}"] if self.sequence > 1 else []
         return " ".join(keys)
+
+    @property
+    def meshed(self) -> bool:
+        return (self.replicate, self.tensor, self.sequence) != (1, 1, 1)
 
 
 STRATEGIES = [
@@ -544,8 +548,11 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
         return Memory(spec.name, 0, 0, 0, 0, 0, note=f"{run.optim} is refused with {spec.strategy}")
     if bf16 and spec.layout != "replicated":
         mode = "bf16"  # ZeRO's engine casts the module to bf16; FSDP's MixedPrecisionPolicy gathers bf16
-    act = activation_bytes(shape, run.micro_batch, run.seq, mode=mode, checkpointing=run.checkpointing,
-                           mask=run.mask, attention=run.attention, causal_lm=run.causal_lm,
+    # Sequence parallel: every tensor of a rank is for its slice of the tokens (attention's too, after
+    # the exchange: all tokens of a C-th of the heads), and its attention needs no mask.
+    act = activation_bytes(shape, run.micro_batch, run.seq // spec.sequence, mode=mode,
+                           checkpointing=run.checkpointing, mask=run.mask and spec.sequence == 1,
+                           attention=run.attention, causal_lm=run.causal_lm,
                            logits_chunk=run.logits_chunk if shape.chunkable_head else 0,
                            offload=run.offload_activations, tensor=spec.tensor)
     if mode == "autocast":
@@ -647,6 +654,8 @@ def sharded_communication(shape: ModelShape, run: RunShape, spec: StrategySpec, 
       tensor     per layer and micro-batch, sequence parallel's two all-gathers and two
                  reduce-scatters of the activations (micro-batch x seq x hidden) in forward, as many
                  in backward, and a forward's again when a checkpointed layer is recomputed
+      sequence   per layer and micro-batch, Ulysses' all-to-alls of q, k, v and the attention
+                 output in forward (of this rank's tokens), as many in backward, again on recompute
     """
     S, R, T = shards, spec.replicate, spec.tensor
     local = sum(whole(p) for p in shape.params)
@@ -658,20 +667,32 @@ def sharded_communication(shape: ModelShape, run: RunShape, spec: StrategySpec, 
         activation = run.micro_batch * run.seq * shape.dims.hidden * compute_bytes
         per_layer = 8 + (4 if run.checkpointing else 0)
         total += (T - 1) * per_layer * shape.dims.layers * run.accum * activation // T
+    C = spec.sequence
+    if C > 1:  # per layer and micro-batch: q, k, v and the output exchanged in forward, their gradients in backward
+        d = shape.dims.head_dim
+        exchanged = run.micro_batch * (run.seq // C) * (2 * shape.dims.heads + 2 * shape.dims.kv_heads) * d
+        passes = 2 + (1 if run.checkpointing else 0)
+        total += (C - 1) * passes * shape.dims.layers * run.accum * exchanged * compute_bytes // C
     return total
 
 
 def mesh_specs(world: int, nodes: int, shape: ModelShape) -> list[StrategySpec]:
-    """The 2-D meshes worth a row: HSDP with a replica per node (multi-node), and FSDP x tensor
-    parallel within a node at degrees that divide the heads (when dtrain has a plan)."""
+    """The 2-D meshes worth a row: HSDP with a replica per node (multi-node); FSDP x sequence
+    parallel and FSDP x tensor parallel (when dtrain has a plan) within a node, at degrees that
+    divide the heads."""
     specs = []
     per_node = world // max(nodes, 1)
     if nodes > 1 and per_node > 1:  # (one GPU per node: HSDP is DDP)
         specs.append(StrategySpec(f"hsdp {nodes}x{per_node}", "fsdp", "sharded", rank=3.5, replicate=nodes))
     heads = (shape.dims.heads, shape.dims.kv_heads)
     for degree in (2, 4, 8):
-        if shape.tensor_plan and degree <= per_node and world % degree == 0 and all(h % degree == 0 for h in heads):
-            specs.append(StrategySpec(f"fsdp+tp{degree}", "fsdp", "sharded", rank=5 + degree / 100, tensor=degree))
+        if degree <= per_node and world % degree == 0 and all(h % degree == 0 for h in heads):
+            if shape.chunkable_head:  # (sequence parallel trains causal language models)
+                specs.append(StrategySpec(f"fsdp+sp{degree}", "fsdp", "sharded", rank=5 + degree / 1000,
+                                          sequence=degree))
+            if shape.tensor_plan:
+                specs.append(StrategySpec(f"fsdp+tp{degree}", "fsdp", "sharded", rank=5 + degree / 100,
+                                          tensor=degree))
     return specs
 
 
@@ -801,7 +822,7 @@ def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels:
     if fitting:
         best = fitting[0]
         spec = next(s for s in specs if s.name == best.strategy)
-        how = f" ({spec.overrides})" if (spec.replicate, spec.tensor) != (1, 1) else ""
+        how = f" ({spec.overrides})" if spec.meshed else ""
         lines = [f"use {best.strategy}{how}: {best.total / GiB:.2f} GiB per device fits ({cap})."]
         configured = _configured_name(cfg)
         if configured != best.strategy and configured in [m.strategy for m in est.rows]:
@@ -867,9 +888,11 @@ def _configured_name(cfg: Config) -> str | None:
 
     layout = strategy_class(cfg.parallel.strategy).memory_layout(cfg)
     mesh = cfg.parallel.mesh
-    if not mesh.is_default:  # (a mesh row is named by its sizes: hsdp RxS, fsdp+tpT)
-        if mesh.tensor > 1:
-            return f"fsdp+tp{mesh.tensor}" if mesh.replicate == 1 else None
+    if not mesh.is_default:  # (a mesh row is named by its sizes: hsdp RxS, fsdp+tpT, fsdp+spC)
+        if mesh.tensor > 1 or mesh.sequence > 1:
+            if mesh.replicate > 1 or min(mesh.tensor, mesh.sequence) > 1:
+                return None
+            return f"fsdp+tp{mesh.tensor}" if mesh.tensor > 1 else f"fsdp+sp{mesh.sequence}"
         return f"hsdp {mesh.replicate}x{mesh.shard}" if mesh.shard > 0 else None
     return next((s.name for s in STRATEGIES if s.strategy == cfg.parallel.strategy and (s.stage, s.offload) == layout),
                 None)
@@ -928,8 +951,8 @@ def format_estimate(est: Estimate) -> str:
                      f"{_size(m.total, unit):>10}{_size(m.cpu, unit):>9}{_size(m.comm, unit):>11}  "
                      f"{'yes' if _fits(m, est.gpu_memory) else 'NO'}")
     lines.append(f"  (comm/step: {unit_name} each device sends per optimizer step in collectives; hsdp RxS: a "
-                 "replica per node, sharded within it; fsdp+tpT: tensor parallel over T GPUs of a node, "
-                 "FSDP over the rest)")
+                 "replica per node, sharded within it; fsdp+tpT / fsdp+spC: tensor / sequence parallel over "
+                 "T / C GPUs of a node, FSDP over all)")
     if any(m.overlap for m in est.rows):
         lines.append("  (total: a chunk's logits and the layer recomputed in backward are never alive together: "
                      "the larger is counted)")

@@ -88,17 +88,19 @@ def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "C
     scored_rows = 0  # rows this rank scored (a rank's repeated filler batch has index -1: not counted)
     for batch in batches:
         index = batch["index"]  # (left in the batch: a preference objective counts only the real pairs)
-        scored_rows += int((index >= 0).sum())
+        if comm.data_leader:  # (of the ranks that share a batch, one counts its rows)
+            scored_rows += int((index >= 0).sum())
         batch = to_device(batch, comm.device)
         with autocast(cfg.train.precision, comm.device):
-            batch_sums, scored = objective.eval_sums(model, batch)
+            batch_sums, scored = objective.eval_sums(model, comm.split_batch(batch))
         for key, value in batch_sums.items():
             sums[key] = sums.get(key, 0) + value.detach().double().cpu()
         if worst:
+            scored = comm.gather_tokens(scored, batch["input_ids"].shape[1])
             candidates += objective.worst_examples(batch, scored, index)
             candidates = sorted(candidates, key=lambda ex: -ex.loss)[:worst]
     totals = {key: comm.data_sum(value.to(comm.device)).cpu() for key, value in sums.items()}
-    scored_total = comm.data_sum(torch.tensor(scored_rows, dtype=torch.float64, device=comm.device))
+    scored_total = comm.all_reduce_sum(torch.tensor(scored_rows, dtype=torch.long, device=comm.device))
     metrics = {f"eval_{name}": value for name, value in objective.eval_metrics(totals).items()}
     metrics.update({"eval_examples": int(scored_total.item()), "eval_examples_total": len(examples),
                     "eval_sampled": sample is not None})

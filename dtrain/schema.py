@@ -291,6 +291,10 @@ class MeshConfig(Section):
         1, ge=1, description="fsdp: tensor-parallel degree (with sequence parallel for the norms): each decoder "
         "block's linear layers split across this many consecutive ranks (keep them within a node); attention "
         "and KV heads must divide by it.")
+    sequence: int = Field(
+        1, ge=1, description="fsdp: sequence-parallel degree for long context (Ulysses): each sequence split "
+        "across this many ranks, attention exchanging tokens for heads (all-to-all); attention and KV heads "
+        "must divide by it. Causal LM training.")
 
     @field_validator("shard")
     @classmethod
@@ -301,7 +305,7 @@ class MeshConfig(Section):
 
     @property
     def is_default(self) -> bool:
-        return self.replicate == 1 and self.shard == -1 and self.tensor == 1
+        return self.replicate == 1 and self.shard == -1 and self.tensor == 1 and self.sequence == 1
 
 
 class ParallelConfig(Section):

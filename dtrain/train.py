@@ -334,18 +334,18 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> StepOu
     loss or gradient is NaN/inf is skipped, never applied; train.max_bad_steps of them in a row
     stop the run. The objective's statistics of the step come back as its metrics."""
     cfg, strategy, state, comm = run.cfg, run.strategy, run.state, run.strategy.comm
-    micro = [to_device(batch, comm.device) for batch in micro_batches]
+    micro = [comm.split_batch(to_device(batch, comm.device)) for batch in micro_batches]
     counts = step_totals(comm, [run.objective.counts(batch) for batch in micro])
     step_loss, stats = torch.zeros((), device=comm.device), []
     for i, batch in enumerate(micro):
         with strategy.gradient_sync(run.model, enabled=i == len(micro) - 1):
             with autocast(cfg.train.precision, comm.device):
                 terms = run.objective.loss_terms(run.model, batch)
-                # The strategy averages gradients over the data-parallel ranks; x data_size makes
-                # it a global sum.
-                loss = sum(terms.sums[key] * (comm.data_size / max(counts[key], 1.0)) for key in terms.sums)
+                # The strategy averages gradients over the ranks that compute distinct sums; x their
+                # number makes it a global sum.
+                loss = sum(terms.sums[key] * (comm.distinct_ranks / max(counts[key], 1.0)) for key in terms.sums)
             strategy.backward(run.model, loss)
-        step_loss += loss.detach() / comm.data_size
+        step_loss += loss.detach() / comm.distinct_ranks
         stats.append({key: value.detach() for key, value in terms.stats.items()})
     totals = step_totals(comm, [{"": step_loss}, *stats])  # ("": the step's loss, apart from the statistics)
     loss, metrics = totals.pop(""), run.objective.step_metrics(totals)

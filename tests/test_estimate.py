@@ -517,8 +517,9 @@ def test_the_logits_term_full_and_chunked_within_25_percent(make_config, big_voc
 
 def test_the_estimate_offers_meshes_and_recommends_one_where_only_a_mesh_fits():
     """Llama 3 70B with LoRA at 32k tokens on one node of 8 x 80 GB: the activations fit only when
-    tensor parallel splits them (FSDP alone: 81 GiB), so the recommendation is a mesh, with the keys
-    that set it; on 4 nodes the table also offers HSDP with a replica per node."""
+    sequence or tensor parallel splits them (FSDP alone: 81 GiB), so the recommendation is a mesh,
+    with the keys that set it (sequence parallel: less to send); on 4 nodes the table also offers
+    HSDP with a replica per node."""
     args = ["estimate", "examples/cluster/llama3-8b-lora-1gpu.yaml", "model.path=llama3-70b", "optim.name=adamw",
             "model.activation_offloading=false", "data.max_seq_len=32768", "train.micro_batch_size=1", "--gpus", "8"]
     proc = run_cli(*args, timeout=120)
@@ -526,7 +527,12 @@ def test_the_estimate_offers_meshes_and_recommends_one_where_only_a_mesh_fits():
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("  fsdp")}
     assert rows["fsdp"][-1] == "NO" and rows["fsdp+tp2"][-1] == "yes"
     assert float(rows["fsdp+tp8"][4]) < float(rows["fsdp+tp2"][4]) < float(rows["fsdp"][4])  # activations
-    assert "recommendation: use fsdp+tp2 (parallel.strategy=fsdp parallel.mesh.tensor=2)" in proc.stdout
+    # Sequence parallel: every tensor is per token (and attention needs no mask): halved, then halved again.
+    assert float(rows["fsdp+sp2"][4]) <= float(rows["fsdp"][4]) / 2
+    assert float(rows["fsdp+sp4"][4]) == pytest.approx(float(rows["fsdp+sp2"][4]) / 2, rel=0.01)
+    comm = {name: float(rows[name][8].replace(",", "")) for name in ("fsdp+sp2", "fsdp+tp2")}  # comm/step
+    assert rows["fsdp+sp2"][-1] == "yes" and comm["fsdp+sp2"] < comm["fsdp+tp2"]
+    assert "recommendation: use fsdp+sp2 (parallel.strategy=fsdp parallel.mesh.sequence=2)" in proc.stdout
     proc = run_cli(*args, "--nodes", "4", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "  hsdp 4x8 " in proc.stdout

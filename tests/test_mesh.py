@@ -1,9 +1,10 @@
 """Device-mesh parallelism on this CPU machine: 4 processes, gloo, real torchrun.
 
-One torchrun job trains HSDP (replicate 2 x shard 2), FSDP x tensor parallel (shard 2 x tensor 2)
-and tensor parallel with data replicas (replicate 2 x tensor 2), full and LoRA, for 10 steps on
-the same global batch as one process (and FSDP x TP for Qwen2 and GPT-NeoX); the tests compare
-every loss and the evaluation with that process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
+One torchrun job trains HSDP (replicate 2 x shard 2), FSDP x tensor parallel (shard 2 x tensor 2),
+tensor parallel with data replicas (replicate 2 x tensor 2) and FSDP x sequence parallel (shard 2
+x sequence 2, also on packed rows), full and LoRA, for 10 steps on the same global batch as one
+process (and FSDP x TP for Qwen2 and GPT-NeoX); the tests compare every loss and the evaluation
+with that process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA
+from conftest import ALPACA, REPO
 from test_distributed import LORA, torchrun
 
 from dtrain.config import ConfigError, load_config
@@ -24,7 +25,12 @@ MESHES = {  # name: (overrides, data-parallel size)
     "hsdp": (["parallel.mesh.replicate=2", "parallel.mesh.shard=2"], 4),
     "fsdp_tp": (["parallel.mesh.shard=2", "parallel.mesh.tensor=2"], 2),
     "tp": (["parallel.mesh.replicate=2", "parallel.mesh.shard=1", "parallel.mesh.tensor=2"], 2),
+    "sp": (["parallel.mesh.shard=2", "parallel.mesh.sequence=2"], 2),
 }
+
+
+PACKED = ["data.packing=true"]
+PREFERENCE_DATA = REPO / "examples" / "data" / "arithmetic_preference.jsonl"
 
 
 def base(model_dir: Path, cache: Path) -> list[str]:
@@ -79,6 +85,7 @@ def four_processes(tiny_model_dir, architecture_dirs, tmp_path_factory):
         runs[name] = mesh
         runs[f"{name}_lora"] = mesh + LORA
     runs["fsdp_tp_lora_ac"] = runs["fsdp_tp_lora"] + ["model.gradient_checkpointing=true"]
+    runs["sp_packed"] = runs["sp"] + PACKED  # (flattened: the example boundaries cross the slices)
     runs["qwen2_fsdp_tp_lora"] = architecture_run(architecture_dirs["qwen2"]) + LORA
     runs["gpt_neox_fsdp_tp"] = architecture_run(architecture_dirs["gpt_neox"])
     runs.update(chain_runs(out / "chain", processes=4))
@@ -95,7 +102,7 @@ def mesh_runs(four_processes):
 def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
     """The references: one process, micro-batch 8 (the same global batch)."""
     out = tmp_path_factory.mktemp("mesh-single")
-    references = {"single": [], "single_lora": LORA,
+    references = {"single": [], "single_lora": LORA, "single_packed": PACKED,
                   "qwen2_single_lora": [f"model.path={architecture_dirs['qwen2']}", *LORA],
                   "gpt_neox_single": [f"model.path={architecture_dirs['gpt_neox']}"]}
     return {name: train(load_config(None, base(tiny_model_dir, out / "cache") + [
@@ -104,12 +111,13 @@ def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac",
+@pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac", "sp_packed",
                                  "qwen2_fsdp_tp_lora", "gpt_neox_fsdp_tp"])
 def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
     family = next((name for name in ARCHITECTURES if run.startswith(name)), None)
     prefix = f"{family}_" if family else ""
-    reference = mesh_singles[prefix + ("single_lora" if "lora" in run else "single")]
+    kind = "_lora" if "lora" in run else "_packed" if "packed" in run else ""
+    reference = mesh_singles[f"{prefix}single{kind}"]
     got = mesh_runs[0][run]
     assert "config_error" not in got, got
     assert len(reference.train_losses) == len(got["losses"]) == STEPS
@@ -135,7 +143,7 @@ def test_the_estimate_of_each_mesh_is_the_state_each_rank_holds(mesh_runs, tiny_
     cfg = load_config(None, base(tiny_model_dir, tmp_path / "cache") + ["parallel.strategy=fsdp", *overrides]
                       + (LORA if "lora" in run else []))
     mesh = cfg.parallel.mesh
-    spec = StrategySpec(run, "fsdp", "sharded", replicate=mesh.replicate, tensor=mesh.tensor)
+    spec = StrategySpec(run, "fsdp", "sharded", replicate=mesh.replicate, tensor=mesh.tensor, sequence=mesh.sequence)
     shape = model_shape(cfg)
     memory = strategy_memory(shape, RunShape(world=4), spec)
     adam_steps = 4 * sum(1 for p in shape.params if p.trainable)  # (0-dim "step" tensors: not in state_bytes)
@@ -165,6 +173,12 @@ def test_the_mesh_is_laid_out_replicate_major_and_tensor_minor():
     (["parallel.strategy=fsdp", "parallel.mesh.tensor=2", "eval.generation.enabled=true"],
      "eval.generation.enabled with parallel.mesh.tensor=2"),
     (["parallel.strategy=fsdp", "parallel.mesh.shard=0"], "parallel.mesh.shard"),
+    (["parallel.strategy=fsdp", "parallel.mesh.sequence=2", "parallel.mesh.tensor=2"],
+     "parallel.mesh.sequence=2 with parallel.mesh.tensor=2 is not supported yet"),
+    (["parallel.strategy=fsdp", "parallel.mesh.sequence=2", "eval.generation.enabled=true"],
+     "eval.generation.enabled with parallel.mesh.sequence=2"),
+    (["parallel.strategy=fsdp", "parallel.mesh.sequence=2", f"data.train={PREFERENCE_DATA}", "data.format=preference"],
+     "parallel.mesh.sequence=2 with train.objective=dpo is not supported"),
 ])
 def test_impossible_meshes_are_refused_when_the_config_is_loaded(tiny_model_dir, tmp_path, overrides, says):
     with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):

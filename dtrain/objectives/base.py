@@ -75,6 +75,9 @@ class Objective:
     model_task: ClassVar[str]  # model.task: causal_lm (a language-model head) or classification
     batch_fields: ClassVar[tuple[str, ...]] = ("input_ids", "labels")
     evaluates_with_frozen: ClassVar[bool] = False  # its metrics need its frozen models too (a reference does)
+    # Its loss, counts and metrics are sums over token positions, each needing only the logits at
+    # that position: a sequence split across ranks (sequence parallel) sums to the whole.
+    sums_over_tokens: ClassVar[bool] = False
 
     # ---- at config time
 

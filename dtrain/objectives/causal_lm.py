@@ -24,6 +24,7 @@ class CausalLM(Objective):
     name = "causal_lm"
     model_task = "causal_lm"
     data_formats = ("text", "alpaca", "chat")
+    sums_over_tokens = True
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing

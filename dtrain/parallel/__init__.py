@@ -10,8 +10,9 @@ capabilities (base.py). Each strategy is one module here and one entry in STRATE
 
     single.py     one process, one device (the reference)
     ddp.py        DistributedDataParallel
-    fsdp.py       FSDP2 (fully_shard per transformer block, then the root); HSDP and tensor
-                  parallel over parallel.mesh (tensor.py: the plans per architecture)
+    fsdp.py       FSDP2 (fully_shard per transformer block, then the root); HSDP, tensor and
+                  sequence parallel over parallel.mesh (tensor.py: the plans per architecture;
+                  sequence.py: Ulysses)
     deepspeed.py  DeepSpeed ZeRO-1/2/3, with offload
 
     with build_strategy(cfg) as strategy:   # joins the process group; leaves it on every exit path

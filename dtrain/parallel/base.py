@@ -42,7 +42,7 @@ class Strategy:
 
     def __init__(self, comm: Collectives, dims: ParallelDims):
         self.comm, self.dims = comm, dims
-        comm.set_data_layout(dims.dp_rank(comm.rank), dims.dp_size, dims.is_data_leader(comm.rank))
+        comm.set_data_layout(dims.dp_rank(comm.rank), dims.dp_size, dims.is_data_leader(comm.rank), dims.size("tp"))
 
     @property
     def device(self) -> torch.device:

@@ -20,24 +20,53 @@ class Collectives:
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0):
         self.device, self.rank, self.world_size, self.local_rank = device, rank, world_size, local_rank
         # Which slice of the data this rank reads, of how many: its rank and the world unless
-        # ranks share a batch (tensor parallel), set by the strategy from its mesh (set_data_layout).
-        self.data_rank, self.data_size, self.data_leader = rank, world_size, True
+        # ranks share a batch (tensor and sequence parallel), set by the strategy from its mesh
+        # (set_data_layout); and how many ranks compute the very same sums from it (tensor parallel).
+        self.data_rank, self.data_size, self.data_leader, self.data_copies = rank, world_size, True, 1
 
-    def set_data_layout(self, data_rank: int, data_size: int, data_leader: bool) -> None:
-        self.data_rank, self.data_size, self.data_leader = data_rank, data_size, data_leader
+    def set_data_layout(self, data_rank: int, data_size: int, data_leader: bool, copies: int = 1) -> None:
+        self.data_rank, self.data_size, self.data_leader, self.data_copies = data_rank, data_size, data_leader, copies
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # ---- sequence parallel: each rank of a group reads a slice of every sequence of the batch
+
+    def split_sequences(self, index: int, group: Any, degree: int) -> None:
+        self._sequence = (index, group, degree)
+
+    def split_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a micro-batch on the device: a slice of each sequence under sequence
+        parallel (dtrain.parallel.sequence), else the batch."""
+        if getattr(self, "_sequence", None) is None:
+            return batch
+        from dtrain.parallel.sequence import split_batch
+
+        index, _, degree = self._sequence
+        # (Padding gets id 0: it comes after each row's tokens, which causal attention never shows it.)
+        return split_batch(batch, index, degree, pad_id=0)
+
+    def gather_tokens(self, scored: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """Per-position outputs computed from `split_batch`'s part, for the whole batch (`length`:
+        its sequence length)."""
+        if getattr(self, "_sequence", None) is None:
+            return scored
+        from dtrain.parallel.sequence import gather_tokens
+
+        _, group, degree = self._sequence
+        return gather_tokens(scored, group, degree, length)
+
     @property
-    def data_copies(self) -> int:
-        """How many ranks read each slice of the data (and compute the same sums from it)."""
-        return self.world_size // self.data_size
+    def distinct_ranks(self) -> int:
+        """Ranks that compute distinct sums (all but tensor-parallel copies): the ones a strategy
+        averages gradients over."""
+        return self.world_size // self.data_copies
 
     def data_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum over the data's slices of a value every rank computed from its slice: an
-        all-reduce divided by the copies of each slice (exact in float64 for a power-of-two count)."""
+        """The sum over the ranks of a value each computed from its data, counting the ranks that
+        compute the very same sums (tensor parallel) once: an all-reduce divided by those copies
+        (exact in float64 for a power-of-two count)."""
         total = self.all_reduce_sum(value)
         return total / self.data_copies if self.data_copies > 1 else total
 

@@ -21,7 +21,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dtrain.parallel.distributed import Distributed
-from dtrain.parallel.mesh import TENSOR, ParallelDims
+from dtrain.parallel.mesh import SEQUENCE, TENSOR, ParallelDims
+from dtrain.parallel.sequence import apply_sp
 from dtrain.parallel.tensor import apply_tp
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ class FSDP(Distributed):
 
     def __init__(self, cfg: "ParallelConfig", *, bf16: bool = False):
         mesh = cfg.mesh
-        super().__init__(cfg, lambda world: ParallelDims.from_config(mesh.replicate, mesh.shard, mesh.tensor, world))
+        super().__init__(cfg, lambda world: ParallelDims.from_config(mesh.replicate, mesh.shard, mesh.tensor, world,
+                                                                     sequence=mesh.sequence))
         self.cfg = cfg.fsdp
         self.bf16 = bf16
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.comm.world_size))
@@ -66,6 +68,7 @@ class FSDP(Distributed):
                         "sub-layer, cross nodes; keep tensor within a node and put nodes on replicate or shard",
                         self.dims.size(TENSOR), per_node)
         self._mesh: Any = None
+        self._sharded_mesh: Any = None
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "FSDP":
@@ -93,6 +96,18 @@ class FSDP(Distributed):
                                  "tensor 1")
             if cfg.model.compile:
                 raise ValueError(f"model.compile with {tensor} is not supported yet; set model.compile=false")
+        if cfg.parallel.mesh.sequence > 1:
+            sequence = f"parallel.mesh.sequence={cfg.parallel.mesh.sequence}"
+            if cfg.parallel.mesh.tensor > 1:
+                raise ValueError(f"{sequence} with parallel.mesh.tensor={cfg.parallel.mesh.tensor} is not supported "
+                                 "yet (both split the attention heads); use one of them")
+            if cfg.eval.generation.enabled:
+                raise ValueError(f"eval.generation.enabled with {sequence} is not supported (generation decodes "
+                                 "whole sequences one token at a time); turn it off, or use sequence 1")
+            if cfg.model.compile or cfg.model.attn_implementation == "eager":
+                key = "model.compile" if cfg.model.compile else "model.attn_implementation=eager"
+                raise ValueError(f"{key} with {sequence} is not supported: sequence parallel runs its own "
+                                 "attention (SDPA, all-to-all over the heads); unset it")
 
     def mesh(self) -> Any:
         """The device mesh (built once, by every rank)."""
@@ -104,9 +119,24 @@ class FSDP(Distributed):
         mesh = self.mesh()
         if TENSOR in self.dims.names:
             model = apply_tp(model, mesh[TENSOR])
+        if SEQUENCE in self.dims.names:
+            model = apply_sp(model, mesh[SEQUENCE])
+            self.comm.split_sequences(self.dims.coordinates(self.comm.rank)[SEQUENCE], mesh[SEQUENCE].get_group(),
+                                      self.dims.size(SEQUENCE))
         # Over one data dimension (shard) or two (replicate x shard: HSDP); also moves the shards
         # to the mesh's device.
-        return apply_fsdp(model, mesh[self.dims.data_parallel_names], self.cfg, self.bf16)
+        return apply_fsdp(model, self._fsdp_mesh(), self.cfg, self.bf16)
+
+    def _fsdp_mesh(self) -> Any:
+        """The dimensions FSDP shards and reduces over: the data-parallel ones, and with sequence
+        parallel its ranks too (they hold the same weights, each with the gradient of its tokens:
+        torchtitan's dp_shard_cp), flattened once."""
+        mesh, sharded = self.mesh(), self.dims.data_parallel_names
+        if SEQUENCE in self.dims.names:
+            if self._sharded_mesh is None:
+                self._sharded_mesh = mesh["dp_shard", SEQUENCE]._flatten("dp_shard_sp")
+            sharded = tuple("dp_shard_sp" if name == "dp_shard" else name for name in sharded)
+        return mesh[sharded]
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
         model = self._parallelize(model)

@@ -16,9 +16,10 @@ from typing import Any
 
 DATA_PARALLEL = ("dp_replicate", "dp_shard")  # the dimensions over which the batch is split
 TENSOR = "tp"  # ranks that hold slices of the same layers and read the same batch
-KNOWN = (*DATA_PARALLEL, TENSOR)
+SEQUENCE = "sp"  # ranks that read the same batch, each a slice of its sequences
+KNOWN = (*DATA_PARALLEL, SEQUENCE, TENSOR)
 # How the config (parallel.mesh.*) names each dimension.
-CONFIG_NAMES = {"dp_replicate": "replicate", "dp_shard": "shard", TENSOR: "tensor"}
+CONFIG_NAMES = {"dp_replicate": "replicate", "dp_shard": "shard", SEQUENCE: "sequence", TENSOR: "tensor"}
 
 
 @dataclass(frozen=True)
@@ -33,24 +34,27 @@ class ParallelDims:
         return cls(tuple(sizes.items()))
 
     @classmethod
-    def from_config(cls, replicate: int, shard: int, tensor: int, world_size: int) -> "ParallelDims":
-        """replicate x shard x tensor over `world_size` processes (shard -1: what is left), laid out
-        replicate-major and tensor-minor: a tensor-parallel group is consecutive ranks (one node),
-        a replica spans nodes only when it must. ValueError when the sizes do not fit the world."""
-        fixed = replicate * tensor
+    def from_config(cls, replicate: int, shard: int, tensor: int, world_size: int, sequence: int = 1) -> "ParallelDims":
+        """replicate x shard x sequence x tensor over `world_size` processes (shard -1: what is
+        left), laid out replicate-major and tensor-minor: a tensor- or sequence-parallel group is
+        consecutive ranks (one node), a replica spans nodes only when it must. ValueError when the
+        sizes do not fit the world."""
+        fixed = replicate * sequence * tensor
+        named = f"replicate {replicate} x " + (f"sequence {sequence} x " if sequence > 1 else "") + f"tensor {tensor}"
         if shard == -1:
             if world_size % fixed:
-                raise ValueError(
-                    f"parallel.mesh: replicate {replicate} x tensor {tensor} = {fixed} does not divide the "
-                    f"{world_size} processes of this run; choose sizes whose product divides it")
+                raise ValueError(f"parallel.mesh: {named} = {fixed} does not divide the {world_size} processes of "
+                                 "this run; choose sizes whose product divides it")
             shard = world_size // fixed
         if fixed * shard != world_size:
             raise ValueError(
-                f"parallel.mesh: replicate {replicate} x shard {shard} x tensor {tensor} = {fixed * shard} "
-                f"processes, but this run has {world_size} (nodes x processes per node); change the sizes, or "
-                "set parallel.mesh.shard=-1 to shard over whatever is left")
+                f"parallel.mesh: {named.replace(' x ', f' x shard {shard} x ', 1)} = {fixed * shard} processes, "
+                f"but this run has {world_size} (nodes x processes per node); change the sizes, or set "
+                "parallel.mesh.shard=-1 to shard over whatever is left")
         sizes = {"dp_replicate": replicate} if replicate > 1 else {}
         sizes["dp_shard"] = shard
+        if sequence > 1:
+            sizes[SEQUENCE] = sequence
         if tensor > 1:
             sizes[TENSOR] = tensor
         return cls.of(**sizes)
