@@ -32,10 +32,9 @@ _group: dict[str, Any] = {}  # the sequence-parallel process group (one per proc
 
 def _exchange(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """all_to_all along dim 0 (chunk i goes to rank i; chunk j of the result came from rank j), with autograd."""
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-    tensor = tensor.contiguous()  # (and so the output buffer: empty_like keeps a view's strides)
-    return all_to_all_single(torch.empty_like(tensor), tensor, group=group)
+    return wait_tensor(all_to_all_single_autograd(tensor.contiguous(), None, None, group))
 
 
 def tokens_to_heads(x: torch.Tensor, group: Any, degree: int) -> torch.Tensor:
