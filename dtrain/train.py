@@ -263,7 +263,7 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
         state = TrainState()
         # Dropout and other run-time randomness: distinct per slice of the data, reproducible per
-        # seed (ranks that share a batch, tensor parallel, draw the same numbers for it).
+        # seed (ranks that share a batch, tensor or sequence parallel, draw the same numbers).
         seed_everything(cfg.seed + 1 + comm.data_rank)
         checkpointer = resources.enter_context(ckpt.Checkpointer(
             cfg, strategy, model, optimizer, {"scheduler": scheduler, "data": batches, "train_state": state}))

@@ -200,8 +200,8 @@ def test_a_tensor_degree_that_does_not_divide_the_heads_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------------------
 # Resharding across mesh shapes: one run saved as FSDP x TP 2 x 2, resumed as HSDP 2 x 2, then
-# FSDP over 2 processes, then one process; every resume restores the parameters and the Adam
-# moments exactly, and the whole curve is the uninterrupted run's.
+# FSDP over 2 processes, then sequence parallel over 2, then one process; every resume restores
+# the parameters and the Adam moments exactly, and the whole curve is the uninterrupted run's.
 
 CHAIN = [  # (name, processes, overrides, last step)
     ("fsdp_tp", 4, ["parallel.strategy=fsdp", "parallel.mesh.shard=2", "parallel.mesh.tensor=2",
@@ -209,14 +209,15 @@ CHAIN = [  # (name, processes, overrides, last step)
     ("hsdp", 4, ["parallel.strategy=fsdp", "parallel.mesh.replicate=2", "parallel.mesh.shard=2",
                  "train.micro_batch_size=2"], 4),
     ("fsdp", 2, ["parallel.strategy=fsdp", "train.micro_batch_size=4"], 6),
-    ("single", 1, ["train.micro_batch_size=8"], 8),
+    ("sp", 2, ["parallel.strategy=fsdp", "parallel.mesh.sequence=2", "train.micro_batch_size=8"], 8),
+    ("single", 1, ["train.micro_batch_size=8"], 10),
 ]
 
 
 # Each run of the chain stops at its own max_steps, which a decaying schedule would stretch to: a
 # constant one after the warmup gives every step the uninterrupted run's LR. (Every checkpoint
 # kept: the first shape's is exported by a test.)
-CHAIN_SETTINGS = ["checkpoint.every_steps=2", "checkpoint.keep_last=4", "eval.every_steps=2", "schedule.name=constant"]
+CHAIN_SETTINGS = ["checkpoint.every_steps=2", "checkpoint.keep_last=5", "eval.every_steps=2", "schedule.name=constant"]
 
 
 def chain_runs(run: Path, processes: int) -> dict[str, list[str]]:
@@ -244,7 +245,7 @@ def reshard_chain(four_processes, tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", [2, 4, 6], ids=["fsdp_tp-to-hsdp", "hsdp-to-fsdp2", "fsdp2-to-single"])
+@pytest.mark.parametrize("step", [2, 4, 6, 8], ids=["fsdp_tp-to-hsdp", "hsdp-to-fsdp2", "fsdp2-to-sp2", "sp2-to-single"])
 def test_each_resume_across_mesh_shapes_restores_the_state_exactly(reshard_chain, step):
     import torch
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dtrain.parallel.collectives import Collectives
-from dtrain.parallel.mesh import ParallelDims
+from dtrain.parallel.mesh import TENSOR, ParallelDims
 
 if TYPE_CHECKING:
     from dtrain.schema import Config
@@ -42,7 +42,7 @@ class Strategy:
 
     def __init__(self, comm: Collectives, dims: ParallelDims):
         self.comm, self.dims = comm, dims
-        comm.set_data_layout(dims.dp_rank(comm.rank), dims.dp_size, dims.is_data_leader(comm.rank), dims.size("tp"))
+        comm.set_data_layout(dims.dp_rank(comm.rank), dims.dp_size, dims.is_data_leader(comm.rank), dims.size(TENSOR))
 
     @property
     def device(self) -> torch.device:

@@ -23,6 +23,7 @@ class Collectives:
         # ranks share a batch (tensor and sequence parallel), set by the strategy from its mesh
         # (set_data_layout); and how many ranks compute the very same sums from it (tensor parallel).
         self.data_rank, self.data_size, self.data_leader, self.data_copies = rank, world_size, True, 1
+        self._sequence: tuple[int, Any, int] | None = None  # (my slice, the group, its size): split_sequences
 
     def set_data_layout(self, data_rank: int, data_size: int, data_leader: bool, copies: int = 1) -> None:
         self.data_rank, self.data_size, self.data_leader, self.data_copies = data_rank, data_size, data_leader, copies
@@ -39,7 +40,7 @@ class Collectives:
     def split_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of a micro-batch on the device: a slice of each sequence under sequence
         parallel (dtrain.parallel.sequence), else the batch."""
-        if getattr(self, "_sequence", None) is None:
+        if self._sequence is None:
             return batch
         from dtrain.parallel.sequence import split_batch
 
@@ -50,7 +51,7 @@ class Collectives:
     def gather_tokens(self, scored: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
         """Per-position outputs computed from `split_batch`'s part, for the whole batch (`length`:
         its sequence length)."""
-        if getattr(self, "_sequence", None) is None:
+        if self._sequence is None:
             return scored
         from dtrain.parallel.sequence import gather_tokens
 

@@ -121,6 +121,9 @@ def apply_sp(model: nn.Module, sp_mesh: Any) -> nn.Module:
 def split_batch(batch: dict[str, torch.Tensor], rank: int, degree: int, pad_id: int) -> dict[str, torch.Tensor]:
     """This rank's slice of every per-token tensor of `batch` (see the module's docstring); other
     entries are kept. The attention mask of padded rows is dropped (attention is causal)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() != 2:  # (ulysses asks for packed rows flattened: uses_varlen_attention)
+        raise RuntimeError("sequence parallel takes padded rows or flattened packed rows, not a block-diagonal mask")
     ids = batch["input_ids"]
     b, length = ids.shape
     padded = -(-length // degree) * degree
@@ -133,9 +136,7 @@ def split_batch(batch: dict[str, torch.Tensor], rank: int, degree: int, pad_id: 
     else:
         positions = torch.arange(padded + 1, device=ids.device).expand(b, -1)
     out = {key: value for key, value in batch.items() if key != "attention_mask"}
-    for key, value in batch.items():
-        if key == "attention_mask" and value.dim() == 2:
-            continue
+    for key, value in out.items():
         if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == length and key != "position_ids":
             fill = IGNORE_INDEX if "labels" in key else pad_id
             out[key] = F.pad(value, (0, padded + 1 - length), value=fill)[:, start:stop]
