@@ -185,6 +185,19 @@ def test_impossible_meshes_are_refused_when_the_config_is_loaded(tiny_model_dir,
         load_config(None, base(tiny_model_dir, tmp_path / "cache") + overrides)
 
 
+@pytest.mark.slow
+def test_a_mesh_that_does_not_fit_the_processes_stops_every_rank_before_any_work(tiny_model_dir, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "examples/tiny_alpaca.yaml", "--nproc", "2", *base(tiny_model_dir, tmp_path / "cache"),
+                   "parallel.strategy=fsdp", "parallel.mesh.replicate=2", "parallel.mesh.shard=2", f"output_dir={out}")
+    says = ("parallel.mesh: replicate 2 x shard 2 x tensor 1 = 4 processes, but this run has 2 (nodes x processes "
+            "per node); change the sizes, or set parallel.mesh.shard=-1")
+    assert proc.returncode == 2 and f"[rank 0] error: {says}" in proc.stderr and f"[rank 1] error: {says}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_tensor_degree_that_does_not_divide_the_heads_is_refused(tmp_path):
     from transformers import LlamaConfig, PhiConfig
 
