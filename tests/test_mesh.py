@@ -3,8 +3,8 @@
 One torchrun job trains HSDP (replicate 2 x shard 2), FSDP x tensor parallel (shard 2 x tensor 2),
 tensor parallel with data replicas (replicate 2 x tensor 2) and FSDP x sequence parallel (shard 2
 x sequence 2, also on packed rows), full and LoRA, for 10 steps on the same global batch as one
-process (and FSDP x TP for Qwen2 and GPT-NeoX); the tests compare every loss and the evaluation
-with that process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
+process (and FSDP x TP for Mistral, Qwen2 and GPT-NeoX); the tests compare every loss and the
+evaluation with that process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ def base(model_dir: Path, cache: Path) -> list[str]:
             "seed=7", f"data.cache_dir={cache}", "model.logits_chunk_tokens=96"]
 
 
-# The other families with a tensor-parallel plan: Qwen2 (biased q, k, v) and GPT-NeoX (fused
-# head-major qkv, parallel residual, biases everywhere), untied, with the byte tokenizer.
+# The other families with a tensor-parallel plan: Mistral (Llama's plan), Qwen2 (biased q, k, v)
+# and GPT-NeoX (fused head-major qkv, parallel residual, biases everywhere), untied, with the byte
+# tokenizer.
 ARCHITECTURES = {
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)),
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -87,6 +91,7 @@ def four_processes(tiny_model_dir, architecture_dirs, tmp_path_factory):
     runs["fsdp_tp_lora_ac"] = runs["fsdp_tp_lora"] + ["model.gradient_checkpointing=true"]
     runs["sp_packed"] = runs["sp"] + PACKED  # (flattened: the example boundaries cross the slices)
     runs["qwen2_fsdp_tp_lora"] = architecture_run(architecture_dirs["qwen2"]) + LORA
+    runs["mistral_fsdp_tp"] = architecture_run(architecture_dirs["mistral"])
     runs["gpt_neox_fsdp_tp"] = architecture_run(architecture_dirs["gpt_neox"])
     runs.update(chain_runs(out / "chain", processes=4))
     ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "dump": True, "runs": runs}, out, nproc=4)
@@ -104,6 +109,7 @@ def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh-single")
     references = {"single": [], "single_lora": LORA, "single_packed": PACKED,
                   "qwen2_single_lora": [f"model.path={architecture_dirs['qwen2']}", *LORA],
+                  "mistral_single": [f"model.path={architecture_dirs['mistral']}"],
                   "gpt_neox_single": [f"model.path={architecture_dirs['gpt_neox']}"]}
     return {name: train(load_config(None, base(tiny_model_dir, out / "cache") + [
         f"train.micro_batch_size={GLOBAL_BATCH}", *extra, f"output_dir={out / name}"]))
@@ -112,7 +118,7 @@ def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac", "sp_packed",
-                                 "qwen2_fsdp_tp_lora", "gpt_neox_fsdp_tp"])
+                                 "mistral_fsdp_tp", "qwen2_fsdp_tp_lora", "gpt_neox_fsdp_tp"])
 def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
     family = next((name for name in ARCHITECTURES if run.startswith(name)), None)
     prefix = f"{family}_" if family else ""
