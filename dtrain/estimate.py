@@ -824,7 +824,7 @@ def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels:
         spec = next(s for s in specs if s.name == best.strategy)
         how = f" ({spec.overrides})" if spec.meshed else ""
         lines = [f"use {best.strategy}{how}: {best.total / GiB:.2f} GiB per device fits ({cap})."]
-        configured = _configured_name(cfg)
+        configured = _configured_name(cfg, est.run.world)
         if configured != best.strategy and configured in [m.strategy for m in est.rows]:
             mine = next(m for m in est.rows if m.strategy == configured)
             lines.append(f"the configured strategy ({configured}) needs {mine.total / GiB:.2f} GiB"
@@ -882,7 +882,7 @@ def recommend(cfg: Config, est: Estimate, specs: list[StrategySpec], num_labels:
     return lines
 
 
-def _configured_name(cfg: Config) -> str | None:
+def _configured_name(cfg: Config, world: int) -> str | None:
     """The table row the configured strategy runs as (None: a layout the table has no row for)."""
     from dtrain.parallel import strategy_class
 
@@ -893,7 +893,7 @@ def _configured_name(cfg: Config) -> str | None:
             if mesh.replicate > 1 or min(mesh.tensor, mesh.sequence) > 1:
                 return None
             return f"fsdp+tp{mesh.tensor}" if mesh.tensor > 1 else f"fsdp+sp{mesh.sequence}"
-        return f"hsdp {mesh.replicate}x{mesh.shard}" if mesh.shard > 0 else None
+        return f"hsdp {mesh.replicate}x{mesh.shard if mesh.shard > 0 else world // mesh.replicate}"
     return next((s.name for s in STRATEGIES if s.strategy == cfg.parallel.strategy and (s.stage, s.offload) == layout),
                 None)
 

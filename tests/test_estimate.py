@@ -533,6 +533,6 @@ def test_the_estimate_offers_meshes_and_recommends_one_where_only_a_mesh_fits():
     comm = {name: float(rows[name][8].replace(",", "")) for name in ("fsdp+sp2", "fsdp+tp2")}  # comm/step
     assert rows["fsdp+sp2"][-1] == "yes" and comm["fsdp+sp2"] < comm["fsdp+tp2"]
     assert "recommendation: use fsdp+sp2 (parallel.strategy=fsdp parallel.mesh.sequence=2)" in proc.stdout
-    proc = run_cli(*args, "--nodes", "4", timeout=120)
+    proc = run_cli(*args, "--nodes", "4", "parallel.strategy=fsdp", "parallel.mesh.replicate=4", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "  hsdp 4x8 " in proc.stdout
+    assert "  hsdp 4x8 " in proc.stdout and "the configured strategy (hsdp 4x8) needs" in proc.stdout
