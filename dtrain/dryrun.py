@@ -31,7 +31,7 @@ from transformers import PretrainedConfig
 
 from dtrain import checkpoint as ckpt
 from dtrain.estimate import build_from_config, dim_field, model_dims
-from dtrain.schema import Config, ConfigError
+from dtrain.schema import Config
 from dtrain.data import check_sources
 from dtrain.model import count_parameters, load_model_config, load_tokenizer
 from dtrain.parallel.single import pick_device
@@ -124,6 +124,8 @@ def dry_run_config(cfg: Config, model_dir: Path, out_dir: Path, on_cpu: bool) ->
 def check_mesh(cfg: Config, full_config: PretrainedConfig) -> str:
     """parallel.mesh's layout, and (tensor parallel) that the architecture has a plan and its heads
     divide by the degree."""
+    from dtrain.parallel.mesh import check_heads_divide
+    from dtrain.parallel.sequence import SPLIT_BY_HEADS
     from dtrain.parallel.tensor import plan_for
 
     mesh = cfg.parallel.mesh
@@ -131,10 +133,7 @@ def check_mesh(cfg: Config, full_config: PretrainedConfig) -> str:
     if mesh.tensor > 1:
         plan_for(config, mesh.tensor)
     if mesh.sequence > 1:
-        for key in ("num_attention_heads", "num_key_value_heads"):
-            count = getattr(config, key, None) or config.num_attention_heads
-            if count % mesh.sequence:
-                raise ConfigError(f"parallel.mesh.sequence={mesh.sequence} does not divide the model's {key}={count}")
+        check_heads_divide(config, "sequence", mesh.sequence, SPLIT_BY_HEADS)
     shard = "the rest" if mesh.shard == -1 else str(mesh.shard)
     fixed = mesh.replicate * mesh.tensor * mesh.sequence * max(mesh.shard, 1)
     count = f"{fixed} processes" if mesh.shard != -1 else f"a multiple of {fixed} processes"

@@ -462,7 +462,7 @@ class Memory:
     gathered: int = 0  # of `weights`: parameters gathered for compute (FSDP, ZeRO-3), not resident shards
     note: str = ""
     overlap: int = 0  # of activations + logits: never alive together (a logits chunk, a recomputed layer)
-    comm: int = 0  # bytes each device sends per optimizer step (collectives' volume, see communication_bytes)
+    comm: int = 0  # bytes each device sends per optimizer step (collectives' volume: sharded_communication, ...)
 
     @property
     def total(self) -> int:
@@ -562,13 +562,13 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     if spec.layout == "replicated":
         weights = weights_of(infos, lambda p: p.numel)
         grads = sum(p.numel * stored(p) for p in trainable)
+        comm = 2 * (N - 1) * grads // N  # DDP's all-reduce of the gradients (none in one process)
         if spec.bucket_copy and N > 1:
             grads *= 2  # the reducer's flat buckets hold a second copy
         if run.optim in ("adamw_8bit", "paged_adamw_8bit"):
             opt = adamw_8bit_bytes([p.numel for p in trainable])
         else:
             opt = sum(adamw_bytes([p.numel], stored(p)) for p in trainable)
-        comm = 2 * (N - 1) * grads // max(N, 1) // (2 if spec.bucket_copy and N > 1 else 1)  # all-reduce
         return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=act.offloaded, overlap=act.overlap,
                       comm=comm)
 

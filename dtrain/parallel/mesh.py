@@ -22,6 +22,20 @@ KNOWN = (*DATA_PARALLEL, SEQUENCE, TENSOR)
 CONFIG_NAMES = {"dp_replicate": "replicate", "dp_shard": "shard", SEQUENCE: "sequence", TENSOR: "tensor"}
 
 
+def check_heads_divide(config: Any, dimension: str, degree: int, why: str) -> None:
+    """ConfigError (naming parallel.mesh.<dimension>, the model's head count and the fix) unless the
+    model's attention and KV heads divide by `degree`: tensor and sequence parallel give each rank
+    whole heads. `config`: the model's (text) config."""
+    from dtrain.schema import ConfigError
+
+    heads = {"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    for key, count in heads.items():
+        if count % degree:
+            raise ConfigError(f"parallel.mesh.{dimension}={degree} does not divide the model's {key}={count}: "
+                              f"{why}; choose a degree that divides {count}")
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     sizes: tuple[tuple[str, int], ...]  # (name, size) from outermost to innermost

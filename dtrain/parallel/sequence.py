@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.data.formats import IGNORE_INDEX
+from dtrain.parallel.mesh import check_heads_divide
 
 NAME = "ulysses"
+SPLIT_BY_HEADS = "attention is split by heads across the sequence-parallel ranks"
 _group: dict[str, Any] = {}  # the sequence-parallel process group (one per process)
 
 
@@ -103,15 +105,7 @@ def apply_sp(model: nn.Module, sp_mesh: Any) -> nn.Module:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(hf.config, "text_config", None) or hf.config
     degree = sp_mesh.size()
-    heads = {"num_attention_heads": config.num_attention_heads,
-             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-    for key, count in heads.items():
-        if count % degree:
-            from dtrain.schema import ConfigError
-
-            raise ConfigError(f"parallel.mesh.sequence={degree} does not divide the model's {key}={count}: "
-                              f"attention is split by heads across the sequence-parallel ranks; choose a degree "
-                              f"that divides {count}")
+    check_heads_divide(config, "sequence", degree, SPLIT_BY_HEADS)
     register()
     _group.update(group=sp_mesh.get_group(), degree=degree)
     hf.set_attn_implementation(NAME)

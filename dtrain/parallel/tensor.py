@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dtrain.parallel.mesh import check_heads_divide
 from dtrain.schema import ConfigError
 
 
@@ -37,10 +38,6 @@ class TensorPlan:
     mixers: dict[str, str]  # in a block: attention and MLP -> how they get their input ("hidden_states" kwarg, or "0")
     fan_out: tuple[str, ...]  # split by output features
     fan_in: tuple[str, ...]  # split by input features
-
-    def heads(self, config: Any) -> dict[str, int]:
-        return {"num_attention_heads": config.num_attention_heads,
-                "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
 
 
 LLAMA = TensorPlan(
@@ -68,12 +65,8 @@ def plan_for(config: Any, degree: int) -> TensorPlan:
         raise ConfigError(f"parallel.mesh.tensor={degree}: no tensor-parallel plan for model type {model_type!r} "
                          f"(dtrain has plans for {', '.join(sorted(PLANS))}); set parallel.mesh.tensor=1 and "
                          "shard with FSDP only")
-    plan = PLANS[model_type]
-    for key, count in plan.heads(config).items():
-        if count % degree:
-            raise ConfigError(f"parallel.mesh.tensor={degree} does not divide the model's {key}={count}: each "
-                             f"tensor-parallel rank computes whole heads; choose a degree that divides {count}")
-    return plan
+    check_heads_divide(config, "tensor", degree, "each tensor-parallel rank computes whole heads")
+    return PLANS[model_type]
 
 
 def split_dims(model: nn.Module) -> dict[int, int]:
