@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,36 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # pytest-xdist gives each worker whole files (--dist loadfile): a module's fixtures, the reference
 # runs and clusters, are built once. The modules that take minutes on 2 cores go out first, longest
 # first (--no-loadscope-reorder keeps this order), so that no worker is left with them at the end.
-LONGEST_FIRST = ["test_checkpoints", "test_distributed", "test_tune", "test_slurm", "test_ray", "test_dryrun"]
+LONGEST_FIRST = ["test_checkpoints", "test_distributed", "test_tune", "test_slurm_tune", "test_slurm", "test_ray",
+                 "test_dryrun"]
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # (stable: file order kept)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real SLURM cluster of two nodes (tests/slurm_cluster.py), in a private network namespace,
+    one per test module that asks for it (xdist runs two such modules side by side)."""
+    from slurm_cluster import ClusterError, SlurmCluster
+
+    # A SIGTERM to pytest (a CI timeout, say) unwinds like Ctrl-C, so that the daemons are stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with SlurmCluster() as running:
+            # Jobs run this checkout (launchers/ is not installed) and find the cluster by SLURM_CONF.
+            running.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            yield running
+    except ClusterError as exc:
+        pytest.fail(f"the test SLURM cluster did not start: {exc}", pytrace=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session", autouse=True)

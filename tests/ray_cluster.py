@@ -39,6 +39,20 @@ def bring_up_loopback() -> None:
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
 
 
+def add_loopback_address(address: str) -> None:
+    """Give lo a second address (`ip addr add ADDRESS/8 dev lo label lo:1`, by ioctl). glibc's
+    getaddrinfo(AI_ADDRCONFIG), which SLURM's daemons use to listen, finds no IPv4 address while
+    127.0.0.1 is the only one; any other address, even on lo, makes it answer. Still only lo exists."""
+    siocsifaddr, siocsifnetmask = 0x8916, 0x891C
+
+    def ifreq(addr: str) -> bytes:
+        return struct.pack("16sH2s4s8x", b"lo:1", socket.AF_INET, b"\0\0", socket.inet_aton(addr))
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, siocsifaddr, ifreq(address))
+        fcntl.ioctl(s, siocsifnetmask, ifreq("255.0.0.0"))
+
+
 def only_loopback(pid: int | str = "self") -> bool:
     """Whether the process's network namespace has no interface but lo: a private one made by
     `unshare --net`, never the host's (/proc/PID/net/dev lists the namespace's interfaces)."""

@@ -1,13 +1,19 @@
 """A real SLURM cluster on this host, for tests: munge, MariaDB, slurmdbd, slurmctld and two
 slurmd (nodes n1 and n2, 1 CPU each), all from Debian's packages (slurm-wlm, munge, slurmdbd,
-mariadb-server), all listening on 127.0.0.1, with every config, socket, log and state file under
-one temporary directory. Clients and jobs find it through SLURM_CONF (`cluster.env`).
+mariadb-server), with every config, socket, log and state file under one temporary directory.
+Clients and jobs find it through SLURM_CONF (`cluster.env`).
+
+The cluster lives in a private network namespace whose only interface is loopback (held open by
+a `sleep` started with `unshare --net`; every daemon and client enters it with `nsenter`): what
+its jobs start, a Ray cluster included (Ray binds to the host's address whatever its flags say),
+can reach nothing but 127.0.0.1, and no port can clash with the host's.
 
     with SlurmCluster() as cluster:
-        cluster.run("sbatch", "--wait", "job.sh")
+        cluster.run("sbatch", "--wait", "job.sh")           # run inside the namespace
+        subprocess.run(cluster.command("python", "-m", "launchers.slurm", ...), env=cluster.env)
 
 Every daemon runs in the foreground as our child and is stopped by its pid; so are the job
-processes left behind (found by their SLURM_CONF, which only this cluster's processes carry).
+processes left behind: every process in the namespace, and any carrying this cluster's SLURM_CONF.
 
 By hand, for experiments:  python tests/slurm_cluster.py   (prints the SLURM_CONF to export;
 Ctrl-C or SIGTERM stops the cluster).
@@ -28,34 +34,76 @@ from pathlib import Path
 
 import psutil
 from polling import wait_for
+from ray_cluster import only_loopback
 
 CLUSTER_NAME = "dtraintest"
 NODES = ("n1", "n2")
 DAEMONS = ("munged", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd", "sacctmgr")
 
 
+NETNS_EXEC = Path(__file__).with_name("netns_exec.py")
+# The namespace is the cluster's own: SLURM's and MariaDB's usual ports are free in it.
+CTLD_PORT, DBD_PORT, DB_PORT, FIRST_NODE_PORT = 6817, 6819, 3306, 6821
+CLONE_NEWNET = 0x40000000
+# On lo too, so that SLURM's daemons can listen (see ray_cluster.add_loopback_address).
+SECOND_ADDRESS = "127.0.0.2"
+
+
 class ClusterError(RuntimeError):
     """The cluster could not start; the message says which daemon and shows its log."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that are free on 127.0.0.1 right now (held open together so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def in_namespace(netns: str, fn):
+    """fn() called in a thread that has entered the network namespace `netns` (a namespace is a
+    per-thread property; the rest of this process stays where it is)."""
+    import ctypes
+    import threading
+
+    outcome: dict = {}
+
+    def enter_and_call() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                outcome["error"] = OSError(ctypes.get_errno(), f"setns({netns})")
+                return
+        finally:
+            os.close(fd)
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=enter_and_call)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
+def port_open(netns: str, port: int) -> bool:
+    def connect() -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    return in_namespace(netns, connect)
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def namespace_members(netns: str) -> list[int]:
+    """Every process whose network namespace is the one `netns` (a /proc/PID/ns/net path) names."""
+    target = os.readlink(netns)
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if os.readlink(entry / "ns" / "net") == target:
+                    members.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+    return members
 
 
 class SlurmCluster:
@@ -64,9 +112,16 @@ class SlurmCluster:
         self.root = Path(root or tempfile.mkdtemp(prefix="slurm-"))
         self.conf = self.root / "etc" / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
-        self.ctld_port, self.dbd_port, self.db_port, *self.node_ports = free_ports(3 + len(NODES))
+        self.ctld_port, self.dbd_port, self.db_port = CTLD_PORT, DBD_PORT, DB_PORT
+        self.node_ports = [FIRST_NODE_PORT + i for i in range(len(NODES))]
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._procs: list[tuple[str, subprocess.Popen]] = []
+        self._anchor: subprocess.Popen | None = None  # the process that holds the namespace open
+        self.netns = ""  # its /proc/PID/ns/net, once started
+
+    def command(self, *argv: str) -> list[str]:
+        """argv as a command line that runs inside the cluster's network namespace."""
+        return ["nsenter", f"--net={self.netns}", "--", *argv]
 
     # ---- life cycle --------------------------------------------------------------------
 
@@ -90,6 +145,7 @@ class SlurmCluster:
             raise ClusterError("the test cluster runs its daemons as root (SlurmUser=root); run the tests as root")
         for sub in ("etc", "munge", "db", "log", "state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._enter_private_network()
         self._write_configs()
         self._start_munge()
         self._start_mariadb()
@@ -116,14 +172,38 @@ class SlurmCluster:
                     proc.wait(timeout=10)
         self._procs.clear()
         self._kill_strays()
+        if self._anchor is not None:
+            self._anchor.kill()
+            self._anchor.wait(timeout=10)
+            self._anchor = None
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def _enter_private_network(self) -> None:
+        if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+            raise ClusterError("unshare and nsenter (util-linux) are needed to keep the cluster on a private network")
+        self._anchor = subprocess.Popen(["unshare", "--net", sys.executable, str(NETNS_EXEC), "--second-address",
+                                         SECOND_ADDRESS, "sleep", "infinity"],
+                                        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        pid = self._anchor.pid
+        # netns_exec brings loopback up, then becomes `sleep`: from then on the namespace is ready.
+        if not wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"
+                        or self._anchor.poll() is not None, timeout=20) or self._anchor.poll() is not None:
+            raise ClusterError(f"unshare --net failed: {self._anchor.stderr.read().decode(errors='replace')}")
+        self.netns = f"/proc/{pid}/ns/net"
+        if not only_loopback(pid) or os.readlink(self.netns) == os.readlink("/proc/self/ns/net"):
+            raise ClusterError("the cluster's network namespace is not a private one")
+
     def _kill_strays(self) -> None:
-        """slurmstepd and job processes outlive slurmd; they all carry this cluster's SLURM_CONF."""
+        """slurmstepd and job processes outlive slurmd: every process left in the namespace (a
+        private one: checked again, so that the host's processes are never touched) and any that
+        carries this cluster's SLURM_CONF."""
         mine = []
+        if self.netns and only_loopback(self._anchor.pid):
+            pids = set(namespace_members(self.netns)) - {self._anchor.pid}
+            mine += [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
         for proc in psutil.process_iter(["pid"]):
             try:
-                if proc.pid != os.getpid() and proc.environ().get("SLURM_CONF") == str(self.conf):
+                if proc.pid != os.getpid() and proc not in mine and proc.environ().get("SLURM_CONF") == str(self.conf):
                     mine.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
@@ -137,8 +217,8 @@ class SlurmCluster:
     # ---- helpers for tests -------------------------------------------------------------
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, env={**self.env, **kw.pop("env", {})}, capture_output=True, text=True,
-                              timeout=timeout, **kw)
+        proc = subprocess.run(self.command(*cmd), env={**self.env, **kw.pop("env", {})}, capture_output=True,
+                              text=True, timeout=timeout, **kw)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -173,7 +253,7 @@ class SlurmCluster:
     def _spawn(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
         log = open(self.root / "log" / f"{name}.out", "ab")
         # Its own session: a Ctrl-C on the test run reaches pytest, which then stops us in order.
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        proc = subprocess.Popen(self.command(*cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
         self._procs.append((name, proc))
         return proc
 
@@ -216,13 +296,13 @@ class SlurmCluster:
                                  f"--socket={self.root}/db/mysqld.sock", f"--pid-file={self.root}/db/mysqld.pid",
                                  f"--log-error={self.root}/log/mariadbd.log", "--skip-grant-tables",
                                  "--innodb-buffer-pool-size=32M", "--skip-log-bin", "--innodb-lock-wait-timeout=900"])
-        if not wait_for(lambda: port_open(self.db_port), timeout=60):
+        if not wait_for(lambda: port_open(self.netns, self.db_port), timeout=60):
             self._alive("mariadbd")
             raise ClusterError("mariadbd is not listening" + self._logs("mariadbd"))
 
     def _start_slurmdbd(self) -> None:
         self._spawn("slurmdbd", ["slurmdbd", "-D"])
-        if not wait_for(lambda: port_open(self.dbd_port), timeout=60):
+        if not wait_for(lambda: port_open(self.netns, self.dbd_port), timeout=60):
             self._alive("slurmdbd")
             raise ClusterError("slurmdbd is not listening" + self._logs("slurmdbd"))
         # Register the cluster before slurmctld connects, so that its jobs are recorded at once.

@@ -1,5 +1,6 @@
 """The SLURM launchers on a real cluster: slurmctld, two slurmd (n1, n2), munge and slurmdbd on
-MariaDB, started on this host by tests/slurm_cluster.py and stopped afterwards.
+MariaDB, started on this host by tests/slurm_cluster.py, in a private network namespace with
+only loopback, and stopped afterwards by pid.
 
 - `sbatch slurm/train.sh` on 2 nodes x 1 worker completes and leaves checkpoint and metrics; on
   2 nodes x 2 workers, HSDP and FSDP x tensor parallel train the same curve;
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import ALPACA, REPO, eval_losses, losses
 from polling import logged_steps, wait_for
-from slurm_cluster import ClusterError, SlurmCluster
+from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
 
@@ -40,29 +40,6 @@ def overrides(model_dir: Path, out: Path) -> list[str]:
             "train.micro_batch_size=2", "train.log_every=1", "eval.every_steps=8", "eval.max_batches=2",
             "checkpoint.every_steps=100", "logging.tensorboard=false", "logging.progress_bar=false",
             "parallel.strategy=ddp", f"output_dir={out}"]
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # A SIGTERM to pytest (a CI timeout, say) unwinds like Ctrl-C, so that the daemons are stopped.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with SlurmCluster() as running:
-            # Jobs run this checkout (launchers/ is not installed) and find the cluster by SLURM_CONF.
-            running.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-            yield running
-    except ClusterError as exc:
-        pytest.fail(f"the test SLURM cluster did not start: {exc}", pytrace=False)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-
-
 
 
 def sbatch(cluster: SlurmCluster, tmp: Path, name: str, *args: str, per_node: int = 1) -> str:
@@ -191,8 +168,10 @@ def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cl
           f"max loss diff {diff:.2e}")
 
 
-def launcher(*args: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launchers.slurm", *args], cwd=REPO, env=env, text=True,
+def launcher(*args: str, env: dict, cluster: SlurmCluster | None = None) -> subprocess.Popen:
+    """python -m launchers.slurm; with a cluster, inside its network namespace, where its daemons are."""
+    argv = [sys.executable, "-m", "launchers.slurm", *args]
+    return subprocess.Popen(cluster.command(*argv) if cluster else argv, cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -202,7 +181,7 @@ def test_submitit_job_survives_a_preemption_and_returns_its_final_metrics(cluste
     checkpoint() hook requeues, and `--wait` returns the metrics of the completed run."""
     out = tmp_path / "run"
     proc = launcher(TINY, *overrides(tiny_model_dir, out), "--nodes", "2", "--cpus-per-task", "1", "--time", "10",
-                    "--log-dir", str(tmp_path / "submitit" / "%j"), "--wait", env=cluster.env)
+                    "--log-dir", str(tmp_path / "submitit" / "%j"), "--wait", env=cluster.env, cluster=cluster)
     first = proc.stdout.readline()
     assert first.startswith("submitted job "), first + proc.stderr.read()
     job = first.split()[2]
