@@ -311,12 +311,17 @@ class Stateful(Protocol):
 class PreemptionWatch:
     """SIGTERM, SIGUSR1 and SIGUSR2 (what SLURM and cloud schedulers send before they stop a job)
     only set a flag; the ranks agree on it at the next step boundary, so that every rank saves
-    the same step. A second signal, during that save say, changes nothing."""
+    the same step. A second signal, during that save say, changes nothing.
+
+    `stop_file` (checkpoint.stop_file) is the same request for a run that signals cannot reach: a
+    Ray worker or a Tune trial trains in a thread (only the main thread may take a signal) of a
+    process whose SIGTERM Ray keeps for itself. Its appearance is checked at every step boundary."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: str | None = None) -> None:
         self.received: str | None = None
+        self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -335,6 +340,8 @@ class PreemptionWatch:
 
     def requested(self, comm: "Collectives") -> bool:
         """Whether any rank was signalled (collective: every rank calls it at the same step)."""
+        if self.received is None and self.stop_file and os.path.exists(self.stop_file):
+            self.received = f"the stop file {self.stop_file}"
         flag = torch.tensor(1.0 if self.received else 0.0, device=comm.device)
         return comm.all_reduce_max(flag).item() > 0
 
@@ -358,7 +365,11 @@ class Checkpointer:
     last: Path | None = None  # the newest complete checkpoint written by this run
     preempted_by: str | None = None  # the signal the ranks agreed to stop on
     pending: PendingSave | None = field(default=None, repr=False)
-    preemption: PreemptionWatch = field(default_factory=PreemptionWatch, repr=False)
+    preemption: PreemptionWatch = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.preemption is None:
+            self.preemption = PreemptionWatch(self.cfg.checkpoint.stop_file)
 
     @property
     def root(self) -> Path:

@@ -430,6 +430,10 @@ class CheckpointConfig(Section):
     min_free_gb: float = Field(
         1.0, ge=0.0, description="Refuse to start a checkpoint unless this much disk (and at least the size of the last "
         "checkpoint) is free; nothing already written is touched.")
+    stop_file: str | None = Field(
+        None, description="A path on storage every rank sees: once a file is there, the run saves a checkpoint at the "
+        "next step and stops (exit 75), as on SIGUSR1. For processes no signal reaches: Ray workers, Tune trials "
+        "(slurm/tune.sh sets it for a search).")
 
 
 class LoggingConfig(Section):

@@ -62,9 +62,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """The job was told to stop (SIGTERM, SIGUSR1, SIGUSR2); a checkpoint of this step is written."""
+    """The job was told to stop (SIGTERM, SIGUSR1, SIGUSR2, checkpoint.stop_file); a checkpoint of
+    this step is written."""
 
     on_every_rank = True  # the ranks agree on the signal at a step boundary
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -447,7 +452,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
             if checkpointer.preempted_by:
                 raise Preempted(f"stopped at step {state.step} on {checkpointer.preempted_by}: checkpoint "
                                 f"{checkpointer.last} written; resume with --resume auto (exit code 75 asks "
-                                "for a requeue)")
+                                "for a requeue)", state.step)
         return finish(run, result, metrics, worst)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, probe_ids, read_metrics, run_cli, tree_digest
+from conftest import ALPACA, CHAT, CLASSIFICATION, TEXT, losses, probe_ids, read_metrics, run_cli, tree_digest
 
 import dtrain.evaluation as evaluation_mod
 from dtrain import checkpoint as ckpt
@@ -889,3 +889,22 @@ def _check_the_wrapped_model_is_freed(make_config, tmp_path) -> None:
         assert not _live_ddp_modules()
     else:
         raise AssertionError("the run was not preempted")
+
+
+def test_a_stop_file_saves_and_stops_the_run_like_a_preemption_signal(make_config, tmp_path):
+    """checkpoint.stop_file: for runs no signal reaches (a Ray worker trains in a thread). Made
+    after step 3, it is seen at step 4's boundary: a checkpoint of step 4, then Preempted (exit
+    75 on the command line); without it, the run resumes from there to its end."""
+    stop, out = tmp_path / "stop", tmp_path / "run"
+    cfg = make_config("train.max_steps=8", "checkpoint.every_steps=3", f"checkpoint.stop_file={stop}", output_dir=out)
+
+    def make_the_file(step, metrics, checkpoint):  # (called at each checkpoint)
+        if step == 3:
+            stop.touch()
+
+    with pytest.raises(Preempted, match=f"stopped at step 4 on the stop file {stop}: checkpoint"):
+        train(cfg, report=make_the_file)
+    assert json.loads((out / "checkpoints" / "latest").read_text())["step"] == 4
+    stop.unlink()
+    result = train(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": "auto"})}))
+    assert result.step == 8 and sorted(losses(out)) == list(range(1, 9))

@@ -53,6 +53,7 @@ from dtrain.parallel import STRATEGIES, strategy_class
 
 # the strategies that join the process group Ray Train's workers set up
 RAY_STRATEGIES = tuple(name for name, cls in STRATEGIES.items() if cls.runs_under_ray_train)
+PREEMPTED = "preempted"  # a run's stop_reason when it saved and stopped on checkpoint.stop_file
 CHECKPOINT_PREFIX = "ray_"  # Ray's entry for dtrain's checkpoints/step_N: <Ray run dir>/ray_step_N_<time>
 
 
@@ -164,7 +165,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """One dtrain rank. Returns (rank 0's value becomes Result.return_value) the run summary."""
     if not loop_config["config"]["ray"]["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed; say CPU is meant
-    from dtrain.train import train
+    from dtrain.train import Preempted, train
 
     enter_driver_directory(loop_config["driver_cwd"])
     context = ray.train.get_context()
@@ -186,7 +187,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         # (numbers only: a classifier's confusion matrix is a list)
         ray.train.report({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, **kwargs)
 
-    result = train(cfg, report=report)
+    try:
+        result = train(cfg, report=report)
+    except Preempted as exc:
+        # checkpoint.stop_file appeared (the only request a Ray worker can see) and every rank saved
+        # the same step: a result, not a failure, for whoever waits on the run (a Tune trial, main).
+        return {"step": exc.step, "stop_reason": PREEMPTED, "message": str(exc), "output_dir": cfg.output_dir}
     return {"step": result.step, "stop_reason": result.stop_reason, "output_dir": result.output_dir,
             "train_losses": result.train_losses, **result.final_metrics}
 
@@ -250,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the run failed: {exc}", file=sys.stderr)
         return 1
     summary = result.return_value or {}
+    if summary.get("stop_reason") == PREEMPTED:
+        from dtrain.launch import PREEMPTED_EXIT_CODE
+
+        print(f"preempted: {summary['message']}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE  # run the same command again to resume
     summary = {k: v for k, v in summary.items() if k != "train_losses"}
     print("done: " + json.dumps({**summary, "last_report": result.metrics,
                                  "checkpoint": result.checkpoint.path if result.checkpoint else None}), flush=True)
