@@ -416,6 +416,14 @@ def test_bad_input_fails_before_ray_starts(tmp_path, tmp_path_factory):
     proc = fork_server().run("dtrain.tune", [str(TUNE_YAML), f"tune.storage_dir={tmp_path}", "--resume"], tune_env(),
                              work, timeout=120)
     assert proc.returncode == 2 and "there is no search to resume" in proc.stderr, proc.stderr
+    # A stop file left from before would stop the new search at once: refused, naming the key.
+    stop = tmp_path / "stop"
+    stop.touch()
+    proc = fork_server().run("dtrain.tune", [str(TUNE_YAML), f"tune.storage_dir={tmp_path}",
+                                             f"checkpoint.stop_file={stop}", "--resume-or-start"], tune_env(), work,
+                             timeout=120)
+    assert proc.returncode == 2 and f"checkpoint.stop_file={stop} exists" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stop"]
 
 
 # --------------------------------------------------------------------------------------

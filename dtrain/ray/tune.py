@@ -22,7 +22,15 @@ The search directory (tune.storage_dir/tune.name) holds:
 
 `--resume` continues an interrupted search from that directory (Tuner.restore): finished trials
 are kept and not run again, unfinished ones continue from their last dtrain checkpoint.
+`--resume-or-start` does that when the directory holds a search, else starts it: one command line
+for every run of a job that may be requeued (slurm/tune.sh).
 Without --address, Ray is started in this process with --num-cpus CPUs (default: all).
+
+Stopping a search so that it can continue (a preemption, a time limit): create the file named by
+checkpoint.stop_file. Every running trial saves a checkpoint at its next step and waits; once all
+have saved, the search's state is saved and the command exits with 75 (a trial's own process
+cannot take a signal: Ray trains in a thread and keeps SIGTERM for itself). slurm/tune.sh does
+this on SIGUSR1. A search ended any other way continues from each trial's last periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +62,8 @@ from dtrain.tracking import read_metrics  # noqa: E402
 log = logging.getLogger("dtrain.tune")
 
 RESULT_FILE = "trial_result.json"  # written by a trial when its dtrain run has finished
+SAVED_FILE = "stopped_here.json"  # written by a trial that saved and stopped on checkpoint.stop_file
+STOPPED_FILE = "stopped.json"  # in the search directory: the search was stopped by checkpoint.stop_file
 RAY_TRAIN_STRATEGIES = tuple(name for name, cls in STRATEGIES.items() if cls.runs_under_ray_train)
 
 
@@ -229,6 +241,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     logging.getLogger("dtrain").setLevel(logging.WARNING)  # each trial's record is its metrics.jsonl
     out = Path(trial_dir(setup, tune.get_context().get_trial_id()))
     cfg = trial_config(setup.base, params, str(out))
+    (out / SAVED_FILE).unlink(missing_ok=True)  # (from the search's run before this one)
     done = out / RESULT_FILE
     if done.is_file():
         # Finished before the search was interrupted (Tune's saved state may predate that): its
@@ -238,7 +251,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             tune.report(summary["last_report"])
         return
     if not strategy_class(cfg.parallel.strategy).multi_process:
-        from dtrain.train import train
+        from dtrain.train import Preempted, train
 
         gate, held = LastReportGate(cfg, setup.final_step), {}
 
@@ -254,18 +267,67 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             else:
                 tune.report(values)
 
-        result = train(cfg, report=forward)
+        try:
+            result = train(cfg, report=forward)
+        except Preempted as exc:
+            wait_for_the_search_to_stop(out, exc.step, str(exc))
         summary = {"step": result.step, "stop_reason": result.stop_reason, "last_report": dict(held)}
     else:
-        from dtrain.ray.train import fit
+        from dtrain.ray.train import PREEMPTED, fit
 
         result = fit(cfg, callbacks=[eval_report_callback(setup.metric, LastReportGate(cfg, setup.final_step))])
         ret = result.return_value or {}
+        if ret.get("stop_reason") == PREEMPTED:
+            wait_for_the_search_to_stop(out, ret["step"], ret["message"])
         held = result.metrics if result.metrics and setup.metric in result.metrics else {}
         summary = {"step": ret.get("step"), "stop_reason": ret.get("stop_reason"), "last_report": dict(held)}
     done.write_text(json.dumps(summary))  # first: a trial with this file counts as finished
     if summary["last_report"]:
         tune.report(summary["last_report"])
+
+
+def wait_for_the_search_to_stop(out: Path, step: int, message: str, patience_s: float = 600.0) -> None:
+    """The trial saved `step` on checkpoint.stop_file: say so, then keep its place until the driver
+    (StopOnStopFile) has saved the search with this trial still running and ends it. A trial
+    that returned here would free its CPUs for the next trial, which would start only to stop."""
+    print(f"trial {out.name} preempted: {message}", file=sys.stderr, flush=True)
+    tmp = out / f".{SAVED_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step}))
+    os.replace(tmp, out / SAVED_FILE)
+    threading.Event().wait(patience_s)
+    raise RuntimeError(f"saved step {step} on checkpoint.stop_file, but the search did not stop within {patience_s:.0f} s")
+
+
+class StopOnStopFile(tune.Callback):
+    """Once checkpoint.stop_file exists: when every running trial has saved its checkpoint
+    (SAVED_FILE in its run directory; at most `patience_s` after the file appeared), write
+    STOPPED_FILE and interrupt Tune as Ctrl-C does: it saves the search, running trials as
+    unfinished (a restore continues them), and ends. Tune starts no trial meanwhile: the running
+    ones keep their resources while they wait."""
+
+    def __init__(self, stop_file: str, directory: str, patience_s: float = 300.0):
+        self.stop_file, self.directory, self.patience_s = stop_file, directory, patience_s
+        self.setup()
+
+    def setup(self, **info: Any) -> None:  # (also on a restored search: the pickled state is stale)
+        self.seen_at: float | None = None
+        self.stopping = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.stopping or not os.path.exists(self.stop_file):
+            return
+        from ray.tune.experiment import Trial
+
+        self.seen_at = self.seen_at or time.monotonic()
+        running = [t.trial_id for t in trials if t.status == Trial.RUNNING]
+        saved = [t for t in running if (Path(self.directory) / "trials" / t / SAVED_FILE).is_file()]
+        if len(saved) < len(running) and time.monotonic() - self.seen_at < self.patience_s:
+            return
+        self.stopping = True
+        record = {"stop_file": self.stop_file, "saved": saved, "not_saved": sorted(set(running) - set(saved))}
+        (Path(self.directory) / STOPPED_FILE).write_text(json.dumps(record))
+        log.warning("%s exists: %d running trial(s) saved, stopping the search", self.stop_file, len(saved))
+        os.kill(os.getpid(), signal.SIGINT)  # Tune's graceful stop (its handler sets the interrupt event)
 
 
 def eval_report_callback(metric: str, gate: LastReportGate):
@@ -390,6 +452,7 @@ def build_tuner(cfg: Config, fn: Any) -> tune.Tuner:
     else:
         scheduler = FIFOScheduler()
     storage, name = directory.rsplit("/", 1)
+    stop_file = cfg.checkpoint.stop_file
     return tune.Tuner(
         fn,
         param_space=param_space(cfg),
@@ -398,9 +461,13 @@ def build_tuner(cfg: Config, fn: Any) -> tune.Tuner:
                                     trial_dirname_creator=trial_dirname,
                                     # A finished trial's process runs the next one: torch, transformers and
                                     # dtrain are imported once per slot, not once per trial (seconds each).
-                                    reuse_actors=True),
+                                    # Not for a Ray Train trial: its workers are new processes anyway, and
+                                    # only ending the trial's process ends the TorchTrainer it owns when a
+                                    # scheduler stops the trial mid-run.
+                                    reuse_actors=not strategy_class(cfg.parallel.strategy).multi_process),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[StopOnStopFile(stop_file, directory)] if stop_file else None),
     )
 
 
@@ -442,12 +509,23 @@ def prepare_data_once(cfg: Config) -> None:
             raise DataError(f"{exc}{label}") from None
 
 
-def connect(address: str | None, num_cpus: int | None, cfg: Config) -> None:
+def connect(address: str | None, num_cpus: int | None, cfg: Config, min_nodes: int = 1,
+            wait_s: float = 300.0) -> None:
+    """Join the cluster (or start a local Ray); with min_nodes, wait until that many nodes are up
+    (a cluster whose nodes are still joining would place the first trials on too few)."""
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, num_gpus=None, include_dashboard=False)
+    deadline = time.monotonic() + wait_s
+    while len(nodes := [n for n in ray.nodes() if n["Alive"]]) < min_nodes:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"--min-nodes {min_nodes}: only {len(nodes)} Ray node(s) joined {address} within "
+                              f"{wait_s:.0f} s; see the Ray logs of the missing nodes")
+        time.sleep(1)
+    total = ray.cluster_resources()
+    log.info("Ray cluster: %d node(s), %g CPU(s), %g GPU(s)", len(nodes), total.get("CPU", 0), total.get("GPU", 0))
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -471,16 +549,25 @@ def check_same_search(cfg: Config, directory: str, resume: bool) -> None:
     import yaml
 
     before, now = flatten(yaml.safe_load(saved.read_text())), flatten(cfg.public_dict())
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    # (where the stop file lives says how the search is run, not what it searches)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "checkpoint.stop_file")
     if changed:
         raise ConfigError(f"--resume: the config differs from the one the search in {directory} started with, at "
                           f"{', '.join(changed[:8])}; resume with the same config and overrides (see {saved})")
 
 
-def run_search(cfg: Config, *, resume: bool, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
-    """Run (or resume) the search; write and return its results."""
+def run_search(cfg: Config, *, resume: bool | str, address: str | None = None, num_cpus: int | None = None,
+               min_nodes: int = 1) -> list[dict] | None:
+    """Run (or resume; resume="if_any": if there is a search to resume) the search; write and return
+    its results. None: stopped by checkpoint.stop_file, its state saved for --resume."""
     directory = search_dir(cfg)
     state_exists = tune.Tuner.can_restore(directory) if "://" in directory or Path(directory).exists() else False
+    if resume == "if_any":
+        resume = state_exists
+    stop_file = cfg.checkpoint.stop_file
+    if stop_file and os.path.exists(stop_file):
+        raise ConfigError(f"checkpoint.stop_file={stop_file} exists: the search would stop at once; remove it to "
+                          "run (it asks running trials to save and the search to stop)")
     if resume and not state_exists:
         raise ConfigError(f"--resume: there is no search to resume in {directory} (tune.storage_dir/tune.name)")
     if not resume and state_exists:
@@ -491,7 +578,7 @@ def run_search(cfg: Config, *, resume: bool, address: str | None = None, num_cpu
     final_step = cfg.tune.scheduler.max_t or cfg.train.max_steps
     setup = TrialSetup(base=base_run_config(cfg), search_dir=directory, driver_cwd=os.getcwd(), metric=cfg.tune.metric,
                        final_step=final_step, use_gpu=cfg.tune.resources.gpus_per_worker > 0)
-    connect(address, num_cpus, cfg)
+    connect(address, num_cpus, cfg, min_nodes)
     fn = trainable(cfg, setup)
     if resume:
         # Finished trials stay as they are; unfinished ones are started again (from their dtrain
@@ -500,7 +587,12 @@ def run_search(cfg: Config, *, resume: bool, address: str | None = None, num_cpu
                                    param_space=param_space(cfg))
     else:
         tuner = build_tuner(cfg, fn)
+    stopped = Path(directory) / STOPPED_FILE
+    if "://" not in directory:
+        stopped.unlink(missing_ok=True)
     grid = tuner.fit()
+    if "://" not in directory and stopped.is_file():
+        return None
     rows = collect_rows(cfg, grid, directory)
     write_outputs(cfg, rows, directory)
     return rows
@@ -530,6 +622,11 @@ def collect_rows(cfg: Config, grid: Any, directory: str) -> list[dict]:
             status = "completed" if summary.get("stop_reason") == "max_steps" else str(summary.get("stop_reason"))
         else:
             status = f"stopped by {cfg.tune.scheduler.name}"
+            # Where the scheduler stopped it: its last report. (A Ray Train trial's workers may log
+            # an evaluation or two more before they are gone, as many as the machine's timing allows.)
+            last = (result.metrics or {}).get("step")
+            if last is not None:
+                evals = [(step, value) for step, value in evals if step <= last]
         best = (min if mode == "min" else max)(evals, key=lambda p: p[1]) if evals else None
         row = {"trial_id": trial_id, **{k: result.config.get(k) for k in keys},
                metric: best[1] if best else None, "best_step": best[0] if best else None,
@@ -625,6 +722,7 @@ def write_best_config(cfg: Config, best: dict, out: Path) -> Path:
     data.pop("tune")
     data["output_dir"] = str(out / "best")
     data["checkpoint"]["resume"] = None
+    data["checkpoint"]["stop_file"] = None  # (the search's, not the rerun's)
     Config.model_validate(data)  # what dtrain train will read back
     path = out / "best_config.yaml"
     header = (f"# Best trial {best['trial_id']} of the search in {out}:\n"
@@ -687,7 +785,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster to run on (HOST:PORT of its head, or auto); default: "
                         "ray.address, $RAY_ADDRESS, else a Ray started here")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search in tune.storage_dir/tune.name")
+    parser.add_argument("--resume-or-start", action="store_true",
+                        help="continue the search in tune.storage_dir/tune.name if there is one, else start it "
+                        "(the same command line for every run of a requeued job)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
+    parser.add_argument("--min-nodes", type=int, default=1,
+                        help="wait (up to 5 minutes) until the cluster has this many nodes before the first trial")
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     # (run_command: any other failure is one `error:` line too, exit 1; the traceback with --debug)
     return run_command(_search, args)
@@ -709,10 +812,19 @@ def _search(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        rows = run_search(cfg, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
+        rows = run_search(cfg, resume="if_any" if args.resume_or_start else args.resume, address=args.address,
+                          num_cpus=args.num_cpus, min_nodes=args.min_nodes)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if rows is None:
+        from dtrain.launch import PREEMPTED_EXIT_CODE
+
+        record = json.loads((Path(search_dir(cfg)) / STOPPED_FILE).read_text())
+        print(f"stopped: {cfg.checkpoint.stop_file} exists; {len(record['saved'])} running trial(s) saved a checkpoint"
+              + (f", {len(record['not_saved'])} did not in time" if record["not_saved"] else "")
+              + f". Continue with --resume (exit code {PREEMPTED_EXIT_CODE} asks for a requeue)", flush=True)
+        return PREEMPTED_EXIT_CODE
     failed = sum(r["status"] == "error" for r in rows)
     print(f"done: {len(rows)} trials ({failed} failed) in {time.monotonic() - t0:.0f} s", flush=True)
     summary = failure_summary(rows, search_dir(cfg))
