@@ -396,8 +396,8 @@ def test_preference_objectives_match_single_process(distributed_runs, preference
     assert reference.train_losses[-1] != reference.train_losses[0]  # (it trains: the curves say something)
     assert got["losses"] == pytest.approx(reference.train_losses, abs=1e-5, rel=0), f"{objective}-{strategy}{suffix}"
     for key, value in reference.final_metrics.items():
-        if isinstance(value, float):
-            assert got["final"][key] == pytest.approx(value, abs=1e-5), key
+        if isinstance(value, float):  # (rel: fp32's precision on sums of ~20, as the other final metrics here)
+            assert got["final"][key] == pytest.approx(value, abs=1e-5, rel=1e-6), key
     assert ranks[1][f"{objective}-{strategy}{suffix}"]["losses"] == got["losses"]
 
 

@@ -154,7 +154,9 @@ def test_a_models_gradients_equal_with_and_without_chunks(causal_cfg):
         grads[logits] = {name: p.grad for name, p in model.named_parameters()}
     assert losses["chunked"] == pytest.approx(losses["full"], abs=1e-5, rel=1e-7)
     for name, grad in grads["full"].items():
-        assert torch.allclose(grads["chunked"][name], grad, atol=1e-6, rtol=1e-5), name
+        # Within 1e-5 (the memory issue's bound): the loss is a sum over 400 tokens, and the tied
+        # embedding's gradient adds the head's chunks in another order (2.4e-6 seen on some CPUs).
+        assert torch.allclose(grads["chunked"][name], grad, atol=1e-5, rtol=1e-5), name
 
 
 PREFERENCE = [f"data.train={REPO / 'examples' / 'data' / 'arithmetic_preference.jsonl'}", "data.format=preference",
