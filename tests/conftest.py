@@ -28,7 +28,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # pytest-xdist gives each worker whole files (--dist loadfile): a module's fixtures, the reference
 # runs and clusters, are built once. The modules that take minutes on 2 cores go out first, longest
 # first (--no-loadscope-reorder keeps this order), so that no worker is left with them at the end.
-LONGEST_FIRST = ["test_checkpoints", "test_distributed", "test_tune", "test_slurm_tune", "test_slurm", "test_ray",
+LONGEST_FIRST = ["test_checkpoints", "test_distributed", "test_tune", "test_slurm_tune", "test_slurm", "test_ray", "test_ray_up",
                  "test_dryrun"]
 
 

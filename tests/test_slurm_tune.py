@@ -68,15 +68,17 @@ def comparable(rows: list[dict]) -> list[tuple]:
                    int(r["best_step"]), int(r["steps"]), r["status"]) for r in rows)
 
 
-def ray_processes(cluster: SlurmCluster) -> list[str]:
-    """Ray's processes still in the cluster's namespace (raylet, GCS, workers, dashboard)."""
+def ray_processes(cluster: SlurmCluster, job_id: str) -> list[str]:
+    """The job's Ray processes still in the cluster's namespace (raylet, GCS, workers, the srun
+    steps that ran `ray start`): those whose environment names the job."""
     found = []
     for pid in namespace_members(cluster.netns):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "ray" in cmd.lower() and "slurm" not in cmd:
+        if "ray" in cmd.lower() and f"SLURM_JOB_ID={job_id}".encode() in env:
             found.append(f"{pid}: {cmd[:150]}")
     return found
 
@@ -96,7 +98,8 @@ def searches(cluster, tiny_model_dir, tmp_path_factory):
     t0 = time.monotonic()
     wait_job(cluster, plain, lambda: state(plain).get("JobState") in ENDED, timeout=600, every=1)
     plain["seconds"], plain["info"], plain["log"] = time.monotonic() - t0, state(plain), job_log(plain)
-    plain["ray_left"] = ray_processes(cluster)
+    wait_for(lambda: not ray_processes(cluster, plain["job"]), timeout=30)  # (its steps may still be exiting)
+    plain["ray_left"] = ray_processes(cluster, plain["job"])
 
     def third_trial_past_its_first_evaluation() -> bool:
         trials = sorted(trial_dirs(preempted["search"]), key=lambda t: (t / "config.yaml").stat().st_mtime_ns
