@@ -432,8 +432,8 @@ class CheckpointConfig(Section):
         "checkpoint) is free; nothing already written is touched.")
     stop_file: str | None = Field(
         None, description="A path on storage every rank sees: once a file is there, the run saves a checkpoint at the "
-        "next step and stops (exit 75), as on SIGUSR1. For processes no signal reaches: Ray workers, Tune trials "
-        "(slurm/tune.sh sets it for a search).")
+        "next step and stops (exit 75), as on SIGUSR1; a run started while it is there is refused. For processes no "
+        "signal reaches: Ray workers, Tune trials (slurm/tune.sh sets it for a search).")
 
 
 class LoggingConfig(Section):

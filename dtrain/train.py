@@ -224,6 +224,10 @@ def build_model(cfg: Config, tokenizer: Any, label_names: list[str] | None, stra
 
 def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
     """Build the run `cfg` describes, resumed from its checkpoint when checkpoint.resume says so."""
+    if cfg.checkpoint.stop_file and Path(cfg.checkpoint.stop_file).exists():
+        # (the request a stopped run answered: rerun as it is, the job would stop again at once, and again)
+        raise ConfigError(f"checkpoint.stop_file={cfg.checkpoint.stop_file} exists, so the run would save and stop "
+                          "after its first step: remove the file to run")
     with contextlib.ExitStack() as resources:  # if setup fails, what it built so far is ended
         strategy = resources.enter_context(build_strategy(cfg))
         built: list[Run] = []

@@ -905,6 +905,10 @@ def test_a_stop_file_saves_and_stops_the_run_like_a_preemption_signal(make_confi
     with pytest.raises(Preempted, match=f"stopped at step 4 on the stop file {stop}: checkpoint"):
         train(cfg, report=make_the_file)
     assert json.loads((out / "checkpoints" / "latest").read_text())["step"] == 4
+    before = tree_digest(out)
+    with pytest.raises(ConfigError, match="checkpoint.stop_file=.* exists, so the run would save and stop"):
+        train(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": "auto"})}))
+    assert tree_digest(out) == before  # refused before anything was written
     stop.unlink()
     result = train(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": "auto"})}))
     assert result.step == 8 and sorted(losses(out)) == list(range(1, 9))
