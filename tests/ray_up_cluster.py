@@ -5,8 +5,9 @@ launchers/cloud/onprem.yaml), private to one test:
         hosts.client("ray_up", ["ray", "up", "-y", str(hosts.cluster_yaml)])
 
 Each host is a network + PID + mount + UTS namespace whose first process is this module's `init`:
-it brings lo up, takes its host name (resolved by its /etc/hosts), makes the host's private mounts, starts Debian's sshd in the foreground and, on
-SIGTERM, stops every process of its PID namespace. The two hosts' network namespaces are joined by
+it brings lo up, takes its host name (resolved by its /etc/hosts), makes the host's private
+mounts, starts Debian's sshd in the foreground and, on SIGTERM, stops every process of its PID
+namespace. The two hosts' network namespaces are joined by
 a veth pair and nothing else: the head is 10.254.0.1, the worker 10.254.0.2, and nothing outside
 the two can be reached or reach them. (Not two loopback addresses of one namespace: Ray finds a
 node's address from the route to a public address, and takes 127.0.0.1 for "this machine"; with
