@@ -63,14 +63,15 @@ def only_loopback(pid: int | str = "self") -> bool:
     return [line.split(":", 1)[0].strip() for line in lines] == ["lo"]
 
 
-def namespace_pids() -> list[int]:
-    """Every process in this network namespace except this one: the cluster's processes."""
-    mine = os.readlink("/proc/self/ns/net")
+def namespace_pids(netns: str = "/proc/self/ns/net") -> list[int]:
+    """Every process except this one in the network namespace `netns` (a /proc/PID/ns/net path;
+    by default this process's own): the cluster's processes."""
+    target = os.readlink(netns)
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if os.readlink(entry / "ns" / "net") == mine:
+                if os.readlink(entry / "ns" / "net") == target:
                     pids.append(int(entry.name))
             except OSError:  # gone meanwhile
                 pass

@@ -107,7 +107,7 @@ def reap() -> None:
 
 
 def init(host: Path, shared: Path) -> int:
-    from ray_cluster import bring_up_loopback, only_loopback
+    from ray_cluster import bring_up_loopback, only_loopback, stop
 
     if os.getpid() != 1 or not only_loopback():
         raise SystemExit("the init must be PID 1 of fresh namespaces: unshare --net --pid --fork --mount --mount-proc")
@@ -131,20 +131,10 @@ def init(host: Path, shared: Path) -> int:
     while ready and not stopping:
         time.sleep(0.2)
         reap()
-    left = own_processes()
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while left and time.monotonic() < deadline:
-            reap()
-            time.sleep(0.1)
-            left = own_processes()
-        if not left:
-            break
+    # Ray's order (raylets first, the GCS last), SIGKILL after 10 s; what is left when the init
+    # exits, the kernel kills with the PID namespace.
+    stop(own_processes())
+    reap()
     return 0
 
 

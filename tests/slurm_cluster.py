@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 from polling import wait_for
-from ray_cluster import only_loopback
+from ray_cluster import namespace_pids, only_loopback
 
 CLUSTER_NAME = "dtraintest"
 NODES = ("n1", "n2")
@@ -90,20 +90,6 @@ def port_open(netns: str, port: int) -> bool:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
     return in_namespace(netns, connect)
-
-
-def namespace_members(netns: str) -> list[int]:
-    """Every process whose network namespace is the one `netns` (a /proc/PID/ns/net path) names."""
-    target = os.readlink(netns)
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if os.readlink(entry / "ns" / "net") == target:
-                    members.append(int(entry.name))
-            except OSError:  # gone meanwhile
-                pass
-    return members
 
 
 class SlurmCluster:
@@ -199,7 +185,7 @@ class SlurmCluster:
         carries this cluster's SLURM_CONF."""
         mine = []
         if self.netns and only_loopback(self._anchor.pid):
-            pids = set(namespace_members(self.netns)) - {self._anchor.pid}
+            pids = set(namespace_pids(self.netns)) - {self._anchor.pid}
             mine += [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
         for proc in psutil.process_iter(["pid"]):
             try:

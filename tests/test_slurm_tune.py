@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from polling import logged_steps, wait_for
-from slurm_cluster import SlurmCluster, namespace_members
+from ray_cluster import namespace_pids
+from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def ray_processes(cluster: SlurmCluster, job_id: str) -> list[str]:
     """The job's Ray processes still in the cluster's namespace (raylet, GCS, workers, the srun
     steps that ran `ray start`): those whose environment names the job."""
     found = []
-    for pid in namespace_members(cluster.netns):
+    for pid in namespace_pids(cluster.netns):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
