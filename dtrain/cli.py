@@ -299,7 +299,7 @@ def _eval(args: argparse.Namespace) -> int:
                                                               device=strategy.device))
                   for key, spec in objective_class(cfg).frozen_models(cfg).items()
                   if objective_class(cfg).evaluates_with_frozen}
-        objective = build_objective(cfg, data, frozen=frozen)
+        objective = build_objective(cfg, data, frozen=frozen, tokenizer=tokenizer)
         metrics, worst = evaluate(model.to(strategy.device), data.test, objective, cfg, strategy.comm, tokenizer,
                                   worst=cfg.eval.worst_examples)
     except (ConfigError, CheckpointError, UnsafeCheckpointError, DataError, ValueError) as exc:

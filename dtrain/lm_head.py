@@ -197,23 +197,36 @@ class Scores(Request):
 
 @dataclass
 class TokenLogprobs(Request):
-    """log p(label) at each position that has one (0 elsewhere), shifted like `Scores`."""
+    """log p(label) at each position that has one (0 elsewhere), shifted like `Scores`; of the
+    distribution softmax(logits / temperature) (GRPO scores what it sampled at that temperature).
+    With `with_entropy`, each position's entropy of that distribution too (detached), left in
+    `entropies` (shifted the same way)."""
 
     labels: torch.Tensor
+    temperature: float = 1.0
+    with_entropy: bool = False
+    entropies: torch.Tensor | None = None
 
     def chunked(self, hidden: torch.Tensor, head: ChunkedLMHead) -> torch.Tensor:
         targets = next_token_labels(self.labels).reshape(-1)
+        entropies = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device) if self.with_entropy else None
         logps = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets,
-                                     head.chunk_tokens)
+                                     head.chunk_tokens, 1.0 / self.temperature, entropies)
+        if entropies is not None:
+            self.entropies = entropies.view(hidden.shape[:-1])[:, :-1]
         return logps.view(hidden.shape[:-1])
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         return raw[:, :-1]
 
     def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        logits, labels = logits[:, :-1].float(), self.labels[:, 1:]
+        logits, labels = logits[:, :-1].float() / self.temperature, self.labels[:, 1:]
         # log_softmax at the label only: logit - logsumexp, without a second vocabulary-sized tensor.
-        logps = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        log_z = torch.logsumexp(logits, -1)
+        logps = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - log_z
+        if self.with_entropy:
+            with torch.no_grad():
+                self.entropies = log_z - (torch.softmax(logits, -1) * logits).sum(-1)
         return logps * (labels != IGNORE_INDEX)
 
 
@@ -293,8 +306,9 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_logits(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chunk_tokens: int, dtype: torch.dtype | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(rows, fp32 logits of those rows) for each chunk of `flat` (tokens x hidden)."""
+                  chunk_tokens: int, dtype: torch.dtype | None = None,
+                  scale: float = 1.0) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, fp32 logits of those rows, times `scale`) for each chunk of `flat` (tokens x hidden)."""
     dtype = dtype or _compute_dtype(flat, weight)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
@@ -302,7 +316,7 @@ def _chunk_logits(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         rows = slice(start, min(start + chunk_tokens, flat.shape[0]))
         with torch.autocast(flat.device.type, enabled=False):  # (the dtype is chosen above, once)
             logits = F.linear(flat[rows].to(dtype), w, b).float()
-        yield rows, logits
+        yield rows, logits if scale == 1.0 else logits * scale
 
 
 class _CrossEntropyChunk:
@@ -398,13 +412,15 @@ class _SummedTokenLoss(torch.autograd.Function):
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log p(target) per token from the head's input, a chunk at a time. Backward recomputes each
+    """log p(target) per token from the head's input (of softmax(scale x logits)), a chunk at a
+    time, and optionally each token's entropy (into `entropies`). Backward recomputes each
     chunk's logits when the head's weights train; when they are frozen, the forward pass keeps
     each token's d logp / d hidden instead (hidden-size per token, no second matmul)."""
 
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+                targets: torch.Tensor, chunk_tokens: int, scale: float = 1.0,
+                entropies: torch.Tensor | None = None) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         keep_grads = need_h and not (need_w or need_b)
         dtype = _compute_dtype(flat, weight)
@@ -412,14 +428,16 @@ class _TokenLogprobs(torch.autograd.Function):
         logps = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
         log_z = torch.empty_like(logps)
         grad_h = torch.empty_like(flat) if keep_grads else None
-        for rows, logits in _chunk_logits(flat, weight, bias, chunk_tokens, dtype):
+        for rows, logits in _chunk_logits(flat, weight, bias, chunk_tokens, dtype, scale):
             t = targets[rows]
             lz = torch.logsumexp(logits, -1)
             log_z[rows] = lz
             logps[rows] = (logits.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1) - lz) * (t != IGNORE_INDEX)
+            if entropies is not None:
+                entropies[rows] = lz - (torch.exp(logits - lz[:, None]) * logits).sum(-1)
             if keep_grads:
-                grad_h[rows] = (_logp_grad(logits, lz, t).to(dtype) @ w).to(flat.dtype)
-        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+                grad_h[rows] = ((_logp_grad(logits, lz, t) * scale).to(dtype) @ w).to(flat.dtype)
+        ctx.chunk_tokens, ctx.dtype, ctx.scale = chunk_tokens, dtype, scale
         ctx.save_for_backward(grad_h if keep_grads else flat, weight, bias, targets, log_z)
         ctx.keep_grads = keep_grads
         return logps
@@ -428,18 +446,20 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         saved, weight, bias, targets, log_z = ctx.saved_tensors
         if ctx.keep_grads:
-            return saved * grad_out[:, None].to(saved.dtype), None, None, None, None
+            return saved * grad_out[:, None].to(saved.dtype), None, None, None, None, None, None
         flat, dtype = saved, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(flat) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         w = weight.to(dtype)
-        for rows, logits in _chunk_logits(flat, weight, bias, ctx.chunk_tokens, dtype):
-            grad = (_logp_grad(logits, log_z[rows], targets[rows]) * grad_out[rows, None].float()).to(dtype)
+        for rows, logits in _chunk_logits(flat, weight, bias, ctx.chunk_tokens, dtype, ctx.scale):
+            # d logp / d raw logits = scale x (onehot - softmax(scale x logits))
+            grad = (_logp_grad(logits, log_z[rows], targets[rows])
+                    * (grad_out[rows, None].float() * ctx.scale)).to(dtype)
             _add_chunk_grads(grad, rows, flat, w, grad_h, grad_w, grad_b)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def _add_chunk_grads(grad: torch.Tensor, rows: slice, flat: torch.Tensor, w: torch.Tensor,

@@ -126,6 +126,51 @@ class PreferenceConfig(Section):
         "prepared data, so that training holds one model (resumed runs read them back).")
 
 
+class RewardConfig(Section):
+    function: str = Field(..., description="A built-in (exact_answer, regex_format, length_penalty) or `module:function` "
+                          "/ `path/to/file.py:function` of your project: imported and run (code execution, from your "
+                          "config only, never from a checkpoint), called TRL's way with lists prompts=, completions=, "
+                          "completion_ids= and each other field of the rows, returning one number per completion.")
+    weight: float = Field(1.0, description="Its weight in the total reward.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments it is called with (a built-in's "
+                                 "settings: exact_answer field; regex_format pattern; length_penalty target, per_token).")
+    name: str | None = Field(None, description="Its name in the metrics (reward_<name>); default: the function's.")
+
+
+class GrpoConfig(Section):
+    """Online RL with rewards a program checks (train.objective=grpo on data.format=prompt)."""
+
+    num_generations: int = Field(4, ge=1, description="Completions sampled per prompt (the group its advantages "
+                                 "are normalised over). train.micro_batch_size counts completions and must be a "
+                                 "multiple of it.")
+    max_completion_length: int = Field(64, ge=1, description="Tokens generated at most per completion (a prompt "
+                                       "may have data.max_seq_len).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (the log-probabilities are those of "
+                               "the tempered distribution, as TRL's).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens with this "
+                         "probability.")
+    rewards: list[RewardConfig] = Field(default_factory=list, description="The reward functions, each with "
+                                        "function, weight, args, name; the total is their weighted sum.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="How the per-token losses are averaged: grpo (over each completion's tokens, then over "
+        "completions), dr_grpo (sum / (completions x max_completion_length)), dapo (over all completion tokens of "
+        "the step). TRL's names and formulas.")
+    scale_rewards: bool = Field(True, description="Divide each advantage by its group's reward std (+1e-4); false: "
+                                "Dr. GRPO's unscaled advantages.")
+    epsilon: float = Field(0.2, ge=0.0, description="Clipping of the probability ratio: below 1 - epsilon.")
+    epsilon_high: float | None = Field(None, ge=0.0, description="Upper clipping bound, 1 + epsilon_high (DAPO's "
+                                       "clip-higher, e.g. 0.28); default: epsilon.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer steps on each batch of completions (PPO epochs), "
+                                "with the log-probabilities of the policy that sampled them kept.")
+    beta: float = Field(0.0, ge=0.0, description="Weight of the KL to the reference model (k3 estimator); 0 holds "
+                        "no reference. The reference is preference.reference (adapters_disabled / copy).")
+    kl_bias_correction: bool = Field(True, description="Multiply each token's KL term by its probability ratio, "
+                                     "which makes its gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; "
+                                     "TRL's default, use_bias_correction_kl).")
+    samples_every: int | None = Field(10, ge=1, description="Every N steps, the main rank's prompts, completions "
+                                      "and rewards of that step are appended to samples.jsonl; null: never.")
+
+
 class GenerationEvalConfig(Section):
     enabled: bool = Field(False, description="Greedy generation on validation prompts: exact-match / contains-answer accuracy.")
     max_examples: int = Field(64, ge=1, description="Validation examples to generate for (a seeded sample, the same at every evaluation).")
@@ -181,10 +226,11 @@ class DataConfig(Section):
         default_factory=list, description="Validation sources; empty: split val_ratio off the training data."
     )
     test: list[SourceConfig] = Field(default_factory=list, description="Test sources; empty: split test_ratio off the training data.")
-    format: Literal["text", "alpaca", "chat", "classification", "preference", "unpaired_preference"] = Field(
+    format: Literal["text", "alpaca", "chat", "classification", "preference", "unpaired_preference", "prompt"] = Field(
         "alpaca", description="How a row becomes tokens: text, alpaca, chat, classification, preference ({prompt, "
-        "chosen, rejected}: strings, or a message list and the assistant replies) or unpaired_preference ({prompt, "
-        "completion, label}, label true for a desirable completion: KTO).")
+        "chosen, rejected}: strings, or a message list and the assistant replies), unpaired_preference ({prompt, "
+        "completion, label}, label true for a desirable completion: KTO) or prompt ({prompt, ...}: a string or "
+        "messages to complete, the other fields going to the reward functions: GRPO).")
     val_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Validation fraction when no validation sources are given.")
     test_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="Test fraction when no test sources are given.")
     max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated to this many tokens.")
@@ -202,7 +248,7 @@ class DataConfig(Section):
     messages_field: str = Field("messages", description="chat: column with a list of {role, content}.")
     label_field: str = Field("label", description="classification: the label column; unpaired_preference: the "
                              "column saying whether the completion is desirable (true/false).")
-    prompt_field: str = Field("prompt", description="preference, unpaired_preference: the prompt column (a string "
+    prompt_field: str = Field("prompt", description="preference, unpaired_preference, prompt: the prompt column (a string "
                               "or a message list; missing: the messages chosen and rejected begin with).")
     chosen_field: str = Field("chosen", description="preference: the preferred response column.")
     rejected_field: str = Field("rejected", description="preference: the dispreferred response column.")
@@ -374,12 +420,13 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     objective: Literal["auto", "causal_lm", "classification", "distillation", "dpo", "ipo", "simpo", "orpo", "kto",
-                       "reward_model"] = Field(
+                       "reward_model", "grpo"] = Field(
         "auto", description="What is optimised (dtrain/objectives/): causal_lm (next-token loss on the trained "
         "tokens), classification (the sequence-classification head's loss), distillation (a teacher's soft targets "
         "mixed into the task's loss, see distill.*); on preference data (see preference.*): dpo, ipo, simpo, orpo, "
-        "reward_model (a scalar head, Bradley-Terry loss); on unpaired_preference data: kto. auto: distillation "
-        "when distill.teacher is set, dpo on preference data, kto on unpaired_preference data, reward_model with "
+        "reward_model (a scalar head, Bradley-Terry loss); on unpaired_preference data: kto; on prompt data: grpo "
+        "(online RL with reward functions, see grpo.*). auto: distillation "
+        "when distill.teacher is set, dpo on preference data, kto on unpaired_preference data, grpo on prompt data, reward_model with "
         "model.task=reward, else model.task.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; set this or epochs.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data; set this or max_steps.")
@@ -414,7 +461,8 @@ class EvalConfig(Section):
     max_batches: int | None = Field(None, ge=1, description="Cap the batches per evaluation (per rank): a seeded sample of max_batches x batch size x ranks rows, the same at every evaluation; null: whole split.")
     batch_size: int | None = Field(None, ge=1, description="Default: train.micro_batch_size.")
     metric: str = Field("loss", description="Metric for early stopping, best checkpoint and diagnosis: loss; causal_lm: perplexity; "
-                        "classification: accuracy, f1_macro, f1_micro, precision_macro, recall_macro; generation: exact_match, contains_answer.")
+                        "classification: accuracy, f1_macro, f1_micro, precision_macro, recall_macro; generation: exact_match, contains_answer; "
+                        "grpo: reward (greedy completions' mean total reward), reward_<name> of each function.")
     mode: Literal["min", "max"] | None = Field(None, description="Whether smaller or larger is better; default: min for loss/perplexity, else max.")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
@@ -560,6 +608,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)

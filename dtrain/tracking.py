@@ -18,6 +18,7 @@ from typing import Any
 from dtrain.schema import Config
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # GRPO: prompts, completions and rewards of some steps
 
 
 def _lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -35,15 +36,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [record for _, record in _lines(Path(run_dir) / METRICS_FILE)]
 
 
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a run's samples.jsonl."""
+    return [record for _, record in _lines(Path(run_dir) / SAMPLES_FILE)]
+
+
+def append_samples(run_dir: str | Path, records: list[dict[str, Any]]) -> None:
+    """Append records (each with its "step") to samples.jsonl, one line each, in one write."""
+    with open(Path(run_dir) / SAMPLES_FILE, "a") as f:
+        f.write("".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in records))
+
+
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop the records logged after `step` (a resumed run is about to produce them again)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [line for line, record in _lines(path) if record["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    """Drop the records logged after `step` (a resumed run is about to produce them again), from
+    metrics.jsonl and samples.jsonl."""
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        kept = [line for line, record in _lines(path) if record["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

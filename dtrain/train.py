@@ -260,14 +260,14 @@ def setup(cfg: Config, *, rows_per_file: int | None = None) -> Run:
         frozen = {key: strategy.wrap_frozen(load_frozen_model(spec, key, tokenizer, num_labels=num_labels,
                                                               seed=cfg.seed, device=strategy.device))
                   for key, spec in objective_class(cfg).frozen_models(cfg).items()}
-        objective = build_objective(cfg, data, frozen, comm=comm)
+        objective = build_objective(cfg, data, frozen, comm=comm, tokenizer=tokenizer)
         data = objective.prepare(data, model, strategy, tokenizer.pad_token_id)  # (before a resume restores weights)
 
         # Batches, schedule and the state a checkpoint restores.
-        batches = BatchIterator(data.train, tcfg.micro_batch_size, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
-                                seed=cfg.seed, rank=comm.data_rank, world_size=comm.data_size,
-                                group_by_length=cfg.data.group_by_length and not data.packed,
-                                flatten_packed=uses_varlen_attention(strategy.unwrap(model)), pack=cfg.data.packing)
+        batches = objective.training_batches(BatchIterator(
+            data.train, objective.micro_batch_rows(cfg), tokenizer.pad_token_id, shuffle=cfg.data.shuffle, seed=cfg.seed,
+            rank=comm.data_rank, world_size=comm.data_size, group_by_length=cfg.data.group_by_length and not data.packed,
+            flatten_packed=uses_varlen_attention(strategy.unwrap(model)), pack=cfg.data.packing))
         total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches.batches_per_epoch / tcfg.grad_accum_steps))
         scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
         state = TrainState()

@@ -8,6 +8,7 @@ the number of ranks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Iterator, Sequence
@@ -39,6 +40,16 @@ class Judged:
     reference: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Prompt:
+    """A prompt to complete (data.format=prompt) and which row of its split it is: the rollout
+    reads the row's other fields from there and seeds its sampling with it."""
+
+    example: Example
+    index: int
+    document: str  # the row and where it came from, as JSON ({"where": ..., "row": {...}})
+
+
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
 
 
@@ -46,7 +57,7 @@ def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]] | lis
     """Rows `ids` of a list of Examples or of a prepared Arrow dataset.
 
     A packed row (with `seq_lens`) comes back as the list of Examples it holds; a preference row
-    as a Pair, an unpaired preference row as Judged."""
+    as a Pair, an unpaired preference row as Judged, a prompt row as Prompt."""
     if isinstance(data, list):
         return [data[i] for i in ids]
     cols = data[ids]  # one Arrow take for the whole batch
@@ -62,6 +73,9 @@ def take(data: Any, ids: list[int]) -> list[Example] | list[list[Example]] | lis
     if "rejected_ids" in cols:
         return [Pair(Example(c, cl), Example(r, rl), ref) for c, cl, r, rl, ref in
                 zip(cols["input_ids"], cols["labels"], cols["rejected_ids"], cols["rejected_labels"], references)]
+    if "row" in cols:
+        return [Prompt(Example(i, l), index, document)
+                for i, l, index, document in zip(cols["input_ids"], cols["labels"], ids, cols["row"])]
     if "kl_ids" in cols:
         return [Judged(Example(i, l), d, Example(k, kl), ref) for i, l, d, k, kl, ref in
                 zip(cols["input_ids"], cols["labels"], cols["label"], cols["kl_ids"], cols["kl_labels"], references)]
@@ -75,6 +89,8 @@ def collate_rows(rows: list, pad_id: int, flatten_packed: bool = False, pack: bo
     micro-batch of them in one packed row)."""
     if rows and isinstance(rows[0], (Pair, Judged)):
         return collate_preference(rows, pad_id, pack=pack, flatten=flatten_packed)
+    if rows and isinstance(rows[0], Prompt):
+        return collate_prompts(rows, pad_id)
     if rows and isinstance(rows[0], list):  # packed rows
         from dtrain.data.packing import collate_flattened, collate_packed
 
@@ -98,6 +114,30 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     if not token_labels:
         labels = torch.tensor([ex.labels for ex in examples], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(rows: list[Prompt], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts left-padded (each ends where its completion will begin), with their row indices."""
+    width = max(len(row.example.input_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        n = len(row.example.input_ids)
+        input_ids[i, width - n:] = torch.tensor(row.example.input_ids)
+        attention_mask[i, width - n:] = 1
+    # The rows themselves (JSON, for the reward functions) travel as UTF-8 bytes, zero-padded.
+    documents = [row.document.encode() for row in rows]
+    row_utf8 = torch.zeros((len(rows), max(len(d) for d in documents)), dtype=torch.uint8)
+    for i, document in enumerate(documents):
+        row_utf8[i, :len(document)] = torch.frombuffer(bytearray(document), dtype=torch.uint8)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": torch.full_like(input_ids, IGNORE_INDEX), "index": torch.tensor([row.index for row in rows]),
+            "row_utf8": row_utf8}
+
+
+def batch_rows(row_utf8: torch.Tensor) -> list[dict[str, Any]]:
+    """The rows a batch of prompts carries (collate_prompts): {"where": file:line, "row": {...}} each."""
+    return [json.loads(bytes(r[r != 0].tolist()).decode()) for r in row_utf8.cpu()]
 
 
 def collate_sequences(examples: list[Example], pad_id: int, *, pack: bool = False,

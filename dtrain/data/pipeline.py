@@ -39,6 +39,7 @@ from dtrain.data import clean
 from dtrain.data.balance import class_weights, resample_indices
 from dtrain.data.formats import IGNORE_INDEX, Encoder, RowError, TooLong
 from dtrain.data.preference import PREFERENCE_FORMATS, PreferenceEncoder, prompt_length
+from dtrain.data.prompts import PromptEncoder
 from dtrain.data.sources import ArrowRows, DataError, Row, StringFields, check_source, iter_rows
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ ENCODED_FEATURES = Features({
     "rejected_ids": Sequence(Value("int32")), "rejected_labels": Sequence(Value("int32")),
     "key": Value("string"), "group": Value("string"), "source": Value("int32"), "split": Value("string"),
     "drop": Value("string"), "truncated": Value("bool"), "n_tokens": Value("int32"),
+    "row": Value("string"),  # data.format=prompt: the row (JSON) and where it came from, for the reward functions
 })
 PACKED_FEATURES = Features({
     "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), "seq_lens": Sequence(Value("int32")),
@@ -63,6 +65,7 @@ SPLIT_COLUMNS = {  # what each format's prepared splits hold
     "classification": ["input_ids", "label"],
     "preference": ["input_ids", "labels", "rejected_ids", "rejected_labels"],  # chosen, rejected
     "unpaired_preference": ["input_ids", "labels", "label"],  # label: 1 desirable, 0 undesirable
+    "prompt": ["input_ids", "labels", "row"],  # the prompt's tokens (nothing trained), the row
 }
 
 
@@ -272,6 +275,8 @@ def _text_fields(cfg: DataConfig) -> tuple[list[str], list[str]]:
         return [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field], [cfg.chosen_field]
     if cfg.format == "unpaired_preference":
         return [cfg.prompt_field, cfg.completion_field], [cfg.completion_field]
+    if cfg.format == "prompt":
+        return [cfg.prompt_field], []
     return [cfg.text_field], [cfg.text_field]
 
 
@@ -311,7 +316,11 @@ def _clean_row(row: dict[str, Any], cfg: DataConfig, phrases: tuple[str, ...]) -
     fields, completion_fields = _text_fields(cfg)
     for name in fields:
         if name in row:
-            row[name] = _normalize_value(row[name], norm)
+            value = row[name]
+            row[name] = _normalize_value(value, norm)
+            if cfg.format == "prompt" and isinstance(value, str) and row[name]:
+                # A prompt's end is where its completion begins ("### Response:\n"): kept as it was.
+                row[name] += value[len(value.rstrip()):]
     if cfg.format == "unpaired_preference" and row.get(cfg.label_field) in (False, 0, "false"):
         completion_fields = []  # an undesirable completion is meant to be one
     if c.boilerplate != "off":
@@ -341,13 +350,15 @@ def content_key(row: dict[str, Any], cfg: DataConfig) -> str:
         return _key_text(row.get(cfg.messages_field) or [])
     fields, _ = _text_fields(cfg)
     extra = [str(row.get(cfg.label_field))] if cfg.format == "unpaired_preference" else []
+    if cfg.format == "prompt":  # the same prompt with another answer (or other fields) is another row
+        extra = [json.dumps({k: v for k, v in row.items() if k != cfg.prompt_field}, sort_keys=True, default=str)]
     return "\x1f".join([_key_text(row.get(name)) for name in fields] + extra)
 
 
 def group_key(row: dict[str, Any], cfg: DataConfig) -> str:
     """What decides a row's split: its content, or for preference data its prompt, so that every
     pair (or judged completion) of one prompt lands in the same split and none leaks."""
-    if cfg.format in ("preference", "unpaired_preference"):
+    if cfg.format in ("preference", "unpaired_preference", "prompt"):
         prompt = row.get(cfg.prompt_field)
         if prompt is None:  # whole conversations: their shared first message stands for the prompt
             first = row.get(cfg.chosen_field)
@@ -381,7 +392,7 @@ def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrained
         row_wheres.append(wheres[i])
         todo.append(i)
     encoder = (PreferenceEncoder(cfg, tokenizer) if cfg.format in PREFERENCE_FORMATS
-               else Encoder(cfg, tokenizer, label_names))
+               else PromptEncoder(cfg, tokenizer) if cfg.format == "prompt" else Encoder(cfg, tokenizer, label_names))
     encoded = encoder.encode_batch(rows, row_wheres)
 
     lengths, offsets = _row_offsets(n, todo, encoded.offsets)
@@ -389,6 +400,10 @@ def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrained
     rejected_lengths, rejected_offsets = _row_offsets(n, todo, rejected.offsets) if rejected else (None, None)
     n_tokens: list[int | None] = [None] * n
     truncated: list[bool | None] = [None] * n
+    documents: list[str | None] = [None] * n
+    if cfg.format == "prompt":
+        for j, i in enumerate(todo):
+            documents[i] = json.dumps({"where": row_wheres[j], "row": rows[j]}, default=str)
     classes: list[int | None] = [None] * n
     for j, i in enumerate(todo):
         error = encoded.errors[j]
@@ -427,6 +442,7 @@ def _clean_and_encode(batch: pa.Table, *, cfg: DataConfig, tokenizer: PreTrained
         pa.array(drop, pa.string()),
         pa.array(truncated, pa.bool_()),
         pa.array(n_tokens, pa.int32()),
+        pa.array(documents, pa.string()),
     ], schema=ENCODED_FEATURES.arrow_schema)
 
 

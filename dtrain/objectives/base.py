@@ -16,6 +16,13 @@ a branch in dtrain/train.py:
                                    what it computes once before the first step (the reference's
                                    log-probabilities, preference.precompute_reference): the data
                                    with it; by default the data as it is
+    micro_batch_rows(cfg), training_batches(batches)
+                                   how many data rows a micro-batch draws (default
+                                   train.micro_batch_size; GRPO: prompts, each completed
+                                   num_generations times), and the iterator the loop takes its
+                                   micro-batches from: the data's batches, or what the objective
+                                   makes of them (GRPO's rollouts); it is checkpointed as the data
+                                   position
     count(batch)                   how many things the batch's loss sums over (target tokens,
                                    examples, pairs): the loop normalises every micro-batch's loss by
                                    this count over the whole optimizer step, on every rank
@@ -121,6 +128,13 @@ class Objective:
 
     def prepare(self, data: "PreparedData", model: nn.Module, strategy: Any, pad_id: int) -> "PreparedData":
         return data
+
+    @classmethod
+    def micro_batch_rows(cls, cfg: "Config") -> int:
+        return cfg.train.micro_batch_size
+
+    def training_batches(self, batches: Any) -> Any:
+        return batches
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         raise NotImplementedError

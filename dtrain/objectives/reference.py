@@ -8,7 +8,8 @@ adapters switched off, a frozen copy, or log-probabilities precomputed into the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -88,18 +89,26 @@ class Reference:
             if missing:
                 raise RuntimeError(f"preference.precompute_reference: the batch carries no {missing[0]}")
             return tuple(batch[name] for name in stored)
+        with self.scorer(policy) as model:
+            return sequence_logps(model, batch, prefix)[0].chunk(len(stored))
+
+    @contextlib.contextmanager
+    def scorer(self, policy: nn.Module) -> Iterator[nn.Module]:
+        """The model that scores as the reference: the policy with its adapters switched off (and
+        in eval mode: the base's own dropout, if any, is no part of the reference), or the copy."""
         if self.mode == "adapters_disabled":
             owner = adapter_owner(policy)
             training = owner.training
-            owner.eval()  # (the base's own dropout, if any, is no part of the reference)
+            owner.eval()
             try:
                 with owner.disable_adapter():
-                    return sequence_logps(owner, batch, prefix)[0].chunk(len(stored))
+                    yield owner
             finally:
                 owner.train(training)
+            return
         if self.model is None:
             raise RuntimeError("this objective was built without its reference model (only to evaluate)")
-        return sequence_logps(self.model, batch, prefix)[0].chunk(len(stored))
+        yield self.model
 
 
 def reference_mode(cfg: "Config") -> str:

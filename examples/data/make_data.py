@@ -75,6 +75,7 @@ def main() -> None:
             a, b = rng.randint(0, 99), rng.randint(0, 99)
             writer.writerow([f"{a} vs {b}", "first" if a > b else "second" if b > a else "equal"])
     preference_data()
+    prompt_data()
 
 
 def preference_data() -> None:
@@ -95,6 +96,18 @@ def preference_data() -> None:
         judged[-1]["label"] = judged[-1]["completion"] == answer
     write_jsonl(HERE / "arithmetic_preference.jsonl", pairs)
     write_jsonl(HERE / "arithmetic_kto.jsonl", judged)
+
+
+def prompt_data() -> None:
+    """arithmetic_prompt.jsonl: questions in the alpaca prompt a model fine-tuned on
+    arithmetic_alpaca.jsonl answers, with the answer for a reward function to check (GRPO). (Its
+    own random stream.)"""
+    rng = random.Random(9012)
+    rows = []
+    for _ in range(800):
+        instruction, expr, answer = arithmetic(rng)
+        rows.append({"prompt": ALPACA_PROMPT.format(instruction=instruction, input=expr), "answer": answer})
+    write_jsonl(HERE / "arithmetic_prompt.jsonl", rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""Rollouts: completions the policy samples for prompts, and the batches GRPO trains on.
+
+Generation is the model's own `generate` (KV cache, stop at EOS) on the plain model inside the
+strategy's wrapper: under FSDP2 and ZeRO-3 that model's forward still gathers each layer's shards
+as it goes (never the whole model on one rank), so every rank makes the same number of forward
+calls (`synced_gpus`: a rank whose completions have all ended keeps stepping until the slowest
+has). With LoRA, the adapters are used in place: nothing merged, nothing copied.
+
+Sampling is seeded per completion, not per rank: completion j of the prompt in row i of the
+split, in epoch e, draws its noise from a generator seeded with (seed, e, i, j), and picks
+argmax(logits / temperature + Gumbel noise) (within top-p), which is a sample of
+softmax(logits / temperature). So the same run samples the same completions on one process or
+on eight, and a resumed run samples what the uninterrupted one would have: the sampling state is
+the data position, which the checkpoint holds.
+
+`Rollouts` is the training loop's batch iterator for GRPO: it draws the prompts of a step's
+micro-batches, completes and scores them (the objective's `rollout`), and hands the micro-batches
+out grpo.num_iterations times (PPO epochs on the same completions, with the log-probabilities of
+the policy that sampled them kept).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from dtrain.data.formats import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from dtrain.data.loader import BatchIterator
+
+SEED_MIX = 1_000_003
+
+
+def completion_seed(seed: int, epoch: int, row: int, generation: int) -> int:
+    """The sampling seed of completion `generation` of split row `row` in `epoch`."""
+    return (((seed * SEED_MIX + epoch) * SEED_MIX + row) * 64 + generation) % (2**63 - 1)
+
+
+class SeededSampling:
+    """A logits processor that makes greedy decoding sample: scores / temperature (top-p
+    filtered) plus Gumbel noise drawn from each row's own generator."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+        from transformers import TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g, device=scores.device) for g in self.generators])
+        return scores - torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+             pad_id: int, eos_id: int | None, synced: bool, seeds: list[int] | None = None, temperature: float = 1.0,
+             top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completions of left-padded prompts: (ids, mask, ended), the ids right-padded, the mask
+    covering each completion up to and including its EOS, `ended` whether it reached one.
+    Sampled with `seeds` (one per row), greedy without."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                              eos_token_id=eos_id)
+    processors = LogitsProcessorList(
+        [SeededSampling(seeds, temperature, top_p, input_ids.device)] if seeds is not None else [])
+    training = generator.training
+    generator.eval()
+    try:
+        output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                    logits_processor=processors, synced_gpus=synced)
+    finally:
+        generator.train(training)
+    completion = output[:, input_ids.shape[1]:]
+    is_eos = completion == eos_id if eos_id is not None else torch.zeros_like(completion, dtype=torch.bool)
+    ended = is_eos.any(-1)
+    first_eos = torch.where(ended, is_eos.int().argmax(-1), completion.shape[1])
+    mask = torch.arange(completion.shape[1], device=completion.device)[None, :] <= first_eos[:, None]
+    return torch.where(mask, completion, pad_id), mask.long(), ended
+
+
+def sequences(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+              completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Prompts and their completions as one batch: labels on the completion tokens only, and
+    positions counted over the real tokens (as generation counted them)."""
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX),
+                        torch.where(completion_mask.bool(), completion_ids, IGNORE_INDEX)], dim=1)
+    return {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1), "attention_mask": attention_mask,
+            "labels": labels, "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+class Rollouts:
+    """GRPO's training batches (see the module's docstring): an iterator with the data
+    position's state, like the BatchIterator of prompts it draws from."""
+
+    def __init__(self, prompts: "BatchIterator", objective: Any, grad_accum_steps: int, num_iterations: int):
+        self.prompts, self.objective = prompts, objective
+        self.grad_accum_steps, self.num_iterations = grad_accum_steps, num_iterations
+        self.buffer: list[dict[str, torch.Tensor]] = []
+        self.drawn = 0  # micro-batches handed out
+        self.batches_per_epoch = prompts.batches_per_epoch * num_iterations
+
+    @property
+    def cycle(self) -> int:
+        return self.grad_accum_steps * self.num_iterations
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.drawn % self.cycle == 0:
+            step = self.drawn // self.grad_accum_steps + 1  # the optimizer step these completions are made for
+            self.buffer = []
+            for _ in range(self.grad_accum_steps):
+                prompts = next(self.prompts)
+                self.buffer.append(self.objective.rollout(prompts, epoch=self.prompts.epoch, step=step,
+                                                          steps=self.num_iterations))
+        batch = self.buffer[self.drawn % self.grad_accum_steps]
+        self.drawn += 1
+        return batch
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.prompts.epoch_progress
+
+    def state_dict(self) -> dict[str, Any]:
+        """The prompts' position, and in the middle of a cycle (num_iterations > 1) the completions
+        still to be trained on, every rank's (gathered: collective)."""
+        state: dict[str, Any] = {"prompts": self.prompts.state_dict(), "drawn": self.drawn}
+        if self.drawn % self.cycle:
+            buffers = self.objective.comm.all_gather_object([{k: v.cpu() for k, v in b.items()} for b in self.buffer])
+            state["buffers"] = buffers
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+        self.drawn = state["drawn"]
+        if self.drawn % self.cycle:
+            comm = self.objective.comm
+            if len(state["buffers"]) != comm.world_size:
+                raise ValueError(
+                    f"the checkpoint was saved in the middle of grpo.num_iterations={self.num_iterations} updates on "
+                    f"one batch of completions, by {len(state['buffers'])} processes; resume it with as many (this "
+                    f"run has {comm.world_size}), or from a checkpoint at a multiple of {self.num_iterations} steps")
+            self.buffer = [{k: v.to(comm.device) for k, v in b.items()} for b in state["buffers"][comm.rank]]
