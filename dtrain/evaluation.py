@@ -18,9 +18,10 @@ ranks), eval_examples_total (rows in the split) and eval_sampled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -71,12 +72,14 @@ def loss_sample_size(cfg: "Config", world_size: int) -> int | None:
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "Config", comm: Collectives,
              tokenizer: Any, *, generator: nn.Module | None = None, collective_forward: bool = False,
+             generating: Callable[[nn.Module], ContextManager[nn.Module]] | None = None,
              worst: int = 0) -> tuple[dict[str, Any], list[ExampleScore]]:
     """eval_* metrics over `examples` (or the seeded sample of them that eval.max_batches allows),
     and (on the main rank) the `worst` highest-loss examples.
 
     `generator`: the plain model inside any wrapper, for generation (default: `model`);
-    `collective_forward`: the model is sharded, so every rank must generate as long as the longest."""
+    `collective_forward`: the model is sharded, so every rank must generate as long as the longest;
+    `generating`: the strategy's, which readies the module that generates (default: `generator` as it is)."""
     generator = generator if generator is not None else model
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -106,8 +109,9 @@ def evaluate(model: nn.Module, examples: Sequence, objective: Objective, cfg: "C
                     "eval_sampled": sample is not None})
     if cfg.eval.generation.enabled:
         generation_ids = sample_rows(len(examples), cfg.eval.generation.max_examples, cfg.seed)
-        metrics.update(generation_scores(generator, examples, cfg, comm, tokenizer, synced=collective_forward,
-                                         ids=generation_ids))
+        with generating(model) if generating is not None else contextlib.nullcontext(generator) as module:
+            metrics.update(generation_scores(module, examples, cfg, comm, tokenizer, synced=collective_forward,
+                                             ids=generation_ids))
         metrics["eval_generation_examples"] = min(cfg.eval.generation.max_examples, len(examples))
     model.train()
     if worst:

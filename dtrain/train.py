@@ -464,7 +464,7 @@ def evaluate_run(run: Run, worst: int = 0) -> tuple[dict[str, Any], list]:
     """The objective's metrics on the validation split (collective), and the `worst` examples."""
     return evaluate(run.model, run.data.validation, run.objective, run.cfg, run.strategy.comm, run.tokenizer,
                     generator=run.strategy.unwrap(run.model), collective_forward=run.strategy.collective_forward,
-                    worst=worst)
+                    generating=run.strategy.generating, worst=worst)
 
 
 def finish(run: Run, result: RunResult, metrics: dict[str, Any], worst: list) -> RunResult:

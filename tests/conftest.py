@@ -110,6 +110,18 @@ def make_config(tiny_model_dir, tmp_path):
     return make
 
 
+def arithmetic_prompts(n: int, seed: int = 7) -> list[dict]:
+    """Prompts with answers (data.format=prompt), for GRPO."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        rows.append({"prompt": f"{a} + {b} = ", "answer": str(a + b)})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

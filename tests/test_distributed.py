@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPACA, REPO
+from conftest import ALPACA, REPO, arithmetic_prompts, read_metrics, write_jsonl
 from safetensors.torch import load_file
 
 from dtrain import checkpoint as ckpt
@@ -78,6 +78,9 @@ def distributed_runs(tiny_model_dir, tmp_path_factory):
     runs.update({f"{strategy}-distill-lora_full_logits": matrix_base(tiny_model_dir, out / "matrix-cache")
                  + STRATEGIES[strategy] + TECHNIQUES["distill-lora"](tiny_model_dir) + FULL_LOGITS
                  for strategy in ("ddp", "fsdp", "zero3")})
+    write_jsonl(out / "prompts.jsonl", arithmetic_prompts(96))
+    runs.update({f"grpo-{strategy}{suffix}": grpo_run(tiny_model_dir, out, micro_batch=8, extra=STRATEGIES[strategy] + lora)
+                 for strategy in ("ddp", "fsdp", "zero3") for suffix, lora in (("", []), ("_lora", LORA))})
     runs["dpo-fsdp-precomputed"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
                                                   extra=STRATEGIES["fsdp"] + ["preference.precompute_reference=true"])
     runs["dpo-fsdp_qlora"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
@@ -410,3 +413,60 @@ def test_a_precomputed_reference_and_qlora_train_under_fsdp(distributed_runs, pr
     assert "config_error" not in qlora, qlora
     assert len(qlora["losses"]) == PREFERENCE_STEPS and all(math.isfinite(x) for x in qlora["losses"])
     assert qlora["losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # the adapters start at zero
+
+
+# --------------------------------------------------------------------------------------
+# GRPO: the same completions, rewards and losses on 2 processes as on one
+
+
+GRPO_STEPS = 5
+
+
+def grpo_run(model_dir: Path, out: Path, *, micro_batch: int, extra: list[str]) -> list[str]:
+    """5 GRPO steps of 4 prompts x 4 completions (global), two updates per batch of completions and
+    the KL to the reference (a sharded frozen copy; with LoRA, the adapters switched off), a reward
+    that varies between a random model's completions (whether they hold a digit) and one that does not."""
+    return [f"model.path={model_dir}", f"data.train={out / 'prompts.jsonl'}", "data.format=prompt",
+            "data.max_seq_len=64", "data.val_ratio=0.1", "data.test_ratio=0", f"data.cache_dir={out / 'grpo-cache'}",
+            f"train.max_steps={GRPO_STEPS}", f"train.micro_batch_size={micro_batch}", "train.log_every=1",
+            "optim.lr=1e-2", "eval.metric=reward", "eval.max_batches=2", "grpo.num_generations=4",
+            "grpo.max_completion_length=6", "grpo.num_iterations=2", "grpo.beta=0.04",
+            "grpo.rewards=[{function: exact_answer}, {function: regex_format, name: digit, args: {pattern: '.*[0-9].*'}}]",
+            "logging.tensorboard=false", "logging.progress_bar=false", "seed=5", CHUNKS, *extra]
+
+
+@pytest.fixture(scope="module")
+def grpo_singles(distributed_runs, tiny_model_dir):
+    """The references: one process, micro-batch 16 (the same global batch)."""
+    out, _ = distributed_runs
+    runs = {}
+    for suffix, extra in (("", []), ("_lora", LORA)):
+        run_dir = out / f"grpo-single{suffix}"
+        runs[suffix] = (run_dir, train(load_config(None, grpo_run(tiny_model_dir, out, micro_batch=16,
+                                                                  extra=[*extra, f"output_dir={run_dir}"]))))
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_grpo_samples_scores_and_trains_as_one_process(distributed_runs, grpo_singles, strategy, lora):
+    """Seeded per completion, the 2 ranks' rollouts (generated on the sharded model under FSDP2 and
+    ZeRO-3) are the single process's: the same rewards, KL and losses at every step."""
+    out, ranks = distributed_runs
+    suffix = "_lora" if lora else ""
+    single_dir, single = grpo_singles[suffix]
+    got = ranks[0][f"grpo-{strategy}{suffix}"]
+    assert "config_error" not in got, got
+    assert len(single.train_losses) == len(got["losses"]) == GRPO_STEPS
+    assert got["losses"] == pytest.approx(single.train_losses, abs=1e-5, rel=0)
+    expected = [r for r in read_metrics(single_dir) if "reward" in r]
+    logged = [r for r in read_metrics(out / f"grpo-{strategy}{suffix}") if "reward" in r]
+    assert len(logged) == len(expected) == GRPO_STEPS
+    for mine, theirs in zip(logged, expected):
+        for key in ("reward", "reward_digit", "reward_std", "kl", "completion_length", "entropy", "clip_ratio_low"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5, rel=0), (mine["step"], key)
+    assert len({r["reward"] for r in expected}) > 1 and expected[-1]["kl"] > 0  # (it samples and moves)
+    for key, value in single.final_metrics.items():
+        if isinstance(value, float):
+            assert got["final"][key] == pytest.approx(value, abs=1e-5, rel=1e-6), key

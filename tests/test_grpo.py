@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, run_cli, write_jsonl
+from conftest import arithmetic_prompts, base_overrides, run_cli, write_jsonl
 
 from dtrain.config import ConfigError, load_config
 from dtrain.tracking import read_metrics, read_samples
@@ -32,15 +32,7 @@ MAX_COMPLETION = 9
 
 
 def gsm_rows(n: int = 64) -> list[dict]:
-    """Arithmetic prompts with answers, as data.format=prompt takes them."""
-    import random
-
-    rng = random.Random(7)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append({"prompt": f"{a} + {b} = ", "answer": str(a + b)})
-    return rows
+    return arithmetic_prompts(n)
 
 
 def grpo_overrides(model_dir: Path, data: Path, out: Path, *more: str) -> list[str]:
@@ -118,7 +110,7 @@ def dtrain_loss(model, reference, tokenizer, prompt_ids, completions, rewards, t
     fixed = RewardFunction("fixed", "test", lambda completions, **kw: list(rewards), 1.0)
     objective = grpo_module.GRPO(cfg, Reference("copy", reference) if reference is not None else None, [fixed])
     objective.comm, objective.tokenizer = Collectives(torch.device("cpu")), tokenizer
-    objective.policy = objective.generator = model
+    objective.policy = model
     (tmp_path / "dtrain").mkdir()
     objective.out = tmp_path / "dtrain"
 

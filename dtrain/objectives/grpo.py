@@ -27,6 +27,7 @@ eval_completion_length.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,8 @@ class GRPO(Objective):
     def __init__(self, cfg: "Config", reference: Reference | None, rewards: list):
         self.cfg, self.g, self.reference, self.rewards = cfg, cfg.grpo, reference, rewards
         self.names = reward_names(cfg.grpo)
-        self.policy: nn.Module | None = None  # the wrapped model (forward passes), set by `prepare`
-        self.generator: nn.Module | None = None  # the plain model inside it (generate)
+        self.policy: nn.Module | None = None  # the wrapped model, set by `prepare`
+        self.strategy: Any = None  # what it is wrapped with: which module generates (`generating`)
         self.synced = False
         self.out = None  # the run directory, where the main rank appends samples.jsonl
 
@@ -141,7 +142,7 @@ class GRPO(Objective):
     def prepare(self, data: "PreparedData", model: nn.Module, strategy: Any, pad_id: int) -> "PreparedData":
         from pathlib import Path
 
-        self.policy, self.generator = model, strategy.unwrap(model)
+        self.policy, self.strategy = model, strategy
         self.synced, self.out = strategy.collective_forward, Path(self.cfg.output_dir)
         return data
 
@@ -157,8 +158,8 @@ class GRPO(Objective):
         prompt_ids = prompts["input_ids"].repeat_interleave(G, 0).to(device)
         prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0).to(device)
         seeds = [completion_seed(self.cfg.seed, epoch, int(row), j) for row in prompts["index"] for j in range(G)]
-        with autocast(self.cfg.train.precision, device):
-            ids, mask, ended = generate(self.generator, prompt_ids, prompt_mask, max_new_tokens=g.max_completion_length,
+        with autocast(self.cfg.train.precision, device), self.generating(self.policy) as generator:
+            ids, mask, ended = generate(generator, prompt_ids, prompt_mask, max_new_tokens=g.max_completion_length,
                                         pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
                                         synced=self.synced, seeds=seeds, temperature=g.temperature, top_p=g.top_p)
         rows = [row for row in batch_rows(prompts["row_utf8"]) for _ in range(G)]
@@ -186,6 +187,10 @@ class GRPO(Objective):
                                       for row, text, total, values in zip(rows, texts, rewards.tolist(),
                                                                           per_function.tolist())])
         return batch
+
+    def generating(self, model: nn.Module) -> Any:
+        """The module that generates: as the strategy says, or (built to evaluate only) `model` itself."""
+        return self.strategy.generating(model) if self.strategy is not None else contextlib.nullcontext(model)
 
     def score(self, rows: list[dict[str, Any]], ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         """Each completion's reward from each function (completions x functions), and the
@@ -272,9 +277,10 @@ class GRPO(Objective):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         device = batch["input_ids"].device
-        ids, mask, _ = generate(self.generator or model, batch["input_ids"], batch["attention_mask"],
-                                max_new_tokens=self.g.max_completion_length, pad_id=self.tokenizer.pad_token_id,
-                                eos_id=self.tokenizer.eos_token_id, synced=self.synced)
+        with self.generating(model) as generator:
+            ids, mask, _ = generate(generator, batch["input_ids"], batch["attention_mask"],
+                                    max_new_tokens=self.g.max_completion_length, pad_id=self.tokenizer.pad_token_id,
+                                    eos_id=self.tokenizer.eos_token_id, synced=self.synced)
         per_function, _ = self.score(batch_rows(batch["row_utf8"]), ids, mask)
         counted = (batch["index"] >= 0).float().cpu()  # (a rank's repeated filler batch counts for nothing)
         weights = torch.tensor([f.weight for f in self.rewards], dtype=torch.float32)

@@ -101,6 +101,12 @@ class Strategy:
         """The plain (possibly peft-wrapped) model inside any wrapper."""
         return model
 
+    @contextlib.contextmanager
+    def generating(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The module to call `generate` on, ready for as long as the context lasts (when
+        `collective_forward`, every rank must make the same number of forward passes: synced_gpus)."""
+        yield self.unwrap(model)
+
     # ---- one optimizer step
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -153,6 +153,20 @@ class FSDP(Distributed):
     def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:
         _reshard(model)
         return super().state_bytes(model, optimizer)
+
+    @contextlib.contextmanager
+    def generating(self, model: nn.Module) -> Iterator[nn.Module]:
+        # A peft model's generate calls the model inside it, past the root's FSDP hooks: the root's
+        # own parameters (embeddings, final norm, head) are gathered for the whole generation, each
+        # block's still only while it runs. (Before the first training step no forward has been
+        # through the root yet, which is when FSDP marks it the root: done here, or the first block
+        # called would take itself for one. A private call: torch is pinned.)
+        model._get_fsdp_state()._lazy_init()
+        model.unshard()
+        try:
+            yield model
+        finally:
+            _reshard(model)
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
         # Without sync, FSDP keeps unsharded gradients across micro-batches and
