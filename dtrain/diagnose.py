@@ -56,7 +56,7 @@ CLEAR = 2.0  # ... and (training loss) by more than 2 standard errors of a line 
 
 @dataclass
 class Diagnosis:
-    verdict: str  # overfitting | underfitting | still improving | good fit | not enough data
+    verdict: str  # overfitting | underfitting | still improving | good fit | not enough data; online RL: reward rising | flat | falling
     reason: str
     turn_step: int | None = None  # overfitting: where the validation loss was lowest
     gap: float | None = None  # validation minus training loss at the end
@@ -195,8 +195,40 @@ def read_curves(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, flo
             train.append((record["step"], record["loss"]))
         if isinstance(record.get("eval_loss"), float):
             validation.append((record["step"], record["eval_loss"]))
-            evals[record["step"]] = record
+        if any(key.startswith("eval_") and isinstance(value, (int, float)) for key, value in record.items()):
+            evals[record["step"]] = record  # (an online-RL run's evaluations have a reward, no loss)
     return train, validation, evals
+
+
+def read_rewards(run: Path) -> list[tuple[int, float, float]]:
+    """An online-RL run's (step, mean reward, fraction of groups that all scored alike) at each logged step."""
+    return [(r["step"], r["reward"], r.get("frac_reward_zero_std", 0.0)) for r in read_metrics(run)
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("reward"), (int, float))]
+
+
+def reward_diagnosis(rewards: list[tuple[int, float, float]], evals: dict[int, dict], metric: str) -> Diagnosis:
+    """An online-RL run: its loss says nothing of progress (a surrogate around 0 by construction);
+    the rewards do. The training reward's mean over the first and the last 20% of the logged
+    steps, the held-out metric from the first evaluation to the last, and whether the groups
+    carried any signal (a group whose completions all scored alike has no advantage to learn from)."""
+    if len(rewards) < MIN_POINTS:
+        return Diagnosis("not enough data", f"{len(rewards)} logged rewards; the reward curve needs at least "
+                                            f"{MIN_POINTS} (log more often with train.log_every, or train longer)")
+    n = max(MIN_WINDOW, int(len(rewards) * TAIL))
+    start = sum(r for _, r, _ in rewards[:n]) / n
+    end = sum(r for _, r, _ in rewards[-n:]) / n
+    alike = sum(z for _, _, z in rewards) / len(rewards)
+    reason = f"the training reward averaged {start:.4f} over the first {n} logged steps and {end:.4f} over the last {n}"
+    key = f"eval_{metric}"
+    scored = sorted((s, r[key]) for s, r in evals.items() if isinstance(r.get(key), (int, float)))
+    if len(scored) >= 2:
+        reason += f"; {key} went {scored[0][1]:.4f} (step {scored[0][0]}) -> {scored[-1][1]:.4f} (step {scored[-1][0]})"
+    if alike > 0.9:
+        reason += (f"; {alike:.0%} of the groups scored all alike (no signal): sample more (grpo.num_generations), "
+                   "raise grpo.temperature, or add a reward that gives partial credit")
+    verdict = "reward rising" if end > start + 1e-3 * max(1.0, abs(start)) else (
+        "reward falling" if end < start - 1e-3 * max(1.0, abs(start)) else "reward flat")
+    return Diagnosis(verdict, reason)
 
 
 def best_checkpoint(run: Path, evals: dict[int, dict], metric: str, mode: str) -> str:
@@ -210,7 +242,8 @@ def best_checkpoint(run: Path, evals: dict[int, dict], metric: str, mode: str) -
     return f"step {step}, {key}={value:.4f}: {kept}"
 
 
-def plot(run: Path, train: list, validation: list, evals: dict, metric: str, diagnosis: Diagnosis) -> Path:
+def plot(run: Path, train: list, validation: list, evals: dict, metric: str, diagnosis: Diagnosis,
+         ylabel: str = "loss") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,14 +251,15 @@ def plot(run: Path, train: list, validation: list, evals: dict, metric: str, dia
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], color="tab:blue", alpha=0.3, label="training loss")
-        ax.plot([s for s, _ in train], smooth([v for _, v in train]), color="tab:blue", label="training loss (smoothed)")
+        ax.plot([s for s, _ in train], [v for _, v in train], color="tab:blue", alpha=0.3, label=f"training {ylabel}")
+        ax.plot([s for s, _ in train], smooth([v for _, v in train]), color="tab:blue",
+                label=f"training {ylabel} (smoothed)")
     if validation:
         ax.plot([s for s, _ in validation], [v for _, v in validation], "o-", color="tab:orange", label="validation loss")
     if diagnosis.turn_step is not None:
         ax.axvline(diagnosis.turn_step, color="tab:red", linestyle="--", label=f"validation turns (step {diagnosis.turn_step})")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     key = f"eval_{metric}"
     if metric == "loss" and any(isinstance(r.get("eval_rewards_margin"), (int, float)) for r in evals.values()):
         key = "eval_rewards_margin"  # (a preference run: the margin says more than a second loss)
@@ -249,8 +283,10 @@ def plot(run: Path, train: list, validation: list, evals: dict, metric: str, dia
 def write_learning_report(run: Path, metric: str = "loss", mode: str = "min") -> str:
     """learning_curves.png and diagnosis.md for the run in `run`; returns the diagnosis text."""
     train, validation, evals = read_curves(run)
-    diagnosis = diagnose(train, validation)
-    picture = plot(run, train, validation, evals, metric, diagnosis)
+    rewards = read_rewards(run)
+    diagnosis = reward_diagnosis(rewards, evals, metric) if rewards else diagnose(train, validation)
+    picture = plot(run, [(s, r) for s, r, _ in rewards] if rewards else train, validation, evals, metric, diagnosis,
+                   ylabel="reward" if rewards else "loss")
     text = (f"# How the run went\n\n**{diagnosis.verdict}**: {diagnosis.reason}.\n\n"
             f"- best checkpoint (by eval_{metric}): {best_checkpoint(run, evals, metric, mode)}\n"
             f"- learning curves: {picture.name}\n")

@@ -97,7 +97,10 @@ def dry_run_config(cfg: Config, model_dir: Path, out_dir: Path, on_cpu: bool) ->
     On a CPU, bf16 runs in fp32: CPU bf16 backward kernels are ~30x slower than fp32
     (measured on the 8B preset's shrunk model), and the check is about code paths, not numerics.
     """
+    from dtrain.objectives import objective_class
+
     t = cfg.train
+    group = objective_class(cfg).micro_batch_multiple(cfg)  # (GRPO: a prompt's completions, at least)
     model_update: dict = {"path": str(model_dir), "tokenizer": None}
     train_update: dict = {}
     if on_cpu:
@@ -107,7 +110,7 @@ def dry_run_config(cfg: Config, model_dir: Path, out_dir: Path, on_cpu: bool) ->
         "model": cfg.model.model_copy(update=model_update),
         "data": cfg.data.model_copy(update={"max_seq_len": min(cfg.data.max_seq_len, 512), "num_proc": 1}),
         "train": t.model_copy(update={
-            "max_steps": DRY_STEPS, "epochs": None, "micro_batch_size": min(t.micro_batch_size, 2),
+            "max_steps": DRY_STEPS, "epochs": None, "micro_batch_size": max(group, min(t.micro_batch_size, 2) // group * group),
             "grad_accum_steps": min(t.grad_accum_steps, 2), "log_every": 1, **train_update,
         }),
         "eval": cfg.eval.model_copy(update={"every_steps": None, "max_batches": 1,

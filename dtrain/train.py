@@ -208,10 +208,12 @@ def build_model(cfg: Config, tokenizer: Any, label_names: list[str] | None, stra
         quantization = quantization_config(cfg.peft, cfg.train.precision, sharded=strategy.shards_parameters)
         model = load_model(cfg.model, tokenizer, label_names=label_names, seed=cfg.seed, device=strategy.device,
                            path=str(base), quantization=quantization)
-    limit = position_limit(model)
-    if limit is not None and cfg.data.max_seq_len > limit:
-        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is longer than the {limit} positions "
-                          f"{cfg.model.path} has embeddings for; set data.max_seq_len to {limit} or less")
+    limit, longest = position_limit(model), objective_class(cfg).sequence_length(cfg)
+    if limit is not None and longest > limit:
+        extra = longest - cfg.data.max_seq_len  # (GRPO: the completions' tokens, after a prompt)
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len}" + (f" + {extra} generated tokens" if extra else "")
+                          + f" is longer than the {limit} positions {cfg.model.path} has embeddings for; set "
+                          f"data.max_seq_len to {limit - extra} or less")
     model = apply_peft(model, cfg.peft, cfg.model.task, cfg.model.gradient_checkpointing)
     if cfg.model.logits == "chunked" and chunked_head(model) is None:
         raise ConfigError("model.logits=chunked: the LM head (lm_head) carries an adapter, which adds to its logits, "

@@ -230,11 +230,13 @@ def run_with_seed(model, prompt, seed):
 
 
 def test_the_built_in_rewards():
-    from dtrain.objectives.rewards import exact_answer, length_penalty, regex_format
+    from dtrain.objectives.rewards import digit_match, exact_answer, length_penalty, regex_format
 
     assert exact_answer(["42", "The answer is 41, no: 42.", "forty-two", " -3", ""],
                         answer=["42", "42", "42", "-3", "0"]) == [1.0, 1.0, 0.0, 1.0, 0.0]
     assert exact_answer(["1,000", "7.50"], field="solution", solution=[1000, "7.5"]) == [1.0, 1.0]
+    assert digit_match(["155", "165", "55", "1155", "no number", "-3"], answer=["155"] * 5 + ["-3"]) == pytest.approx(
+        [1.0, 2 / 3, 2 / 3, 3 / 4, 0.0, 1.0])
     assert regex_format(["<think>a</think> 4", "4"], pattern=r"<think>.*</think>\s*\d+") == [1.0, 0.0]
     assert length_penalty([[1] * 10, [1] * 3], target=5, per_token=0.1) == pytest.approx([-0.5, 0.0])
 
@@ -354,6 +356,7 @@ def test_prompt_rows_keep_their_fields_and_the_prompts_end(tiny_model_dir, tmp_p
     (["data.packing=true"], "data.packing: train.objective=grpo does not take it"),
     (["grpo.beta=0.1", "preference.reference=adapters_disabled"], "peft.method is none"),
     (["train.objective=dpo"], "does not fit train.objective=dpo"),
+    (["parallel.strategy=fsdp", "parallel.mesh.tensor=2"], "parallel.mesh.tensor=2 with train.objective=grpo"),
 ])
 def test_a_grpo_config_that_cannot_work_is_refused_naming_the_key(tiny_model_dir, prompts_file, tmp_path, overrides,
                                                                   says):
@@ -363,6 +366,23 @@ def test_a_grpo_config_that_cannot_work_is_refused_naming_the_key(tiny_model_dir
         cfg = load_config(None, grpo_overrides(tiny_model_dir, prompts_file, tmp_path / "o", *overrides))
         setup(cfg).release()  # (importing the reward functions is setup's: a run's first act, before it writes)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_prompt_and_its_completion_must_fit_a_learned_position_table(tiny_model_dir, prompts_file, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dtrain.train import setup
+
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=260, bos_token_id=1,
+                               eos_token_id=2)).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).exists():
+            (model_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+    cfg = load_config(None, grpo_overrides(model_dir, prompts_file, tmp_path / "o", "data.max_seq_len=60"))
+    with pytest.raises(ConfigError, match="data.max_seq_len=60 \\+ 6 generated tokens is longer than the 64 positions "
+                                          ".* set data.max_seq_len to 58 or less"):
+        setup(cfg).release()
 
 
 def test_a_reward_function_that_raises_stops_the_run_naming_it_and_the_row(tiny_model_dir, tmp_path):
@@ -382,3 +402,14 @@ def test_a_reward_function_that_raises_stops_the_run_naming_it_and_the_row(tiny_
     assert "error: reward function strict (rewards:strict) raised ZeroDivisionError: division by zero on row " \
            f"{data}:6" in proc.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_the_diagnosis_reads_the_reward_curves():
+    from dtrain.diagnose import reward_diagnosis
+
+    evals = {10: {"eval_reward": 0.1}, 40: {"eval_reward": 0.3}}
+    rising = reward_diagnosis([(s, 0.01 * s, 0.2) for s in range(1, 41)], evals, "reward")
+    assert rising.verdict == "reward rising" and "eval_reward went 0.1000 (step 10) -> 0.3000 (step 40)" in rising.reason
+    flat = reward_diagnosis([(s, 0.0, 1.0) for s in range(1, 41)], {}, "reward")
+    assert flat.verdict == "reward flat" and "100% of the groups scored all alike" in flat.reason
+    assert reward_diagnosis([(1, 0.0, 0.0)], {}, "reward").verdict == "not enough data"

@@ -16,10 +16,12 @@ a branch in dtrain/train.py:
                                    what it computes once before the first step (the reference's
                                    log-probabilities, preference.precompute_reference): the data
                                    with it; by default the data as it is
-    micro_batch_rows(cfg), training_batches(batches)
+    micro_batch_rows(cfg), micro_batch_multiple(cfg), sequence_length(cfg), training_batches(batches)
                                    how many data rows a micro-batch draws (default
                                    train.micro_batch_size; GRPO: prompts, each completed
-                                   num_generations times), and the iterator the loop takes its
+                                   num_generations times), what train.micro_batch_size must be a
+                                   multiple of (GRPO: a group), the longest sequence it trains on
+                                   (GRPO: a prompt and its completion), and the iterator the loop takes its
                                    micro-batches from: the data's batches, or what the objective
                                    makes of them (GRPO's rollouts); it is checkpointed as the data
                                    position
@@ -132,6 +134,14 @@ class Objective:
     @classmethod
     def micro_batch_rows(cls, cfg: "Config") -> int:
         return cfg.train.micro_batch_size
+
+    @classmethod
+    def micro_batch_multiple(cls, cfg: "Config") -> int:
+        return 1
+
+    @classmethod
+    def sequence_length(cls, cfg: "Config") -> int:
+        return cfg.data.max_seq_len
 
     def training_batches(self, batches: Any) -> Any:
         return batches

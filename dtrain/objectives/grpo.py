@@ -103,6 +103,10 @@ class GRPO(Objective):
                        "eval.generation.enabled": "its evaluation already generates (eval_reward)",
                        "preference.precompute_reference": "its completions do not exist before training"}[key]
                 raise ValueError(f"{key}: train.objective=grpo does not take it ({why}); remove {key}")
+        if cfg.parallel.mesh.tensor > 1:
+            raise ValueError(f"parallel.mesh.tensor={cfg.parallel.mesh.tensor} with train.objective=grpo: generating "
+                             "with a tensor-parallel model is not built yet; use parallel.mesh.tensor=1 (FSDP2 or "
+                             "ZeRO-3 shard the model for generation too)")
         if cfg.eval.metric == "loss":
             raise ValueError("eval.metric=loss: train.objective=grpo has no evaluation loss; set eval.metric=reward "
                              "(the mean reward of greedy completions of the validation prompts; eval.mode max)")
@@ -131,6 +135,14 @@ class GRPO(Objective):
     @classmethod
     def micro_batch_rows(cls, cfg: "Config") -> int:
         return cfg.train.micro_batch_size // cfg.grpo.num_generations  # prompts; each brings its group
+
+    @classmethod
+    def micro_batch_multiple(cls, cfg: "Config") -> int:
+        return cfg.grpo.num_generations
+
+    @classmethod
+    def sequence_length(cls, cfg: "Config") -> int:
+        return cfg.data.max_seq_len + cfg.grpo.max_completion_length
 
     # ---- during the run
 

@@ -19,6 +19,9 @@ Built-ins:
 
     exact_answer    1.0 when the last number in the completion equals the row's `field` (default
                     answer) as a number, else 0.0: a verifiable answer to arithmetic or GSM8K
+    digit_match     partial credit for a number: the share of the row's `field` digits that the
+                    completion's last number has right, aligned from the right (a denser signal
+                    than exact_answer for a model that rarely gets a whole answer right)
     regex_format    1.0 when the completion (stripped) matches `pattern` in full, else 0.0
     length_penalty  -per_token (default 0.001) x the completion's tokens beyond `target` (default 0)
 """
@@ -68,6 +71,25 @@ def exact_answer(completions: Sequence[str], field: str = "answer", **rows: Any)
     return scores
 
 
+def digit_match(completions: Sequence[str], field: str = "answer", **rows: Any) -> list[float]:
+    """Partial credit for a numeric answer: the share of the expected number's digits that the
+    completion's last number has right, aligned from the right (ones with ones, tens with tens),
+    over the longer of the two; 0.0 without a number."""
+    if field not in rows:
+        raise KeyError(f"the rows have no field {field!r} (they have: {', '.join(sorted(rows)) or 'none'}); set "
+                       "args: {field: <the answer's field>}")
+    scores = []
+    for completion, expected in zip(completions, rows[field]):
+        found = NUMBER.findall(str(completion).replace(",", ""))
+        said, wanted = (found[-1] if found else ""), str(expected).strip()
+        if not said:
+            scores.append(0.0)
+            continue
+        same = sum(a == b for a, b in zip(reversed(said), reversed(wanted)))
+        scores.append(same / max(len(said), len(wanted)))
+    return scores
+
+
 def regex_format(completions: Sequence[str], pattern: str = "", **_: Any) -> list[float]:
     """1.0 where the stripped completion matches `pattern` in full (DOTALL: `.` matches newlines)."""
     compiled = re.compile(pattern, re.DOTALL)
@@ -81,7 +103,8 @@ def length_penalty(completion_ids: Sequence[Sequence[int]], target: int = 0, per
 
 
 BUILTINS: dict[str, Callable[..., list[float]]] = {
-    "exact_answer": exact_answer, "regex_format": regex_format, "length_penalty": length_penalty}
+    "exact_answer": exact_answer, "digit_match": digit_match, "regex_format": regex_format,
+    "length_penalty": length_penalty}
 
 
 # --------------------------------------------------------------------------------------
