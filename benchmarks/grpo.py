@@ -3,19 +3,23 @@
     python benchmarks/grpo.py [--prompts 64] [--repeat 3] [--prompts-per-step 4] [--generations 8]
 
 The same Llama built from config (hidden 256, 4 layers, the byte tokenizer dtrain ships), the same
-prompts (arithmetic questions with their answers), the same reward function (dtrain's built-in
+prompts (word problems of lognormal lengths ending in an addition, with its answer), the same reward function (dtrain's built-in
 `exact_answer`, which TRL calls as one of its own: it takes TRL's arguments), and the same
 settings: `--generations` completions per prompt sampled at temperature 1 with the model's own
 `generate` (KV cache, at most `--max-completion` tokens, stop at EOS), DAPO's token-level loss,
-one update per batch of completions, no KL term (beta 0: no reference model), fp32 on the CPU,
+one update per batch of completions, no KL term (beta 0: no reference model), activation
+checkpointing on (TRL's default; `--no-checkpointing` turns it off on both sides), fp32 on the CPU,
 AdamW lr 1e-6, constant LR, clipping at 1.0, `--prompts-per-step` prompts per optimizer step,
 one epoch. Each side runs in a process of its own, sides interleaved (dtrain, trl, dtrain, ...),
 so that its peak memory is its own:
 
-  dtrain  `train(cfg)`, train.objective=grpo on data.format=prompt; the seconds are the whole
-          call (setup, data from the prepared cache, the loop, the final save): against dtrain;
-  trl     `GRPOTrainer` (TRL 1.16); the seconds are its `train_runtime` (the loop; the model is
-          loaded before it).
+  dtrain  `train(cfg)`, train.objective=grpo on data.format=prompt, with data.packing=true (a
+          step's prompts and completions trained as one padding-free row, variable-length
+          attention; each group's prompt read once to generate); the seconds are its optimizer
+          steps' (rollouts included: `RunResult.train_seconds`), as TRL's `train_runtime`;
+  trl     `GRPOTrainer` (TRL 1.16): prompts left-padded and completions right-padded to the
+          longest of the batch, each prompt read once per completion; the seconds are its
+          `train_runtime` (the loop; the model is loaded before it).
 
 Prompts/s: prompts trained on (each with its group of completions) per second. Peak memory is the
 process's peak resident set (imports, model, data and training: all of what a user's process holds). The mean completion
@@ -41,25 +45,33 @@ sys.path.insert(0, str(HERE.parents[1]))
 LR = 1e-6
 
 
+WORDS = ("the model data train value answer number list sum compute explain short long result question "
+         "write describe example token batch step loss rate").split()
+
+
 def make_prompts(n: int, seed: int = 0) -> list[dict]:
+    """Word problems of lognormal lengths (many short, a long tail, as in GSM8K-like data) ending in
+    an addition, with its answer."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         a, b = rng.randint(0, 999), rng.randint(0, 999)
-        rows.append({"prompt": f"Question: what is {a} + {b}?\nAnswer: ", "answer": str(a + b)})
+        story = " ".join(rng.choice(WORDS) for _ in range(max(1, min(120, int(rng.lognormvariate(2.8, 0.8))))))
+        rows.append({"prompt": f"Question: {story}. What is {a} + {b}?\nAnswer: ", "answer": str(a + b)})
     return rows
 
 
 def overrides(work: Path, args: argparse.Namespace) -> list[str]:
     return [f"model.path={work / 'model'}", f"data.train={work / 'prompts.jsonl'}", "data.format=prompt",
-            "data.val_ratio=0", "data.test_ratio=0", "data.max_seq_len=128", f"data.cache_dir={work / 'cache'}",
+            "data.val_ratio=0", "data.test_ratio=0", "data.max_seq_len=1024", f"data.cache_dir={work / 'cache'}",
             "parallel.device=cpu", "train.epochs=1", "train.precision=fp32",
             f"train.micro_batch_size={args.prompts_per_step * args.generations}",
             f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.max_completion}",
             "grpo.temperature=1.0", "grpo.loss_type=dapo", "grpo.beta=0", "grpo.samples_every=null",
             "grpo.rewards=[{function: exact_answer}]", "eval.metric=reward", f"optim.lr={LR}",
             "optim.weight_decay=0", "optim.grad_clip=1.0", "schedule.name=constant", "logging.tensorboard=false",
-            "logging.progress_bar=false", "eval.worst_examples=0", "train.log_every=1", "seed=0"]
+            "logging.progress_bar=false", "eval.worst_examples=0", "train.log_every=1", "seed=0",
+            f"model.gradient_checkpointing={str(args.checkpointing).lower()}"]
 
 
 # --------------------------------------------------------------------------------------
@@ -67,16 +79,13 @@ def overrides(work: Path, args: argparse.Namespace) -> list[str]:
 
 
 def run_dtrain(work: Path, args: argparse.Namespace, out: Path) -> dict:
-    import time
-
     from dtrain.config import load_config
     from dtrain.tracking import read_metrics
     from dtrain.train import train
 
-    cfg = load_config(None, overrides(work, args) + [f"output_dir={out}"])
-    started = time.perf_counter()
+    cfg = load_config(None, overrides(work, args) + ["data.packing=true", f"output_dir={out}"])
     result = train(cfg)
-    seconds = time.perf_counter() - started
+    seconds = result.train_seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steps = [r for r in read_metrics(out) if "completion_length" in r]
     return {"prompts": result.step * args.prompts_per_step, "seconds": seconds, "peak": peak, "steps": result.step,
@@ -99,6 +108,7 @@ def run_trl(work: Path, args: argparse.Namespace, out: Path) -> dict:
                         num_generations=args.generations, max_completion_length=args.max_completion, temperature=1.0,
                         loss_type="dapo", beta=0.0, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant",
                         max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
+                        gradient_checkpointing=args.checkpointing,
                         disable_tqdm=True, seed=0, dataloader_drop_last=True)
     trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=byte_tokenizer())
@@ -143,6 +153,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="activation checkpointing off on both sides (default: on, TRL's default)")
     parser.add_argument("--sides", default="dtrain,trl")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -172,7 +184,7 @@ def main() -> None:
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, fp32, {args.threads} threads")
     print(f"{args.prompts} prompts, {args.prompts_per_step} per step x {args.generations} completions of at most "
-          f"{args.max_completion} tokens")
+          f"{args.max_completion} tokens; activation checkpointing {'on' if args.checkpointing else 'off'}")
 
     sides = args.sides.split(",")
     results: dict[str, list[dict]] = {s: [] for s in sides}
@@ -182,7 +194,7 @@ def main() -> None:
             proc = subprocess.run([sys.executable, str(HERE), "--side", side, "--work", str(work), "--out", str(out),
                                    "--prompts-per-step", str(args.prompts_per_step), "--generations",
                                    str(args.generations), "--max-completion", str(args.max_completion),
-                                   "--threads", str(args.threads)],
+                                   "--threads", str(args.threads), *([] if args.checkpointing else ["--no-checkpointing"])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 sys.exit(f"the {side} side failed:\n{proc.stderr[-5000:]}")

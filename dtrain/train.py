@@ -123,6 +123,7 @@ class RunResult:
     final_metrics: dict[str, Any] = field(default_factory=dict)
     best_step: int | None = None
     state_bytes: dict[str, int] = field(default_factory=dict)  # this rank's parameter / optimizer memory
+    train_seconds: float = 0.0  # the optimizer steps' time in this process (no setup, evaluation or saving)
 
 
 @dataclass
@@ -414,6 +415,7 @@ def train(cfg: Config, *, rows_per_file: int | None = None, report: Reporter | N
             started = time.perf_counter()
             step = train_step(run, [next(run.batches) for _ in range(cfg.train.grad_accum_steps)])
             seconds, tokens = seconds + time.perf_counter() - started, tokens + step.tokens
+            result.train_seconds += time.perf_counter() - started
             last = state.step == run.total_steps
             if not step.applied and not last:
                 continue  # nothing to log or save for a skipped update, unless the run ends here

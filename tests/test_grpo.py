@@ -217,6 +217,25 @@ def test_a_completion_is_the_same_whatever_batch_or_rank_samples_it(tiny_model_d
     assert run([0])[0] != run_with_seed(model, prompts[0], completion_seed(7, 1, 0, 0))  # another epoch, another draw
 
 
+def test_a_group_reads_its_prompt_once_and_samples_as_if_it_had_been_repeated(tiny_model_dir):
+    """repeats=G: one prefill per distinct prompt, its cache copied to the group's rows; the
+    completions are those of the prompt repeated G times."""
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.objectives.rollout import completion_seed, generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[0, 0, 1, 40, 41], [1, 50, 51, 52, 53]])  # (left-padded)
+    mask = (ids != 0).long()
+    seeds = [completion_seed(3, 0, row, j) for row in range(2) for j in range(3)]
+    shared = generate(model, ids, mask, max_new_tokens=10, pad_id=0, eos_id=2, synced=False, seeds=seeds, repeats=3)
+    repeated = generate(model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), max_new_tokens=10, pad_id=0,
+                        eos_id=2, synced=False, seeds=seeds)
+    for a, b in zip(shared, repeated):
+        assert torch.equal(a, b)
+    assert len({tuple(r.tolist()) for r in shared[0]}) == 6
+
+
 def run_with_seed(model, prompt, seed):
     from dtrain.objectives.rollout import generate
 
@@ -317,6 +336,26 @@ def test_a_run_logs_rewards_and_samples_and_resumes_exactly(tiny_model_dir, prom
         "step", "prompt", "completion", "reward", "reward_exact_answer", "reward_digit"}
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_packed_completions_train_as_the_padded_ones(tiny_model_dir, prompts_file, tmp_path, loss_type):
+    """data.packing: each micro-batch's prompts and completions in one padding-free row (variable-
+    length attention): the same rewards, KL and losses as padded rows, with two updates per batch
+    of completions and the KL to a reference copy."""
+    common = ["train.max_steps=4", "grpo.num_iterations=2", "grpo.beta=0.04", f"grpo.loss_type={loss_type}",
+              "optim.lr=2e-2", "grpo.rewards=[{function: regex_format, name: digit, args: {pattern: '.*[0-9].*'}}]"]
+    runs = {}
+    for name, extra in (("padded", []), ("packed", ["data.packing=true"])):
+        runs[name] = run_train(load_config(None, grpo_overrides(tiny_model_dir, prompts_file, tmp_path / name,
+                                                                *common, *extra)))
+    assert runs["packed"].train_losses == pytest.approx(runs["padded"].train_losses, abs=1e-5, rel=0)
+    padded = [r for r in read_metrics(tmp_path / "padded") if "reward" in r]
+    packed = [r for r in read_metrics(tmp_path / "packed") if "reward" in r]
+    for a, b in zip(packed, padded):
+        for key in ("reward", "kl", "entropy", "completion_length", "clip_ratio_low"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=0), (a["step"], key)
+    assert padded[-1]["kl"] > 0 and padded[0]["reward_std"] > 0 and max(map(abs, runs["padded"].train_losses)) > 1e-4
+
+
 def test_prompt_rows_keep_their_fields_and_the_prompts_end(tiny_model_dir, tmp_path):
     from dtrain.data import prepare_data
     from dtrain.data.loader import batch_rows, collate_rows, take
@@ -353,7 +392,8 @@ def test_prompt_rows_keep_their_fields_and_the_prompts_end(tiny_model_dir, tmp_p
     (["grpo.rewards=[{function: exact}]"], r"grpo.rewards\[0\].function='exact' is neither a built-in"),
     (["grpo.rewards=[{function: os.path:no_such}]"], "os.path has no function 'no_such'"),
     (["eval.metric=loss"], "eval.metric=loss: train.objective=grpo has no evaluation loss; set eval.metric=reward"),
-    (["data.packing=true"], "data.packing: train.objective=grpo does not take it"),
+    (["data.packing=true", "model.attn_implementation=sdpa"],
+     "data.packing with train.objective=grpo .* needs variable-length attention: set model.attn_implementation"),
     (["grpo.beta=0.1", "preference.reference=adapters_disabled"], "peft.method is none"),
     (["train.objective=dpo"], "does not fit train.objective=dpo"),
     (["parallel.strategy=fsdp", "parallel.mesh.tensor=2"], "parallel.mesh.tensor=2 with train.objective=grpo"),

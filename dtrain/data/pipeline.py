@@ -603,7 +603,8 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
     columns = SPLIT_COLUMNS[cfg.format]
     split_features = Features({name: ENCODED_FEATURES[name] for name in columns})
     out_dir.mkdir(parents=True, exist_ok=True)
-    packed = cfg.packing and cfg.format not in ("classification", *PREFERENCE_FORMATS)  # (pairs: packed per batch)
+    # (pairs, and GRPO's completions: packed per batch)
+    packed = cfg.packing and cfg.format not in ("classification", "prompt", *PREFERENCE_FORMATS)
     _write_split(workdir / "train.arrow" if packed else out_dir / "train.arrow", split_features,
                  (batch for table, rows in train_parts for batch in _take(table, rows, columns)))
     for name in ("validation", "test"):

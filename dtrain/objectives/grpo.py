@@ -41,7 +41,7 @@ from dtrain.model import autocast
 from dtrain.objectives.base import LossTerms, Objective
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 from dtrain.objectives.rewards import RewardError, load_rewards, reward_names, score
-from dtrain.objectives.rollout import Rollouts, completion_seed, generate, sequences
+from dtrain.objectives.rollout import Rollouts, completion_seed, flattened, generate, sequences, target_owner
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -73,6 +73,7 @@ class GRPO(Objective):
         self.policy: nn.Module | None = None  # the wrapped model, set by `prepare`
         self.strategy: Any = None  # what it is wrapped with: which module generates (`generating`)
         self.synced = False
+        self.packed = False  # each micro-batch's sequences in one padding-free row (data.packing)
         self.out = None  # the run directory, where the main rank appends samples.jsonl
 
     # ---- at config time
@@ -94,12 +95,11 @@ class GRPO(Objective):
             raise ValueError(f"train.micro_batch_size={cfg.train.micro_batch_size} is not a multiple of "
                              f"grpo.num_generations={g.num_generations}: a micro-batch holds whole groups (its "
                              f"completions, num_generations per prompt); set train.micro_batch_size to {fits}")
-        for key, on in (("data.packing", cfg.data.packing), ("data.train_on_prompt", cfg.data.train_on_prompt),
+        for key, on in (("data.train_on_prompt", cfg.data.train_on_prompt),
                         ("eval.generation.enabled", cfg.eval.generation.enabled),
                         ("preference.precompute_reference", cfg.preference.precompute_reference)):
             if on:
-                why = {"data.packing": "its completions are generated at each step, not packed ahead",
-                       "data.train_on_prompt": "it trains on the generated completions only",
+                why = {"data.train_on_prompt": "it trains on the generated completions only",
                        "eval.generation.enabled": "its evaluation already generates (eval_reward)",
                        "preference.precompute_reference": "its completions do not exist before training"}[key]
                 raise ValueError(f"{key}: train.objective=grpo does not take it ({why}); remove {key}")
@@ -154,8 +154,17 @@ class GRPO(Objective):
     def prepare(self, data: "PreparedData", model: nn.Module, strategy: Any, pad_id: int) -> "PreparedData":
         from pathlib import Path
 
+        from dtrain.attention import uses_varlen_attention
+        from dtrain.schema import ConfigError
+
         self.policy, self.strategy = model, strategy
         self.synced, self.out = strategy.collective_forward, Path(self.cfg.output_dir)
+        self.packed = self.cfg.data.packing
+        if self.packed and not uses_varlen_attention(strategy.unwrap(model)):
+            raise ConfigError("data.packing with train.objective=grpo trains each micro-batch's prompts and completions "
+                              "as one padding-free row, which needs variable-length attention: set "
+                              "model.attn_implementation to sdpa_varlen (or flash_attention_2 on CUDA), or "
+                              "data.packing=false")
         return data
 
     def training_batches(self, prompts: Any) -> Rollouts:
@@ -167,19 +176,22 @@ class GRPO(Objective):
         advantages (and the old and reference log-probabilities) the loss needs."""
         g, comm, G = self.g, self.comm, self.g.num_generations
         device = comm.device
-        prompt_ids = prompts["input_ids"].repeat_interleave(G, 0).to(device)
-        prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0).to(device)
+        prompt_ids, prompt_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
         seeds = [completion_seed(self.cfg.seed, epoch, int(row), j) for row in prompts["index"] for j in range(G)]
         with autocast(self.cfg.train.precision, device), self.generating(self.policy) as generator:
             ids, mask, ended = generate(generator, prompt_ids, prompt_mask, max_new_tokens=g.max_completion_length,
                                         pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
-                                        synced=self.synced, seeds=seeds, temperature=g.temperature, top_p=g.top_p)
+                                        synced=self.synced, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
+                                        repeats=G)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
         rows = [row for row in batch_rows(prompts["row_utf8"]) for _ in range(G)]
         per_function, texts = self.score(rows, ids, mask)
         weights = torch.tensor([f.weight for f in self.rewards], dtype=torch.float32)
         rewards = per_function @ weights
         advantages, zero_std = group_advantages(rewards, G, g.scale_rewards)
         batch = sequences(prompt_ids, prompt_mask, ids, mask)
+        if self.packed:
+            batch = flattened(batch)
         batch.update({"advantages": advantages.to(device), "rewards": rewards.to(device),
                       "rewards_by_function": per_function.to(device), "truncated": (~ended).float(),
                       "zero_std_groups": zero_std.float().repeat_interleave(G).to(device) / G})
@@ -229,7 +241,7 @@ class GRPO(Objective):
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         key = NORMALISERS[self.g.loss_type]
-        completions = batch["input_ids"].shape[0]
+        completions = len(batch["advantages"])
         if key == "completions":
             return {key: completions}
         if key == "token_budget":
@@ -239,12 +251,13 @@ class GRPO(Objective):
     def loss_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossTerms:
         g = self.g
         request = TokenLogprobs(batch["labels"], g.temperature, with_entropy=True)
-        logps = head_outputs(model, batch, request)  # (B, T - 1): position t scores token t + 1
+        logps = head_outputs(model, batch, request)  # (rows, T - 1): position t scores token t + 1
         mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logps.dtype)
+        owner = target_owner(batch)  # which completion each position scores (padded rows, or one packed row)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         ratio = torch.exp(logps - old)
         low, high = 1 - g.epsilon, 1 + (g.epsilon_high if g.epsilon_high is not None else g.epsilon)
-        advantages = batch["advantages"][:, None]
+        advantages = batch["advantages"][owner]
         per_token = -torch.min(ratio * advantages, ratio.clamp(low, high) * advantages)
         stats: dict[str, torch.Tensor] = {}
         if g.beta > 0:
@@ -254,9 +267,10 @@ class GRPO(Objective):
             if g.kl_bias_correction:  # (the ratio's gradient counts even where it is 1)
                 kl = kl * ratio
             per_token = per_token + g.beta * kl
-        lengths = mask.sum(-1)
-        if g.loss_type == "grpo":
-            total = ((per_token * mask).sum(-1) / lengths.clamp(min=1)).sum()
+        lengths = torch.zeros(len(batch["advantages"]), dtype=mask.dtype, device=mask.device).index_add(
+            0, owner.reshape(-1), mask.reshape(-1))
+        if g.loss_type == "grpo":  # each completion's mean over its tokens
+            total = (per_token * mask / lengths.clamp(min=1)[owner]).sum()
         else:
             total = (per_token * mask).sum()
         with torch.no_grad():

@@ -62,11 +62,16 @@ class SeededSampling:
 @torch.no_grad()
 def generate(generator: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              pad_id: int, eos_id: int | None, synced: bool, seeds: list[int] | None = None, temperature: float = 1.0,
-             top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Completions of left-padded prompts: (ids, mask, ended), the ids right-padded, the mask
-    covering each completion up to and including its EOS, `ended` whether it reached one.
-    Sampled with `seeds` (one per row), greedy without."""
-    from transformers import GenerationConfig, LogitsProcessorList
+             top_p: float = 1.0, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completions of left-padded prompts, each `repeats` times (its rows one after the other):
+    (ids, mask, ended), the ids right-padded, the mask covering each completion up to and
+    including its EOS, `ended` whether it reached one. Sampled with `seeds` (one per completion),
+    greedy without.
+
+    With repeats > 1 a prompt is read once: its KV cache, up to its last token, is computed for
+    the distinct prompts and copied to each of its completions' rows, which `generate` continues
+    from (a group of 8 costs one prompt's prefill, not 8)."""
+    from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                               eos_token_id=eos_id)
@@ -75,8 +80,18 @@ def generate(generator: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     training = generator.training
     generator.eval()
     try:
+        cache = None
+        if repeats > 1 and input_ids.shape[1] > 1:
+            cache = DynamicCache()
+            prefix_mask = attention_mask[:, :-1]
+            # (the model `generate` itself calls: a peft model's generate runs its base model, adapters in place)
+            model = generator.get_base_model() if hasattr(generator, "get_base_model") else generator
+            model(input_ids=input_ids[:, :-1], attention_mask=prefix_mask, cache=cache, use_cache=True,
+                  position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0))
+            cache.batch_repeat_interleave(repeats)
+        input_ids, attention_mask = input_ids.repeat_interleave(repeats, 0), attention_mask.repeat_interleave(repeats, 0)
         output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                    logits_processor=processors, synced_gpus=synced)
+                                    logits_processor=processors, synced_gpus=synced, cache=cache)
     finally:
         generator.train(training)
     completion = output[:, input_ids.shape[1]:]
@@ -96,6 +111,25 @@ def sequences(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_id
                         torch.where(completion_mask.bool(), completion_ids, IGNORE_INDEX)], dim=1)
     return {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1), "attention_mask": attention_mask,
             "labels": labels, "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def flattened(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sequences of a padded batch as one padding-free row for variable-length attention
+    (positions restarting at each; a sequence begins with its prompt, whose labels are ignored, so
+    no token is scored across a boundary), and `sequence`: which one each token belongs to."""
+    keep = batch["attention_mask"].bool()
+    lengths = keep.sum(-1)
+    return {"input_ids": batch["input_ids"][keep][None], "labels": batch["labels"][keep][None],
+            "position_ids": batch["position_ids"][keep][None],
+            "sequence": torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)[None]}
+
+
+def target_owner(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """For each scored position of the batch (t scores token t + 1), the sequence it scores."""
+    if "sequence" in batch:
+        return batch["sequence"][:, 1:]
+    rows, width = batch["input_ids"].shape
+    return torch.arange(rows, device=batch["input_ids"].device)[:, None].expand(rows, width - 1)
 
 
 class Rollouts:
