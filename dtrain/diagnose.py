@@ -215,8 +215,10 @@ def reward_diagnosis(rewards: list[tuple[int, float, float]], evals: dict[int, d
         return Diagnosis("not enough data", f"{len(rewards)} logged rewards; the reward curve needs at least "
                                             f"{MIN_POINTS} (log more often with train.log_every, or train longer)")
     n = max(MIN_WINDOW, int(len(rewards) * TAIL))
-    start = sum(r for _, r, _ in rewards[:n]) / n
-    end = sum(r for _, r, _ in rewards[-n:]) / n
+    first, last = [r for _, r, _ in rewards[:n]], [r for _, r, _ in rewards[-n:]]
+    start, end = sum(first) / n, sum(last) / n
+    # A change counts when it exceeds CLEAR standard errors of the difference of the two means.
+    noise = CLEAR * math.sqrt((_variance(first) + _variance(last)) / n)
     alike = sum(z for _, _, z in rewards) / len(rewards)
     reason = f"the training reward averaged {start:.4f} over the first {n} logged steps and {end:.4f} over the last {n}"
     key = f"eval_{metric}"
@@ -226,9 +228,15 @@ def reward_diagnosis(rewards: list[tuple[int, float, float]], evals: dict[int, d
     if alike > 0.9:
         reason += (f"; {alike:.0%} of the groups scored all alike (no signal): sample more (grpo.num_generations), "
                    "raise grpo.temperature, or add a reward that gives partial credit")
-    verdict = "reward rising" if end > start + 1e-3 * max(1.0, abs(start)) else (
-        "reward falling" if end < start - 1e-3 * max(1.0, abs(start)) else "reward flat")
+    verdict = "reward rising" if end - start > noise else "reward falling" if start - end > noise else "reward flat"
+    if verdict == "reward flat":
+        reason += f" (a change within the steps' scatter, {noise:.4f})"
     return Diagnosis(verdict, reason)
+
+
+def _variance(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
 
 
 def best_checkpoint(run: Path, evals: dict[int, dict], metric: str, mode: str) -> str:

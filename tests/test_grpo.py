@@ -448,8 +448,10 @@ def test_the_diagnosis_reads_the_reward_curves():
     from dtrain.diagnose import reward_diagnosis
 
     evals = {10: {"eval_reward": 0.1}, 40: {"eval_reward": 0.3}}
-    rising = reward_diagnosis([(s, 0.01 * s, 0.2) for s in range(1, 41)], evals, "reward")
+    rising = reward_diagnosis([(s, 0.01 * s + 0.02 * (s % 3), 0.2) for s in range(1, 41)], evals, "reward")
     assert rising.verdict == "reward rising" and "eval_reward went 0.1000 (step 10) -> 0.3000 (step 40)" in rising.reason
     flat = reward_diagnosis([(s, 0.0, 1.0) for s in range(1, 41)], {}, "reward")
     assert flat.verdict == "reward flat" and "100% of the groups scored all alike" in flat.reason
+    noisy = reward_diagnosis([(s, 0.03 * (s % 4 == 0) + 0.001 * s / 40, 0.9) for s in range(1, 41)], {}, "reward")
+    assert noisy.verdict == "reward flat" and "within the steps' scatter" in noisy.reason
     assert reward_diagnosis([(1, 0.0, 0.0)], {}, "reward").verdict == "not enough data"
