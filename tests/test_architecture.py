@@ -222,9 +222,9 @@ class ZLoss(CausalLM):
 EDITS = [  # (file, old, new) besides the new module: the registration (its import and its entry), the value
     ("dtrain/objectives/__init__.py", "from dtrain.objectives.distillation import TASKS, Distillation\n",
      "from dtrain.objectives.distillation import TASKS, Distillation\nfrom dtrain.objectives.z_loss import ZLoss\n"),
-    ("dtrain/objectives/__init__.py", "(CausalLM, Classification, Distillation, DPO, IPO, SimPO, ORPO, KTO, RewardModel)}",
-     "(CausalLM, Classification, Distillation, DPO, IPO, SimPO, ORPO, KTO, RewardModel, ZLoss)}"),
-    ("dtrain/schema.py", '"reward_model"] = Field(', '"reward_model", "z_loss"] = Field('),
+    ("dtrain/objectives/__init__.py", "(CausalLM, Classification, Distillation, DPO, IPO, SimPO, ORPO, KTO, RewardModel, GRPO)}",
+     "(CausalLM, Classification, Distillation, DPO, IPO, SimPO, ORPO, KTO, RewardModel, GRPO, ZLoss)}"),
+    ("dtrain/schema.py", '"reward_model", "grpo"] = Field(', '"reward_model", "grpo", "z_loss"] = Field('),
 ]
 
 TRAIN_BOTH = '''
