@@ -12,7 +12,7 @@ from dtrain.config import ALL_KEYS, Config, ConfigError, load_config, parse_over
 from conftest import EXAMPLES, run_cli
 
 SECTIONS = ["model", "data", "peft", "freeze", "parallel", "optim", "schedule", "train", "eval", "checkpoint",
-            "distill", "preference", "logging", "ray", "tune", "seed", "output_dir"]
+            "distill", "preference", "grpo", "logging", "ray", "tune", "seed", "output_dir"]
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
