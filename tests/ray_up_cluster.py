@@ -72,8 +72,8 @@ def mount(*args: str) -> None:
 
 
 def private_mounts(host: Path, shared: Path) -> None:
-    """This host's own /root, /tmp, /run and /etc/hosts; /mnt is the same directory on both hosts. `unshare --mount` made every mount private: nothing propagates
-    back to the machine's own namespace."""
+    """This host's own /root, /tmp, /run and /etc/hosts; /mnt is the same directory on both hosts.
+    `unshare --mount` made every mount private: nothing propagates back to the machine's own namespace."""
     home = host / "home"
     # The venv's interpreter may live under the real /root (pyenv): keep it visible, read-only.
     base = Path(os.path.realpath(VENV / "bin" / "python"))
@@ -83,7 +83,14 @@ def private_mounts(host: Path, shared: Path) -> None:
         mount("--bind", str(top), str(home / top.name))
         mount("-o", "remount,bind,ro", str(home / top.name))
     mount("--rbind", str(home), "/root")
-    mount("--bind", str(host / "tmp"), "/tmp")
+    # A checkout (or its virtual environment) under /tmp stays where it is: its top directory is
+    # bound into this host's own /tmp before that replaces the machine's.
+    for path in (REPO, VENV):
+        if path.is_relative_to("/tmp"):
+            top = Path("/tmp") / path.relative_to("/tmp").parts[0]
+            (host / "tmp" / top.name).mkdir(exist_ok=True)
+            mount("--bind", str(top), str(host / "tmp" / top.name))
+    mount("--rbind", str(host / "tmp"), "/tmp")
     mount("--bind", str(shared), "/mnt")
     mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
     Path("/run/sshd").mkdir(mode=0o755)
