@@ -91,7 +91,7 @@ def trl_loss(model, tokenizer, prompt_ids, completions, rewards, tmp_path, **grp
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer._compute_loss(trainer.model, inputs)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, inputs["advantages"]
+    return float(loss.detach()), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, inputs["advantages"]
 
 
 def dtrain_loss(model, reference, tokenizer, prompt_ids, completions, rewards, tmp_path, monkeypatch, **grpo):
@@ -128,7 +128,7 @@ def dtrain_loss(model, reference, tokenizer, prompt_ids, completions, rewards, t
     terms, counts = objective.loss_terms(model, batch), objective.counts(batch)
     loss = sum(value / counts[key] for key, value in terms.sums.items())  # (what train_step does, on one batch)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}, batch["advantages"]
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}, batch["advantages"]
 
 
 @pytest.mark.parametrize(("loss_type", "grpo"), [
