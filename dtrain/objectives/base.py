@@ -174,6 +174,13 @@ class Objective:
         return []
 
 
+def frozen_copy(cfg: "Config", path: str) -> "ModelConfig":
+    """The settings of a frozen model at `path` (a teacher, a reference): the run's model settings,
+    its tokenizer, and none of the options that only training needs."""
+    return cfg.model.model_copy(update={"path": path, "tokenizer": None, "gradient_checkpointing": False,
+                                        "activation_offloading": False, "compile": False})
+
+
 # --------------------------------------------------------------------------------------
 # Shared by the objectives that predict labels (tokens or classes)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dtrain.objectives.base import Objective
+from dtrain.objectives.base import Objective, frozen_copy
 from dtrain.objectives.causal_lm import CausalLM
 from dtrain.objectives.classification import Classification
 
@@ -57,10 +57,7 @@ class Distillation(Objective):
 
     @classmethod
     def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
-        teacher = cfg.model.model_copy(update={"path": cfg.distill.teacher, "tokenizer": None,
-                                               "gradient_checkpointing": False, "activation_offloading": False,
-                                               "compile": False})
-        return {TEACHER: teacher}
+        return {TEACHER: frozen_copy(cfg, cfg.distill.teacher)}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return self.task.count(batch)

@@ -38,7 +38,7 @@ from dtrain.data.formats import IGNORE_INDEX
 from dtrain.data.loader import batch_rows
 from dtrain.lm_head import TokenLogprobs, head_outputs
 from dtrain.model import autocast
-from dtrain.objectives.base import LossTerms, Objective
+from dtrain.objectives.base import LossTerms, Objective, frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 from dtrain.objectives.rewards import RewardError, load_rewards, reward_names, score
 from dtrain.objectives.rollout import Rollouts, completion_seed, flattened, generate, sequences, target_owner
@@ -70,6 +70,7 @@ class GRPO(Objective):
     def __init__(self, cfg: "Config", reference: Reference | None, rewards: list):
         self.cfg, self.g, self.reference, self.rewards = cfg, cfg.grpo, reference, rewards
         self.names = reward_names(cfg.grpo)
+        self.weights = torch.tensor([f.weight for f in rewards], dtype=torch.float32)
         self.policy: nn.Module | None = None  # the wrapped model, set by `prepare`
         self.strategy: Any = None  # what it is wrapped with: which module generates (`generating`)
         self.synced = False
@@ -127,10 +128,7 @@ class GRPO(Objective):
     def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
         if cfg.grpo.beta == 0 or reference_mode(cfg) != "copy":
             return {}
-        copy = cfg.model.model_copy(update={"path": cfg.preference.reference_model or cfg.model.path,
-                                            "tokenizer": None, "gradient_checkpointing": False,
-                                            "activation_offloading": False, "compile": False})
-        return {REFERENCE: copy}
+        return {REFERENCE: frozen_copy(cfg, cfg.preference.reference_model or cfg.model.path)}
 
     @classmethod
     def micro_batch_rows(cls, cfg: "Config") -> int:
@@ -186,8 +184,7 @@ class GRPO(Objective):
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
         rows = [row for row in batch_rows(prompts["row_utf8"]) for _ in range(G)]
         per_function, texts = self.score(rows, ids, mask)
-        weights = torch.tensor([f.weight for f in self.rewards], dtype=torch.float32)
-        rewards = per_function @ weights
+        rewards = per_function @ self.weights
         advantages, zero_std = group_advantages(rewards, G, g.scale_rewards)
         batch = sequences(prompt_ids, prompt_mask, ids, mask)
         if self.packed:
@@ -309,8 +306,7 @@ class GRPO(Objective):
                                     eos_id=self.tokenizer.eos_token_id, synced=self.synced)
         per_function, _ = self.score(batch_rows(batch["row_utf8"]), ids, mask)
         counted = (batch["index"] >= 0).float().cpu()  # (a rank's repeated filler batch counts for nothing)
-        weights = torch.tensor([f.weight for f in self.rewards], dtype=torch.float32)
-        sums = {"prompts": counted.sum(), "reward": (per_function @ weights * counted).sum(),
+        sums = {"prompts": counted.sum(), "reward": (per_function @ self.weights * counted).sum(),
                 "completion_length": (mask.sum(-1).float().cpu() * counted).sum(),
                 **{f"reward_{name}": (per_function[:, i] * counted).sum() for i, name in enumerate(self.names)}}
         return {key: value.to(device) for key, value in sums.items()}, None

@@ -28,6 +28,7 @@ from torch import nn
 
 from dtrain.data.loader import eval_batches, to_device
 from dtrain.model import autocast
+from dtrain.objectives.base import frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 
 if TYPE_CHECKING:
@@ -89,9 +90,7 @@ def compute(objective: "PreferenceObjective", data: "PreparedData", model: nn.Mo
     if mode == "copy" and other is not None and other != cfg.model.path:
         from dtrain.model import load_frozen_model, load_tokenizer
 
-        spec = cfg.model.model_copy(update={"path": other, "tokenizer": None, "gradient_checkpointing": False,
-                                            "activation_offloading": False, "compile": False})
-        loaded = strategy.wrap_frozen(load_frozen_model(spec, REFERENCE, load_tokenizer(cfg.model), num_labels=None,
+        loaded = strategy.wrap_frozen(load_frozen_model(frozen_copy(cfg, other), REFERENCE, load_tokenizer(cfg.model), num_labels=None,
                                                         seed=cfg.seed, device=strategy.device))
         reference = Reference("copy", loaded)
     elif mode == "copy":  # the policy, before its first step: the weights it starts from

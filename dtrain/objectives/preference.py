@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from dtrain.objectives.base import LossTerms, Objective
+from dtrain.objectives.base import LossTerms, Objective, frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode, sequence_count, sequence_logps
 
 if TYPE_CHECKING:
@@ -103,10 +103,7 @@ class PreferenceObjective(Objective):
     def frozen_models(cls, cfg: "Config") -> dict[str, "ModelConfig"]:
         if not cls.uses_reference or reference_mode(cfg) != "copy" or cfg.preference.precompute_reference:
             return {}
-        copy = cfg.model.model_copy(update={"path": cfg.preference.reference_model or cfg.model.path,
-                                            "tokenizer": None, "gradient_checkpointing": False,
-                                            "activation_offloading": False, "compile": False})
-        return {REFERENCE: copy}
+        return {REFERENCE: frozen_copy(cfg, cfg.preference.reference_model or cfg.model.path)}
 
     # ---- during the run
 

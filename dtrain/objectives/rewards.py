@@ -59,13 +59,18 @@ def _as_number(value: Any) -> float | None:
     return float(found[-1]) if found else None
 
 
-def exact_answer(completions: Sequence[str], field: str = "answer", **rows: Any) -> list[float]:
-    """1.0 where the last number in the completion equals the row's `field` as a number."""
+def _answers(rows: dict[str, Any], field: str) -> list[Any]:
+    """The rows' values of `field` (the expected answers), or KeyError saying how to name it."""
     if field not in rows:
         raise KeyError(f"the rows have no field {field!r} (they have: {', '.join(sorted(rows)) or 'none'}); set "
                        "args: {field: <the answer's field>}")
+    return rows[field]
+
+
+def exact_answer(completions: Sequence[str], field: str = "answer", **rows: Any) -> list[float]:
+    """1.0 where the last number in the completion equals the row's `field` as a number."""
     scores = []
-    for completion, expected in zip(completions, rows[field]):
+    for completion, expected in zip(completions, _answers(rows, field)):
         said, wanted = _as_number(completion), _as_number(expected)
         scores.append(float(said is not None and wanted is not None and abs(said - wanted) <= 1e-9 * max(1.0, abs(wanted))))
     return scores
@@ -75,11 +80,8 @@ def digit_match(completions: Sequence[str], field: str = "answer", **rows: Any) 
     """Partial credit for a numeric answer: the share of the expected number's digits that the
     completion's last number has right, aligned from the right (ones with ones, tens with tens),
     over the longer of the two; 0.0 without a number."""
-    if field not in rows:
-        raise KeyError(f"the rows have no field {field!r} (they have: {', '.join(sorted(rows)) or 'none'}); set "
-                       "args: {field: <the answer's field>}")
     scores = []
-    for completion, expected in zip(completions, rows[field]):
+    for completion, expected in zip(completions, _answers(rows, field)):
         found = NUMBER.findall(str(completion).replace(",", ""))
         said, wanted = (found[-1] if found else ""), str(expected).strip()
         if not said:
@@ -192,7 +194,7 @@ def score(functions: list[RewardFunction], prompts: list[Any], completions: list
             values = f.function(prompts=prompts, completions=completions, completion_ids=completion_ids,
                                 **fields, **f.args)
         except Exception as exc:  # noqa: BLE001 - the user's function: name it and the row it fails on
-            raise RewardError(_failed_row(f, prompts, completions, completion_ids, rows, wheres, exc)) from None
+            raise RewardError(_failed_row(f, prompts, completions, completion_ids, fields, wheres, exc)) from None
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
             raise RewardError(f"reward function {f.name} ({f.spec}) returned {got} for {len(completions)} "
@@ -207,13 +209,13 @@ def score(functions: list[RewardFunction], prompts: list[Any], completions: list
 
 
 def _failed_row(f: RewardFunction, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-                rows: list[dict[str, Any]], wheres: list[str], exc: Exception) -> str:
+                fields: dict[str, list[Any]], wheres: list[str], exc: Exception) -> str:
     """The message for a function that raised: called again one row at a time, the first row it raises on."""
     for i in range(len(completions)):
         try:
             f.function(prompts=prompts[i:i + 1], completions=completions[i:i + 1],
                        completion_ids=completion_ids[i:i + 1],
-                       **{key: [rows[i].get(key)] for key in sorted({k for row in rows for k in row})}, **f.args)
+                       **{key: values[i:i + 1] for key, values in fields.items()}, **f.args)
         except Exception as row_exc:  # noqa: BLE001
             return (f"reward function {f.name} ({f.spec}) raised {type(row_exc).__name__}: {row_exc} on row "
                     f"{wheres[i]} (completion {completions[i][:80]!r}); fix the function or the row")
