@@ -15,7 +15,8 @@ so that its peak memory is its own:
 
   dtrain  `train(cfg)`, train.objective=grpo on data.format=prompt, with data.packing=true (a
           step's prompts and completions trained as one padding-free row, variable-length
-          attention; each group's prompt read once to generate); the seconds are its optimizer
+          attention; each group's prompt read once to generate, and once to train: the row holds
+          the prompt once, its completions after it); the seconds are its optimizer
           steps' (rollouts included: `RunResult.train_seconds`), as TRL's `train_runtime`;
   trl     `GRPOTrainer` (TRL 1.16): prompts left-padded and completions right-padded to the
           longest of the batch, each prompt read once per completion; the seconds are its

@@ -11,6 +11,13 @@ ones transformers' flash-attention variable-length path takes (dtrain's loss pas
 for flattened batches, computed once per forward). Anything else (padded batches, a KV cache
 in generation, sliding-window layers, no boundaries given) goes to transformers' own
 `sdpa_attention_forward` with transformers' own SDPA mask, unchanged.
+
+Shared prefixes (GRPO's groups, `shared_prefix_kwargs`): a row laid out as groups of
+[prefix | segment 1 | segment 2 | ...], where every segment sees its group's prefix and itself
+(causally) but not the other segments. The prefix's keys and values are computed once and
+read by each segment, and their gradients summed over the segments: a prompt with 8
+completions costs one prompt, not 8. Passed as the `shared_prefix` keyword argument, which only
+this attention reads (the layout is built only for models that use it: `shares_prefixes`).
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ def sdpa_varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   scaling: float | None = None, is_causal: bool | None = None, **kwargs
                                   ) -> tuple[torch.Tensor, None]:
     """query/key/value: [1, heads, total, head_dim] -> output [1, total, heads, head_dim]."""
+    if kwargs.get("shared_prefix") is not None:
+        return _shared_prefix_attention(module, query, key, value, kwargs["shared_prefix"], dropout, scaling), None
     bounds = _segments(module, query, key, kwargs, is_causal)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -122,6 +131,48 @@ def _groups(bounds: list[int]) -> list[tuple[int, list[tuple[int, int]]]]:
     return groups
 
 
+def shared_prefix_kwargs(lengths: torch.Tensor) -> dict:
+    """The keyword argument of a shared-prefix row, from its groups' lengths (one row per group:
+    the prefix's length, then each segment's): ((start, prefix, (segment, ...)), ...)."""
+    groups, start = [], 0
+    for prefix, *segments in lengths.tolist():
+        groups.append((start, prefix, tuple(segments)))
+        start += prefix + sum(segments)
+    return {"shared_prefix": tuple(groups)}
+
+
+def _shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             groups: tuple, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Each group's prefix under causal attention, then its segments batched (right-padded to the
+    longest), each query i of a segment seeing the prefix and the segment's keys up to i."""
+    total = groups[-1][0] + groups[-1][1] + sum(groups[-1][2]) if groups else 0
+    if query.shape[0] != 1 or total != query.shape[2] or key.shape[2] != query.shape[2]:
+        # (a silent fallback would let segments attend to each other: wrong numbers, no error)
+        raise ValueError(f"shared_prefix describes {total} positions of one row; the attention got "
+                         f"{query.shape[0]} x {query.shape[2]} queries and {key.shape[2]} keys")
+    groups_kv = getattr(module, "num_key_value_groups", 1)
+    if groups_kv > 1:  # (SDPA's GQA takes no mask on every device: repeat, as transformers' SDPA does then)
+        key, value = repeat_kv(key, groups_kv), repeat_kv(value, groups_kv)
+    pieces = []
+    for start, prefix, segments in groups:
+        if prefix:
+            q, k, v = (t[:, :, start:start + prefix] for t in (query, key, value))
+            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True))
+        width, bounds = max(segments), [start + prefix]
+        for length in segments:
+            bounds.append(bounds[-1] + length)
+        q, k, v = (torch.cat([F.pad(t[:, :, a:b], (0, 0, 0, width - (b - a))) for a, b in zip(bounds, bounds[1:])])
+                   for t in (query, key, value))
+        if prefix:  # every segment's keys and values: the prefix's (one tensor, expanded), then its own
+            k, v = (torch.cat([t[:, :, start:start + prefix].expand(len(segments), -1, -1, -1), own], dim=2)
+                    for t, own in ((key, k), (value, v)))
+        # query i sees keys 0 .. prefix + i (a padded query sees real keys too: no empty row, no NaN)
+        mask = torch.ones(width, prefix + width, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        pieces.extend(out[i:i + 1, :, :b - a] for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous()
+
+
 def register() -> None:
     """Register the attention and its mask (transformers' SDPA mask, for the fallback path)."""
     AttentionInterface.register(NAME, sdpa_varlen_attention_forward)
@@ -135,3 +186,9 @@ def uses_varlen_attention(model: torch.nn.Module) -> bool:
     """Flash-attention 2, sdpa_varlen and sequence parallel's attention (ulysses) take packed
     examples as one flattened, padding-free sequence (`model`: the plain model, not a strategy's wrapper)."""
     return getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", NAME, "ulysses")
+
+
+def shares_prefixes(model: torch.nn.Module) -> bool:
+    """Whether `model` (plain, not a strategy's wrapper) attends with sdpa_varlen, the attention
+    that reads shared-prefix rows (`shared_prefix_kwargs`)."""
+    return getattr(model.config, "_attn_implementation", None) == NAME

@@ -103,7 +103,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     # Packed batches add position_ids (restarting per example) and a block-diagonal mask, or
     # (flattened, for flash-attention) no mask. No KV cache: nothing is generated here.
     inputs: dict[str, Any] = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "attention_mask" not in batch and "position_ids" in batch and batch["input_ids"].shape[0] == 1:
+    if "prefix_segments" in batch:  # groups sharing a prefix in one row (GRPO's prompts): sdpa_varlen's layout
+        from dtrain.attention import shared_prefix_kwargs
+
+        inputs.update(shared_prefix_kwargs(batch["prefix_segments"]))
+    elif "attention_mask" not in batch and "position_ids" in batch and batch["input_ids"].shape[0] == 1:
         # Flattened: the example boundaries once per forward, in the keyword arguments that
         # flash-attention and sdpa_varlen take (each layer would otherwise derive them again).
         from dtrain.attention import varlen_kwargs  # (transformers' attention code: loaded only to run a model)

@@ -81,6 +81,9 @@ def distributed_runs(tiny_model_dir, tmp_path_factory):
     write_jsonl(out / "prompts.jsonl", arithmetic_prompts(96))
     runs.update({f"grpo-{strategy}{suffix}": grpo_run(tiny_model_dir, out, micro_batch=8, extra=STRATEGIES[strategy] + lora)
                  for strategy in ("ddp", "fsdp", "zero3") for suffix, lora in (("", []), ("_lora", LORA))})
+    runs.update({f"grpo-{strategy}_packed": grpo_run(tiny_model_dir, out, micro_batch=8,
+                                                     extra=[*STRATEGIES[strategy], "data.packing=true"])
+                 for strategy in ("fsdp", "zero3")})
     runs["dpo-fsdp-precomputed"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
                                                   extra=STRATEGIES["fsdp"] + ["preference.precompute_reference=true"])
     runs["dpo-fsdp_qlora"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
@@ -470,3 +473,21 @@ def test_grpo_samples_scores_and_trains_as_one_process(distributed_runs, grpo_si
     for key, value in single.final_metrics.items():
         if isinstance(value, float):
             assert got["final"][key] == pytest.approx(value, abs=1e-5, rel=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_grpo_packed_with_each_prompt_read_once_trains_as_one_padded_process(distributed_runs, grpo_singles, strategy):
+    """data.packing: each rank's prompts once in one row, their completions after them (sdpa_varlen's
+    shared prefixes), the reference a sharded copy scored the same way: the single padded run's numbers."""
+    out, ranks = distributed_runs
+    single_dir, single = grpo_singles[""]
+    got = ranks[0][f"grpo-{strategy}_packed"]
+    assert "config_error" not in got, got
+    assert got["losses"] == pytest.approx(single.train_losses, abs=1e-5, rel=0)
+    expected = [r for r in read_metrics(single_dir) if "reward" in r]
+    logged = [r for r in read_metrics(out / f"grpo-{strategy}_packed") if "reward" in r]
+    assert len(logged) == len(expected) == GRPO_STEPS
+    for mine, theirs in zip(logged, expected):
+        for key in ("reward", "kl", "completion_length", "entropy"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5, rel=0), (mine["step"], key)

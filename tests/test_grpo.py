@@ -236,6 +236,50 @@ def test_a_group_reads_its_prompt_once_and_samples_as_if_it_had_been_repeated(ti
     assert len({tuple(r.tolist()) for r in shared[0]}) == 6
 
 
+def test_a_group_reads_its_prompt_once_in_training_with_the_padded_rows_numbers(tiny_model_dir):
+    """The shared-prefix row (sdpa_varlen, data.packing): each prompt once, its completions after
+    it; every completion token's log-probability and entropy, and the gradient of a loss over
+    them, equal those of the padded rows (prompt repeated per completion), GQA included."""
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.lm_head import TokenLogprobs, head_outputs
+    from dtrain.objectives.rollout import sequences, shared_prefix_row, target_owner
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa_varlen")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    prompt_ids = torch.tensor([[0, 0, 0, 0, 1, 40], [1, 50, 51, 52, 53, 54], [0, 0, 0, 0, 0, 1]])  # (one of 1 token)
+    prompt_mask = (prompt_ids != 0).long()
+    completions = torch.randint(3, 200, (9, 5))
+    lengths = torch.tensor([5, 1, 3, 2, 5, 4, 1, 1, 3])
+    completion_mask = (torch.arange(5)[None] < lengths[:, None]).long()
+    completions = torch.where(completion_mask.bool(), completions, 0)
+    advantages = torch.randn(9)
+
+    def run(batch):
+        model.zero_grad()
+        request = TokenLogprobs(batch["labels"], 0.7, with_entropy=True)
+        logps = head_outputs(model, batch, request)
+        scored = batch["labels"][:, 1:] != -100
+        owner = target_owner(batch)
+        (logps * advantages[owner] * scored).sum().backward()
+        by_completion = [(logps[scored & (owner == j)], request.entropies[scored & (owner == j)]) for j in range(9)]
+        return by_completion, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded = run(sequences(prompt_ids.repeat_interleave(3, 0), prompt_mask.repeat_interleave(3, 0), completions,
+                           completion_mask))
+    row = shared_prefix_row(prompt_ids, prompt_mask, completions, completion_mask)
+    assert row["input_ids"].shape == (1, (1 + 5 + 0) + int(lengths.sum()) + 9)  # prefixes, and 1 + C per completion
+    assert row["prefix_segments"].tolist() == [[1, 6, 2, 4], [5, 3, 6, 5], [0, 2, 2, 4]]
+    shared = run(row)
+    for (logps_a, entropy_a), (logps_b, entropy_b) in zip(padded[0], shared[0]):
+        assert len(logps_a) == len(logps_b) > 0
+        torch.testing.assert_close(logps_b, logps_a, atol=1e-6, rtol=0)
+        torch.testing.assert_close(entropy_b, entropy_a, atol=1e-6, rtol=0)
+    for name, grad in padded[1].items():
+        torch.testing.assert_close(shared[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def run_with_seed(model, prompt, seed):
     from dtrain.objectives.rollout import generate
 

@@ -23,6 +23,10 @@ truncated_ratio (completions that reached max_completion_length without EOS), en
 token), kl (with beta > 0), clip_ratio_low / clip_ratio_high (tokens whose ratio was clipped).
 Evaluation: one greedy completion per validation prompt: eval_reward, eval_reward_<function>,
 eval_completion_length.
+
+A group's prompt is read once to generate (rollout.generate). With data.packing, a micro-batch
+trains as one padding-free row; with sdpa_varlen attention the row holds each prompt once and
+its completions after it (rollout.shared_prefix_row), so the prompt is read once in training too.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from dtrain.model import autocast
 from dtrain.objectives.base import LossTerms, Objective, frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 from dtrain.objectives.rewards import RewardError, load_rewards, reward_names, score
-from dtrain.objectives.rollout import Rollouts, completion_seed, flattened, generate, sequences, target_owner
+from dtrain.objectives.rollout import (Rollouts, completion_seed, flattened, generate, sequences,
+                                      shared_prefix_row, target_owner)
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
@@ -75,6 +80,7 @@ class GRPO(Objective):
         self.strategy: Any = None  # what it is wrapped with: which module generates (`generating`)
         self.synced = False
         self.packed = False  # each micro-batch's sequences in one padding-free row (data.packing)
+        self.shares_prefix = False  # ... each prompt in it once, read by its completions (sdpa_varlen)
         self.out = None  # the run directory, where the main rank appends samples.jsonl
 
     # ---- at config time
@@ -152,7 +158,7 @@ class GRPO(Objective):
     def prepare(self, data: "PreparedData", model: nn.Module, strategy: Any, pad_id: int) -> "PreparedData":
         from pathlib import Path
 
-        from dtrain.attention import uses_varlen_attention
+        from dtrain.attention import shares_prefixes, uses_varlen_attention
         from dtrain.schema import ConfigError
 
         self.policy, self.strategy = model, strategy
@@ -163,6 +169,9 @@ class GRPO(Objective):
                               "as one padding-free row, which needs variable-length attention: set "
                               "model.attn_implementation to sdpa_varlen (or flash_attention_2 on CUDA), or "
                               "data.packing=false")
+        scorers = [strategy.unwrap(model)] + ([strategy.unwrap(self.reference.model)]
+                                              if self.reference is not None and self.reference.model is not None else [])
+        self.shares_prefix = self.packed and all(shares_prefixes(m) for m in scorers)
         return data
 
     def training_batches(self, prompts: Any) -> Rollouts:
@@ -181,14 +190,16 @@ class GRPO(Objective):
                                         pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
                                         synced=self.synced, seeds=seeds, temperature=g.temperature, top_p=g.top_p,
                                         repeats=G)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
         rows = [row for row in batch_rows(prompts["row_utf8"]) for _ in range(G)]
         per_function, texts = self.score(rows, ids, mask)
         rewards = per_function @ self.weights
         advantages, zero_std = group_advantages(rewards, G, g.scale_rewards)
-        batch = sequences(prompt_ids, prompt_mask, ids, mask)
-        if self.packed:
-            batch = flattened(batch)
+        if self.shares_prefix:
+            batch = shared_prefix_row(prompt_ids, prompt_mask, ids, mask)
+        else:
+            batch = sequences(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), ids, mask)
+            if self.packed:
+                batch = flattened(batch)
         batch.update({"advantages": advantages.to(device), "rewards": rewards.to(device),
                       "rewards_by_function": per_function.to(device), "truncated": (~ended).float(),
                       "zero_std_groups": zero_std.float().repeat_interleave(G).to(device) / G})

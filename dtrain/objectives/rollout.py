@@ -124,6 +124,39 @@ def flattened(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "sequence": torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)[None]}
 
 
+def shared_prefix_row(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each prompt once and its completions after it, as one padding-free row for an attention
+    that reads shared prefixes (dtrain.attention.shared_prefix_kwargs): per group, the prompt
+    but its last token (the prefix), then each completion preceded by that last token (a
+    segment), so that, as in a row of its own, the position before each completion token is the
+    one that scores it. The same positions (RoPE) and labels as `sequences`, the prompt's keys
+    and values computed once for the group. `prefix_segments`: each group's lengths;
+    `sequence`: the completion each token belongs to (the prefix: its group's first, unscored).
+    prompt_ids: the distinct prompts (left-padded); completions: group after group."""
+    group = len(completion_ids) // len(prompt_ids)
+    ids, labels, positions, owners, lengths = [], [], [], [], []
+    for i, (prompt, keep) in enumerate(zip(prompt_ids, prompt_mask.bool())):
+        prompt = prompt[keep]
+        prefix = len(prompt) - 1
+        ids.append(prompt[:-1])
+        labels.append(torch.full_like(prompt[:-1], IGNORE_INDEX))
+        positions.append(torch.arange(prefix, device=prompt.device))
+        owners.append(torch.full_like(prompt[:-1], i * group))
+        segments = []
+        for j in range(i * group, (i + 1) * group):
+            completion = completion_ids[j][completion_mask[j].bool()]
+            ids.append(torch.cat([prompt[-1:], completion]))
+            labels.append(torch.cat([prompt.new_full((1,), IGNORE_INDEX), completion]))
+            positions.append(torch.arange(prefix, prefix + 1 + len(completion), device=prompt.device))
+            owners.append(torch.full_like(ids[-1], j))
+            segments.append(1 + len(completion))
+        lengths.append([prefix, *segments])
+    return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None], "sequence": torch.cat(owners)[None],
+            "prefix_segments": torch.tensor(lengths, dtype=torch.long, device=prompt_ids.device)}
+
+
 def target_owner(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """For each scored position of the batch (t scores token t + 1), the sequence it scores."""
     if "sequence" in batch:
