@@ -85,7 +85,7 @@ def sdpa_varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   ) -> tuple[torch.Tensor, None]:
     """query/key/value: [1, heads, total, head_dim] -> output [1, total, heads, head_dim]."""
     if kwargs.get("shared_prefix") is not None:
-        return _shared_prefix_attention(module, query, key, value, kwargs["shared_prefix"], dropout, scaling), None
+        return _shared_prefix_attention(module, query, key, value, kwargs, dropout, scaling), None
     bounds = _segments(module, query, key, kwargs, is_causal)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -142,14 +142,20 @@ def shared_prefix_kwargs(lengths: torch.Tensor) -> dict:
 
 
 def _shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             groups: tuple, dropout: float, scaling: float | None) -> torch.Tensor:
+                             kwargs: dict, dropout: float, scaling: float | None) -> torch.Tensor:
     """Each group's prefix under causal attention, then its segments batched (right-padded to the
     longest), each query i of a segment seeing the prefix and the segment's keys up to i."""
+    groups = kwargs["shared_prefix"]
     total = groups[-1][0] + groups[-1][1] + sum(groups[-1][2]) if groups else 0
+    # (no silent fallback: any other attention would let the segments see each other, wrong numbers)
     if query.shape[0] != 1 or total != query.shape[2] or key.shape[2] != query.shape[2]:
-        # (a silent fallback would let segments attend to each other: wrong numbers, no error)
         raise ValueError(f"shared_prefix describes {total} positions of one row; the attention got "
                          f"{query.shape[0]} x {query.shape[2]} queries and {key.shape[2]} keys")
+    window, longest = kwargs.get("sliding_window"), max((p + max(s) for _, p, s in groups), default=0)
+    if any(kwargs.get(name) is not None for name in _UNSUPPORTED if name != "sliding_window") or (
+            window is not None and window < longest):
+        raise ValueError("shared_prefix rows take plain causal attention: this layer has a sliding window "
+                         "shorter than a group's sequences, soft-capping or a position bias (see shares_prefixes)")
     groups_kv = getattr(module, "num_key_value_groups", 1)
     if groups_kv > 1:  # (SDPA's GQA takes no mask on every device: repeat, as transformers' SDPA does then)
         key, value = repeat_kv(key, groups_kv), repeat_kv(value, groups_kv)
@@ -188,7 +194,11 @@ def uses_varlen_attention(model: torch.nn.Module) -> bool:
     return getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", NAME, "ulysses")
 
 
-def shares_prefixes(model: torch.nn.Module) -> bool:
-    """Whether `model` (plain, not a strategy's wrapper) attends with sdpa_varlen, the attention
-    that reads shared-prefix rows (`shared_prefix_kwargs`)."""
-    return getattr(model.config, "_attn_implementation", None) == NAME
+def shares_prefixes(model: torch.nn.Module, length: int) -> bool:
+    """Whether `model` (plain, not a strategy's wrapper) reads shared-prefix rows
+    (`shared_prefix_kwargs`) of sequences up to `length` tokens: it attends with sdpa_varlen, with
+    no soft-capping and no sliding window shorter than that."""
+    config = model.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return (getattr(config, "_attn_implementation", None) == NAME and (window is None or window >= length)
+            and getattr(config, "attn_logit_softcapping", None) is None)

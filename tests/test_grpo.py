@@ -280,6 +280,30 @@ def test_a_group_reads_its_prompt_once_in_training_with_the_padded_rows_numbers(
         torch.testing.assert_close(shared[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_model_whose_attention_is_not_plain_causal_keeps_its_prompts_apart():
+    """A sliding window shorter than the run's sequences (or soft-capping) is not what the shared-
+    prefix attention computes: such a model trains on the flattened rows instead, and a shared-prefix
+    row given to such a layer anyway is refused, not computed wrongly."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from dtrain.attention import shares_prefixes, shared_prefix_kwargs, sdpa_varlen_attention_forward
+
+    def mistral(window):
+        config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, vocab_size=64, sliding_window=window)
+        return MistralForCausalLM._from_config(config, attn_implementation="sdpa_varlen")
+
+    assert shares_prefixes(mistral(4096), 64) and shares_prefixes(mistral(None), 64)
+    assert not shares_prefixes(mistral(16), 64)
+    layer = torch.nn.Module()
+    q = torch.randn(1, 2, 12, 16)
+    kwargs = shared_prefix_kwargs(torch.tensor([[4, 5, 3]]))
+    with pytest.raises(ValueError, match="sliding window"):
+        sdpa_varlen_attention_forward(layer, q, q, q, None, sliding_window=6, **kwargs)
+    out, _ = sdpa_varlen_attention_forward(layer, q, q, q, None, sliding_window=9, **kwargs)  # (covers 4 + 5)
+    assert out.shape == (1, 12, 2, 16)
+
+
 def run_with_seed(model, prompt, seed):
     from dtrain.objectives.rollout import generate
 

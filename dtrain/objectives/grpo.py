@@ -171,7 +171,7 @@ class GRPO(Objective):
                               "data.packing=false")
         scorers = [strategy.unwrap(model)] + ([strategy.unwrap(self.reference.model)]
                                               if self.reference is not None and self.reference.model is not None else [])
-        self.shares_prefix = self.packed and all(shares_prefixes(m) for m in scorers)
+        self.shares_prefix = self.packed and all(shares_prefixes(m, self.sequence_length(self.cfg)) for m in scorers)
         return data
 
     def training_batches(self, prompts: Any) -> Rollouts:
