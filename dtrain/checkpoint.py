@@ -330,6 +330,8 @@ class PreemptionWatch:
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():  # (Ray runs training in a thread)
+            for sig in self.SIGNALS:  # a signal the handler before this one took, whose exception was lost
+                getattr(signal.getsignal(sig), "raise_pending", lambda: None)()
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 

@@ -45,8 +45,23 @@ class SignalledBeforeTraining(BaseException):
     an error of what it interrupted."""
 
 
-def _stop_now(signum: int, frame: Any) -> None:
-    raise SignalledBeforeTraining(signal.Signals(signum).name)
+class _StopNow:
+    """The handler of the preemption signals before the loop: raises SignalledBeforeTraining where
+    the signal lands. An exception raised by a signal handler can be lost on the way (seen here: one
+    landing while a module imported during data preparation was being compiled never reached the
+    command, and the run went on), so the signal is kept too, and the loop's watch asks for it
+    when it takes over (`raise_pending`, before anything is written to the run directory)."""
+
+    def __init__(self) -> None:
+        self.pending: str | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.pending = signal.Signals(signum).name
+        raise SignalledBeforeTraining(self.pending)
+
+    def raise_pending(self) -> None:
+        if self.pending is not None:
+            raise SignalledBeforeTraining(self.pending)
 
 
 @contextlib.contextmanager
@@ -55,7 +70,8 @@ def _preemption_before_the_loop():
     SIGTERM, SIGUSR1 and SIGUSR2 end the command at once: there is nothing to save yet, and a
     scheduler should see the documented exit code, not a process killed by the signal."""
     signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, _stop_now) for sig in signals}
+    stop_now = _StopNow()
+    previous = {sig: signal.signal(sig, stop_now) for sig in signals}
     try:
         yield
     finally:

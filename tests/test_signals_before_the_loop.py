@@ -42,3 +42,22 @@ def test_signal_during_data_preparation_ends_with_the_requeue_code(sig, tiny_mod
     assert not [p for p in cache.rglob(".tmp-*")], "the half-built cache entry was left behind"
     assert not list(cache.rglob("meta.json"))  # nor taken for a finished one
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_signal_whose_exception_was_lost_is_raised_again_when_the_loops_watch_takes_over():
+    """The handler before the loop raises where the signal lands; should that exception be lost on
+    the way (swallowed by whatever code it landed in), the loop's watch raises it again when it
+    takes over, before anything is written: the command still ends with the requeue code."""
+    from dtrain.checkpoint import PreemptionWatch
+    from dtrain.cli import SignalledBeforeTraining, _preemption_before_the_loop
+
+    with _preemption_before_the_loop():
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(SignalledBeforeTraining):
+            handler(signal.SIGTERM, None)  # (as the signal would: the exception below is then "lost")
+        with pytest.raises(SignalledBeforeTraining, match="SIGTERM"):
+            PreemptionWatch().__enter__()
+        assert signal.getsignal(signal.SIGTERM) is handler  # (the watch installed nothing)
+    with _preemption_before_the_loop():  # a fresh command: nothing pending
+        watch = PreemptionWatch().__enter__()
+        watch.__exit__()

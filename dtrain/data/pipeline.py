@@ -41,6 +41,7 @@ from dtrain.data.formats import IGNORE_INDEX, Encoder, RowError, TooLong
 from dtrain.data.preference import PREFERENCE_FORMATS, PreferenceEncoder, prompt_length
 from dtrain.data.prompts import PromptEncoder
 from dtrain.data.sources import ArrowRows, DataError, Row, StringFields, check_source, iter_rows
+from dtrain.data.split import assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -509,8 +510,6 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, workdi
           rows_per_file: int | None = None) -> PreparedData:
     """Run every step of the stage: intermediate Arrow files go under `workdir`, the splits to
     `out_dir`/{train,validation,test}.arrow."""
-    from dtrain.data.split import assign_splits
-
     check_sources(cfg)
     sources = all_sources(cfg)
     label_names = label_names_of(cfg, rows_per_file) if cfg.format == "classification" else None
