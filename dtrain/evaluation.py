@@ -163,7 +163,7 @@ def generation_scores(generator: nn.Module, examples: Sequence, cfg: "Config", c
         for r, (prompt, _) in enumerate(pairs):  # left-padded: every prompt ends where generation starts
             input_ids[r, width - len(prompt):] = torch.tensor(prompt)
             attention[r, width - len(prompt):] = 1
-        with autocast(cfg.train.precision, comm.device):
+        with autocast(cfg.train.precision, comm.device), torch.compiler.set_stance("force_eager"):  # (see rollout.generate)
             output = generator.generate(input_ids=input_ids.to(comm.device), attention_mask=attention.to(comm.device),
                                         max_new_tokens=gcfg.max_new_tokens, do_sample=False, pad_token_id=pad,
                                         eos_token_id=eos, synced_gpus=synced)

@@ -79,19 +79,22 @@ def generate(generator: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         [SeededSampling(seeds, temperature, top_p, input_ids.device)] if seeds is not None else [])
     training = generator.training
     generator.eval()
+    # Blocks compiled for training (model.compile) would recompile for every length the KV cache
+    # grows through, up to dynamo's limit: generation runs them eagerly.
     try:
-        cache = None
-        if repeats > 1 and input_ids.shape[1] > 1:
-            cache = DynamicCache()
-            prefix_mask = attention_mask[:, :-1]
-            # (the model `generate` itself calls: a peft model's generate runs its base model, adapters in place)
-            model = generator.get_base_model() if hasattr(generator, "get_base_model") else generator
-            model(input_ids=input_ids[:, :-1], attention_mask=prefix_mask, cache=cache, use_cache=True,
-                  position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0))
-            cache.batch_repeat_interleave(repeats)
-        input_ids, attention_mask = input_ids.repeat_interleave(repeats, 0), attention_mask.repeat_interleave(repeats, 0)
-        output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                    logits_processor=processors, synced_gpus=synced, cache=cache)
+        with torch.compiler.set_stance("force_eager"):
+            cache = None
+            if repeats > 1 and input_ids.shape[1] > 1:
+                cache = DynamicCache()
+                prefix_mask = attention_mask[:, :-1]
+                # (the model `generate` itself calls: a peft model's generate runs its base model, adapters in place)
+                model = generator.get_base_model() if hasattr(generator, "get_base_model") else generator
+                model(input_ids=input_ids[:, :-1], attention_mask=prefix_mask, cache=cache, use_cache=True,
+                      position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0))
+                cache.batch_repeat_interleave(repeats)
+            input_ids, attention_mask = input_ids.repeat_interleave(repeats, 0), attention_mask.repeat_interleave(repeats, 0)
+            output = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                        logits_processor=processors, synced_gpus=synced, cache=cache)
     finally:
         generator.train(training)
     completion = output[:, input_ids.shape[1]:]
