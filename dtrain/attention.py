@@ -107,12 +107,23 @@ def sdpa_varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     for width, group in _groups(bounds):
         # Right-padded to the group's longest, causal needs no mask: a real query only sees the
         # keys before it, all real; the padded queries' outputs are dropped.
-        q, k, v = (torch.cat([F.pad(t[:, :, a:b], (0, 0, 0, width - (b - a))) for a, b in group])
-                   if len(group) > 1 else t[:, :, group[0][0]:group[0][1]] for t in (query, key, value))
+        q, k, v = (_right_padded(t, group, width) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, **gqa)
-        for i, (a, b) in enumerate(group):
-            pieces[a] = out[i:i + 1, :, :b - a]
+        pieces.update(zip((a for a, _ in group), _unpadded(out, group)))
     return torch.cat([pieces[a] for a in bounds[:-1]], dim=2).transpose(1, 2).contiguous(), None
+
+
+def _right_padded(t: torch.Tensor, spans: list[tuple[int, int]], width: int) -> torch.Tensor:
+    """The slices `spans` of the row `t` ([1, heads, total, dim]) as one batch, each right-padded to
+    `width` (a single span as wide as that: a view, no copy)."""
+    if len(spans) == 1 and spans[0][1] - spans[0][0] == width:
+        return t[:, :, spans[0][0]:spans[0][1]]
+    return torch.cat([F.pad(t[:, :, a:b], (0, 0, 0, width - (b - a))) for a, b in spans])
+
+
+def _unpadded(out: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each span's rows of a `_right_padded` batch's output, without the padding ([1, heads, length, dim])."""
+    return [out[i:i + 1, :, :b - a] for i, (a, b) in enumerate(spans)]
 
 
 # Examples up to this long go into one call whatever their lengths: below it a call's fixed
@@ -167,15 +178,15 @@ def _shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: 
         width, bounds = max(segments), [start + prefix]
         for length in segments:
             bounds.append(bounds[-1] + length)
-        q, k, v = (torch.cat([F.pad(t[:, :, a:b], (0, 0, 0, width - (b - a))) for a, b in zip(bounds, bounds[1:])])
-                   for t in (query, key, value))
+        spans = list(zip(bounds, bounds[1:]))
+        q, k, v = (_right_padded(t, spans, width) for t in (query, key, value))
         if prefix:  # every segment's keys and values: the prefix's (one tensor, expanded), then its own
             k, v = (torch.cat([t[:, :, start:start + prefix].expand(len(segments), -1, -1, -1), own], dim=2)
                     for t, own in ((key, k), (value, v)))
         # query i sees keys 0 .. prefix + i (a padded query sees real keys too: no empty row, no NaN)
         mask = torch.ones(width, prefix + width, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        pieces.extend(out[i:i + 1, :, :b - a] for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
+        pieces.extend(_unpadded(out, spans))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous()
 
 

@@ -90,8 +90,8 @@ def compute(objective: "PreferenceObjective", data: "PreparedData", model: nn.Mo
     if mode == "copy" and other is not None and other != cfg.model.path:
         from dtrain.model import load_frozen_model, load_tokenizer
 
-        loaded = strategy.wrap_frozen(load_frozen_model(frozen_copy(cfg, other), REFERENCE, load_tokenizer(cfg.model), num_labels=None,
-                                                        seed=cfg.seed, device=strategy.device))
+        loaded = strategy.wrap_frozen(load_frozen_model(frozen_copy(cfg, other), REFERENCE, load_tokenizer(cfg.model),
+                                                        num_labels=None, seed=cfg.seed, device=strategy.device))
         reference = Reference("copy", loaded)
     elif mode == "copy":  # the policy, before its first step: the weights it starts from
         reference = Reference("copy", model)
