@@ -136,7 +136,8 @@ def run_case(args, case: str, peft: str, option: str) -> dict:
 
 def _timed_case(args, cfg, case: str, peft: str, strategy) -> dict:
     from dtrain.estimate import estimate, flops_per_token
-    from dtrain.model import autocast, load_tokenizer
+    from dtrain.model import load_tokenizer
+    from dtrain.precision import autocast
     from dtrain.objectives import CausalLM
     from dtrain.optim import build_optimizer
     from dtrain.train import build_model
@@ -195,7 +196,8 @@ def qlora_peak(args, option: str) -> dict:
 
     from dtrain.config import load_config
     from dtrain.estimate import model_shape, run_shape, strategy_memory, STRATEGIES
-    from dtrain.model import apply_memory_options, autocast, keep_4bit_training_kernel
+    from dtrain.model import apply_memory_options, keep_4bit_training_kernel
+    from dtrain.precision import autocast
     from dtrain.objectives import CausalLM
     from dtrain.optim import build_optimizer
     from dtrain.peft import apply_peft

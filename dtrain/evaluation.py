@@ -29,7 +29,7 @@ from torch import nn
 from dtrain.attention import uses_varlen_attention
 from dtrain.data import IGNORE_INDEX
 from dtrain.data.loader import eval_batches, take, to_device
-from dtrain.model import autocast
+from dtrain.precision import autocast
 from dtrain.objectives.base import ExampleScore, Objective
 from dtrain.parallel.collectives import Collectives
 

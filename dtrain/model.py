@@ -272,13 +272,6 @@ def load_frozen_model(cfg: ModelConfig, key: str, tokenizer: PreTrainedTokenizer
     return load_model(cfg, tokenizer, num_labels=num_labels, seed=seed, device=device, key=key)
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for train.precision=bf16 (fp32: no autocast)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def keep_4bit_training_kernel(model: nn.Module) -> None:
     """Make bitsandbytes' 4-bit layers compute with one kernel, in training and evaluation.
 

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +41,7 @@ from dtrain.diagnose import write_learning_report
 from dtrain.evaluation import describe, evaluate
 from dtrain.finetune import freeze
 from dtrain.lm_head import chunked_head
-from dtrain.model import (apply_dropout, autocast, compile_blocks, count_parameters, load_frozen_model, load_model,
+from dtrain.model import (apply_dropout, compile_blocks, count_parameters, load_frozen_model, load_model,
                           load_model_config, load_tokenizer, position_limit, quantization_config,
                           quiet_progress_bars)
 from dtrain.objectives import Objective, build_objective, objective_class, objective_name
@@ -50,9 +50,11 @@ from dtrain.outputs import check_output_dir, save_final_model, save_preset_base,
 from dtrain.parallel import Strategy, build_strategy
 from dtrain.parallel.collectives import Collectives
 from dtrain.peft import apply_peft
+from dtrain.precision import autocast
 from dtrain.presets import is_preset
 from dtrain.schema import Config, ConfigError
 from dtrain.tracking import Tracker, truncate_metrics
+from dtrain.train_state import EarlyStopping, TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,48 +72,6 @@ class Preempted(RuntimeError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
-
-
-@dataclass
-class TrainState:
-    """The loop's progress, as a checkpoint restores it (besides model, optimizer, data and RNG)."""
-
-    step: int = 0
-    consecutive_bad_steps: int = 0
-    best_metric: float | None = None  # early stopping's record (EarlyStopping.update)
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    tokens_seen: int = 0
-    stop_reason: str | None = None  # set when the run ended early (a resumed run then trains no further)
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
-
-
-@dataclass(frozen=True)
-class EarlyStopping:
-    """Stop when eval.metric has not improved by more than min_delta for `patience` evaluations."""
-
-    patience: int | None
-    min_delta: float
-    mode: str  # min | max
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "EarlyStopping":
-        return cls(cfg.eval.early_stopping.patience, cfg.eval.early_stopping.min_delta, cfg.eval.mode)
-
-    def update(self, state: TrainState, value: float) -> bool:
-        """Record the evaluation `value` at state.step; whether the run should stop now."""
-        sign = 1.0 if self.mode == "min" else -1.0
-        if state.best_metric is None or sign * (state.best_metric - value) > self.min_delta:
-            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-        else:
-            state.evals_without_improvement += 1
-        return self.patience is not None and state.evals_without_improvement >= self.patience
 
 
 @dataclass

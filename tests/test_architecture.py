@@ -1,6 +1,7 @@
 """The shape of the code, checked: no import cycles, no strategy names compared outside
 dtrain/parallel/, Ray and submitit only at the edges, registries equal to the schema's allowed
-values, a loop short enough to read, and a new objective as one module plus two one-line edits."""
+values, a loop short enough to read, a new objective as one module plus two one-line edits, and
+config validation without the model stack."""
 
 from __future__ import annotations
 
@@ -175,6 +176,21 @@ def test_only_the_ray_subpackage_imports_ray_or_submitit():
             offenders[name] = sorted(edges)
     assert offenders == {}
     assert any(t.split(".")[0] == "ray" for t in imported(PACKAGE / "ray" / "tune.py", "dtrain.ray.tune"))
+
+
+def test_validating_a_config_and_the_ray_side_processes_load_no_model_code():
+    """A bad config fails before any model code loads (torch only), and the processes Ray starts to
+    drive a search or a Ray Train run (the trial's function, the train controller) import the
+    modules they unpickle without transformers, datasets or DeepSpeed: a fresh interpreter, as they are."""
+    heavy = ("transformers", "datasets", "deepspeed", "peft", "bitsandbytes")
+    code = ("import sys; import dtrain.cli, dtrain.config, dtrain.ray.tune, dtrain.ray.train, dtrain.train_state; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+    proc = subprocess.run([sys.executable, "-c", "import sys, dtrain.train; print('transformers' in sys.modules)"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.stdout.strip() == "True", proc.stderr[-3000:]  # (the check has teeth: training loads them)
 
 
 def test_registries_are_the_schemas_allowed_values():

@@ -41,7 +41,7 @@ from torch import nn
 from dtrain.data.formats import IGNORE_INDEX
 from dtrain.data.loader import batch_rows
 from dtrain.lm_head import TokenLogprobs, head_outputs
-from dtrain.model import autocast
+from dtrain.precision import autocast
 from dtrain.objectives.base import LossTerms, Objective, frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 from dtrain.objectives.rewards import RewardError, load_rewards, reward_names, score

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dtrain.data.loader import eval_batches, to_device
-from dtrain.model import autocast
+from dtrain.precision import autocast
 from dtrain.objectives.base import frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 

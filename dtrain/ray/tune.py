@@ -220,7 +220,7 @@ class LastReportGate:
     train() has returned."""
 
     def __init__(self, cfg: Config, final_step: int | None):
-        from dtrain.train import EarlyStopping, TrainState
+        from dtrain.train_state import EarlyStopping, TrainState
 
         self.cfg, self.final_step = cfg, final_step
         self.rule, self.shadow = EarlyStopping.from_config(cfg), TrainState()
