@@ -137,9 +137,9 @@ def run_case(args, case: str, peft: str, option: str) -> dict:
 def _timed_case(args, cfg, case: str, peft: str, strategy) -> dict:
     from dtrain.estimate import estimate, flops_per_token
     from dtrain.model import load_tokenizer
-    from dtrain.precision import autocast
     from dtrain.objectives import CausalLM
     from dtrain.optim import build_optimizer
+    from dtrain.precision import autocast
     from dtrain.train import build_model
 
     device = strategy.device
@@ -197,10 +197,10 @@ def qlora_peak(args, option: str) -> dict:
     from dtrain.config import load_config
     from dtrain.estimate import model_shape, run_shape, strategy_memory, STRATEGIES
     from dtrain.model import apply_memory_options, keep_4bit_training_kernel
-    from dtrain.precision import autocast
     from dtrain.objectives import CausalLM
     from dtrain.optim import build_optimizer
     from dtrain.peft import apply_peft
+    from dtrain.precision import autocast
     from dtrain.presets import preset_config
 
     device = torch.device(args.device)

@@ -29,9 +29,9 @@ from torch import nn
 from dtrain.attention import uses_varlen_attention
 from dtrain.data import IGNORE_INDEX
 from dtrain.data.loader import eval_batches, take, to_device
-from dtrain.precision import autocast
 from dtrain.objectives.base import ExampleScore, Objective
 from dtrain.parallel.collectives import Collectives
+from dtrain.precision import autocast
 
 if TYPE_CHECKING:
     from dtrain.schema import Config

@@ -1,8 +1,8 @@
 """The compute precision of a run's forward passes (`train.precision`).
 
 A module of its own, torch only: the objectives use it, and `dtrain.config` imports the
-objectives to validate a config, which must not import transformers (a typo in a config fails in
-well under a second, and Ray's light processes do not load the model stack).
+objectives to validate a config, which must not import transformers (a typo in a config then fails
+in ~2 s instead of ~6.5 s on a CPU, and the processes Ray starts to drive a run skip the model stack).
 """
 
 from __future__ import annotations

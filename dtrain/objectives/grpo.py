@@ -41,12 +41,12 @@ from torch import nn
 from dtrain.data.formats import IGNORE_INDEX
 from dtrain.data.loader import batch_rows
 from dtrain.lm_head import TokenLogprobs, head_outputs
-from dtrain.precision import autocast
 from dtrain.objectives.base import LossTerms, Objective, frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
 from dtrain.objectives.rewards import RewardError, load_rewards, reward_names, score
 from dtrain.objectives.rollout import (Rollouts, completion_seed, flattened, generate, sequences,
                                       shared_prefix_row, target_owner)
+from dtrain.precision import autocast
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData

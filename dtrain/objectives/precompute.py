@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from dtrain.data.loader import eval_batches, to_device
-from dtrain.precision import autocast
 from dtrain.objectives.base import frozen_copy
 from dtrain.objectives.reference import REFERENCE, Reference, reference_mode
+from dtrain.precision import autocast
 
 if TYPE_CHECKING:
     from dtrain.data.pipeline import PreparedData
