@@ -29,7 +29,7 @@ from ray_cluster import namespace_pids
 from slurm_cluster import SlurmCluster
 
 # The first test's set-up runs both searches, the second one three times (USR1, then scontrol
-# requeue): 9 to 15 minutes on 2 busy cores, past the suite's 900 s default. Each stage has its
+# requeue): 8.5 to 15 minutes on 2 busy cores, past the suite's 900 s default. Each stage has its
 # own bound (wait_job's timeouts); this one only has to be above their usual sum.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
