@@ -3,7 +3,7 @@
 One torchrun job trains HSDP (replicate 2 x shard 2), FSDP x tensor parallel (shard 2 x tensor 2),
 tensor parallel with data replicas (replicate 2 x tensor 2) and FSDP x sequence parallel (shard 2
 x sequence 2, also on packed rows), full and LoRA, for 10 steps on the same global batch as one
-process (and FSDP x TP for Mistral, Qwen2 and GPT-NeoX); the tests compare every loss and the
+process (and FSDP x TP for Mistral, Qwen2, GPT-NeoX and Phi-3); the tests compare every loss and the
 evaluation with that process's run. Tensor parallel includes sequence parallel for the norms (dtrain/parallel/tensor.py).
 """
 
@@ -40,9 +40,9 @@ def base(model_dir: Path, cache: Path) -> list[str]:
             "seed=7", f"data.cache_dir={cache}", "model.logits_chunk_tokens=96"]
 
 
-# The other families with a tensor-parallel plan: Mistral (Llama's plan), Qwen2 (biased q, k, v)
-# and GPT-NeoX (fused head-major qkv, parallel residual, biases everywhere), untied, with the byte
-# tokenizer.
+# The other families with a tensor-parallel plan: Mistral (Llama's plan), Qwen2 (biased q, k, v),
+# GPT-NeoX (fused head-major qkv, parallel residual, biases everywhere) and Phi-3 (fused [q | k | v]
+# and [gate | up], GQA), untied, with the byte tokenizer.
 ARCHITECTURES = {
     "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -52,7 +52,11 @@ ARCHITECTURES = {
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.5,
                                        tie_word_embeddings=False)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)),
 }
+# Phi-3 under FSDP x TP saves its step 5, which one process and FSDP x TP again resume.
+PHI3_CHECKPOINT = ["checkpoint.every_steps=5"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,10 @@ def four_processes(tiny_model_dir, architecture_dirs, tmp_path_factory):
     runs["qwen2_fsdp_tp_lora"] = architecture_run(architecture_dirs["qwen2"]) + LORA
     runs["mistral_fsdp_tp"] = architecture_run(architecture_dirs["mistral"])
     runs["gpt_neox_fsdp_tp"] = architecture_run(architecture_dirs["gpt_neox"])
+    runs["phi3_fsdp_tp"] = architecture_run(architecture_dirs["phi3"]) + PHI3_CHECKPOINT + [f"output_dir={out / 'phi3'}"]
+    runs["phi3_fsdp_tp_lora"] = architecture_run(architecture_dirs["phi3"]) + LORA
+    runs["phi3_fsdp_tp_resumed"] = architecture_run(architecture_dirs["phi3"]) + [
+        f"checkpoint.resume={phi3_step_5(out)}", f"output_dir={out / 'phi3-resumed'}"]
     runs.update(chain_runs(out / "chain", processes=4))
     ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "dump": True, "runs": runs}, out, nproc=4)
     return out, ranks
@@ -103,14 +111,22 @@ def mesh_runs(four_processes):
     return four_processes[1]
 
 
+def phi3_step_5(out: Path) -> Path:
+    return out / "phi3" / "checkpoints" / "step_00000005"
+
+
 @pytest.fixture(scope="module")
-def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
-    """The references: one process, micro-batch 8 (the same global batch)."""
+def mesh_singles(tiny_model_dir, architecture_dirs, four_processes, tmp_path_factory):
+    """The references: one process, micro-batch 8 (the same global batch); and one process
+    resuming Phi-3's FSDP x TP checkpoint."""
     out = tmp_path_factory.mktemp("mesh-single")
+    phi3 = f"model.path={architecture_dirs['phi3']}"
     references = {"single": [], "single_lora": LORA, "single_packed": PACKED,
                   "qwen2_single_lora": [f"model.path={architecture_dirs['qwen2']}", *LORA],
                   "mistral_single": [f"model.path={architecture_dirs['mistral']}"],
-                  "gpt_neox_single": [f"model.path={architecture_dirs['gpt_neox']}"]}
+                  "gpt_neox_single": [f"model.path={architecture_dirs['gpt_neox']}"],
+                  "phi3_single": [phi3], "phi3_single_lora": [phi3, *LORA],
+                  "phi3_single_resumed": [phi3, f"checkpoint.resume={phi3_step_5(four_processes[0])}"]}
     return {name: train(load_config(None, base(tiny_model_dir, out / "cache") + [
         f"train.micro_batch_size={GLOBAL_BATCH}", *extra, f"output_dir={out / name}"]))
         for name, extra in references.items()}
@@ -118,7 +134,8 @@ def mesh_singles(tiny_model_dir, architecture_dirs, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac", "sp_packed",
-                                 "mistral_fsdp_tp", "qwen2_fsdp_tp_lora", "gpt_neox_fsdp_tp"])
+                                 "mistral_fsdp_tp", "qwen2_fsdp_tp_lora", "gpt_neox_fsdp_tp", "phi3_fsdp_tp",
+                                 "phi3_fsdp_tp_lora"])
 def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
     family = next((name for name in ARCHITECTURES if run.startswith(name)), None)
     prefix = f"{family}_" if family else ""
@@ -134,6 +151,19 @@ def test_every_mesh_matches_one_process(mesh_runs, mesh_singles, run):
         assert got["final"][key] == pytest.approx(reference.final_metrics[key], abs=1e-5, rel=0), (run, key)
     for rank in mesh_runs[1:]:  # every rank logs the same global loss
         assert rank[run]["losses"] == got["losses"]
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_checkpoint_of_fused_projections_resumes_on_one_process_and_on_the_mesh(mesh_runs,
+                                                                                                 mesh_singles):
+    """Phi-3's qkv_proj and gate_up_proj are held with their rows interleaved by rank under tensor
+    parallel; its checkpoint holds them (and their Adam moments) in the model's own order: one
+    process and FSDP x TP each resume step 5 and go on as their uninterrupted runs."""
+    for resumed, uninterrupted in ((mesh_singles["phi3_single_resumed"].train_losses,
+                                    mesh_singles["phi3_single"].train_losses),
+                                   (mesh_runs[0]["phi3_fsdp_tp_resumed"]["losses"], mesh_runs[0]["phi3_fsdp_tp"]["losses"])):
+        assert len(resumed) == STEPS - 5
+        assert resumed == pytest.approx(uninterrupted[5:], abs=1e-6, rel=0)
 
 
 @pytest.mark.slow
@@ -204,8 +234,20 @@ def test_a_mesh_that_does_not_fit_the_processes_stops_every_rank_before_any_work
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_fused_projection_is_held_so_that_each_rank_s_share_holds_its_share_of_every_part():
+    import torch
+
+    from dtrain.parallel.tensor import file_order, interleaved_rows, model_order
+
+    order = interleaved_rows((4, 2, 2), 2)  # [q | k | v] over 2 ranks: [q0 q1 k0 v0 | q2 q3 k1 v1]
+    assert order.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
+    weight = torch.randn(8, 3)
+    held = model_order(weight, order, weight)
+    assert torch.equal(held[:4], weight[[0, 1, 4, 6]]) and torch.equal(file_order(held, order), weight)
+
+
 def test_a_tensor_degree_that_does_not_divide_the_heads_is_refused(tmp_path):
-    from transformers import LlamaConfig, PhiConfig
+    from transformers import LlamaConfig, Phi3Config, PhiConfig
 
     from dtrain.parallel.tensor import plan_for
 
@@ -215,6 +257,8 @@ def test_a_tensor_degree_that_does_not_divide_the_heads_is_refused(tmp_path):
         plan_for(llama, 4)
     with pytest.raises(ConfigError, match="no tensor-parallel plan for model type 'phi'"):
         plan_for(PhiConfig(), 2)
+    with pytest.raises(ConfigError, match=r"parallel.mesh.tensor=2 does not divide mlp.gate_up_proj's parts \[99, 99\]"):
+        plan_for(Phi3Config(num_attention_heads=4, num_key_value_heads=2, intermediate_size=99), 2)
 
 
 # --------------------------------------------------------------------------------------

@@ -39,9 +39,14 @@ class Strategy:
 
     comm: Collectives
     dims: ParallelDims  # how the ranks are arranged (the device mesh's named dimensions)
+    # Parameters `wrap` left with their rows in another order than the model's (tensor parallel's
+    # fused projections), by name -> that order. Checkpoints and full state dicts hold
+    # the model's order, so that any layout reads them.
+    reordered: dict[str, torch.Tensor]
 
     def __init__(self, comm: Collectives, dims: ParallelDims):
         self.comm, self.dims = comm, dims
+        self.reordered = {}
         comm.set_data_layout(dims.dp_rank(comm.rank), dims.dp_size, dims.is_data_leader(comm.rank), dims.size(TENSOR))
 
     @property
@@ -153,10 +158,34 @@ class Strategy:
         if trainable_only:
             # full_tensor() all-gathers a sharded parameter: every rank calls it, in the same order.
             full = {name: _full(p.detach()) for name, p in self.trainable_parameters(model).items()}
+            full = self._in_file_order(full)
             return {name: t.cpu() for name, t in full.items()} if self.comm.is_main else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self._in_file_order(
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+    def _in_file_order(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from dtrain.parallel.tensor import file_order
+
+        return {name: file_order(t, self.reordered[name]) if name in self.reordered else t
+                for name, t in tensors.items()}
+
+    def _optimizer_in_file_order(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy of an optimizer state dict (keyed by parameter name) with every per-row tensor of
+        a reordered parameter in the model's order. (Copied: its inner dicts can be the optimizer's
+        own state.)"""
+        from dtrain.parallel.tensor import file_order
+
+        if not self.reordered:
+            return state
+        per_param = dict(state["state"])
+        for name, order in self.reordered.items():
+            if name in per_param:
+                per_param[name] = {key: file_order(value, order)
+                                   if torch.is_tensor(value) and value.dim() and value.shape[0] == order.numel()
+                                   else value for key, value in per_param[name].items()}
+        return {**state, "state": per_param}
 
     def save_checkpoint(self, model: nn.Module, optimizer: Optimizer, path: Path, async_save: bool = False) -> Any:
         """Write the trainable parameters and the optimizer state under `path`, each rank its
@@ -167,7 +196,8 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         params = self.trainable_parameters(model)  # first: a strategy may reshard here
-        state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=_trainable_only())
+        state = {"model": self._in_file_order(params), "optimizer": self._optimizer_in_file_order(optimizer_state)}
         with _single_process_is_meant():
             if async_save:
                 return dcp.async_save(state, checkpoint_id=path / "dcp", no_dist=_no_dist(),
@@ -192,12 +222,23 @@ class Strategy:
         The parameters are read in place; dcp.load fails on any name the checkpoint lacks."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        from dtrain.parallel.tensor import model_order
         from dtrain.safe_load import dcp_load
 
         params = {name: p.detach() for name, p in self.trainable_parameters(model).items()}
-        state = {"model": params, "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable_only())}
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=_trainable_only())
+        # Read into tensors in the checkpoint's (the model's) row order, then put the rows back in
+        # the order this run holds them in.
+        state = {"model": self._in_file_order(params), "optimizer": self._optimizer_in_file_order(optimizer_state)}
         with _single_process_is_meant():
             dcp_load(state, path / "dcp", no_dist=_no_dist())  # (safe_load: a checkpoint runs no code)
+        loaded = state["optimizer"]["state"]
+        with torch.no_grad():
+            for name, order in self.reordered.items():
+                _local(params[name]).copy_(_local(model_order(state["model"][name], order, params[name])))
+                held = optimizer_state["state"].get(name, {})
+                loaded[name] = {key: model_order(value, order, held[key]) if value is not held[key] else value
+                                for key, value in loaded.get(name, {}).items()}
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_trainable_only())
 
     def state_bytes(self, model: nn.Module, optimizer: Optimizer) -> dict[str, int]:

@@ -115,17 +115,19 @@ class FSDP(Distributed):
             self._mesh = self.dims.build(self.device.type)
         return self._mesh
 
-    def _parallelize(self, model: nn.Module) -> nn.Module:
+    def _parallelize(self, model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The model, sharded; and the parameters tensor parallel holds in another row order."""
         mesh = self.mesh()
+        reordered = {}
         if TENSOR in self.dims.names:
-            model = apply_tp(model, mesh[TENSOR])
+            reordered = apply_tp(model, mesh[TENSOR])
         if SEQUENCE in self.dims.names:
             model = apply_sp(model, mesh[SEQUENCE])
             self.comm.split_sequences(self.dims.coordinates(self.comm.rank)[SEQUENCE], mesh[SEQUENCE].get_group(),
                                       self.dims.size(SEQUENCE))
         # Over one data dimension (shard) or two (replicate x shard: HSDP); also moves the shards
         # to the mesh's device.
-        return apply_fsdp(model, self._fsdp_mesh(), self.cfg, self.bf16)
+        return apply_fsdp(model, self._fsdp_mesh(), self.cfg, self.bf16), reordered
 
     def _fsdp_mesh(self) -> Any:
         """The dimensions FSDP shards and reduces over: the data-parallel ones, and with sequence
@@ -139,12 +141,12 @@ class FSDP(Distributed):
         return mesh[sharded]
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Optimizer]) -> tuple[nn.Module, Optimizer]:
-        model = self._parallelize(model)
+        model, self.reordered = self._parallelize(model)
         return model, make_optimizer(model)
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        return self._parallelize(model).eval()  # sharded like the student
+        return self._parallelize(model)[0].eval()  # sharded like the student
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         _reshard(model)

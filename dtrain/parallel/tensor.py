@@ -14,12 +14,21 @@ batch.
 LoRA adapters are split with their base layer: a fan-out layer's B by output features (A sees the
 whole input), a fan-in layer's A by input features (B runs on the sequence slice). Which modules
 play which role is declared per architecture in PLANS; an architecture without a plan is refused.
+
+A fan-out layer that concatenates several projections (Phi-3's qkv_proj is [all q | all k | all v],
+gate_up_proj [gate | up]) would be cut across the wrong rows by a plain split. Its rows are put in
+the order [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] first, so that each rank's contiguous share holds its
+share of every part and the model's own forward, told the local head counts, splits it as usual.
+That order depends on the degree: the strategy writes and reads checkpoints, and hands out full
+weights, in the order of the model's weights file (`file_order`, `model_order`), so a checkpoint of
+any mesh loads into any other.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,6 +47,9 @@ class TensorPlan:
     mixers: dict[str, str]  # in a block: attention and MLP -> how they get their input ("hidden_states" kwarg, or "0")
     fan_out: tuple[str, ...]  # split by output features
     fan_in: tuple[str, ...]  # split by input features
+    # fan-out layers that concatenate several projections -> the parts' sizes, in output features
+    fused: Callable[[Any], dict[str, tuple[int, ...]]] | None = None
+    reads_head_counts: tuple[str, ...] = ()  # in a block: attention that sizes its split by the config's head counts
 
 
 LLAMA = TensorPlan(
@@ -52,9 +64,25 @@ GPT_NEOX = TensorPlan(
     mixers={"attention": "0", "mlp": "0"},
     fan_out=("attention.query_key_value", "mlp.dense_h_to_4h"), fan_in=("attention.dense", "mlp.dense_4h_to_h"))
 
-# model_type -> plan. Phi-3 is absent on purpose: its fused qkv_proj is [all q | all k | all v] and
-# gate_up_proj [gate | up], which a split by output features would cut across the wrong rows.
-PLANS: dict[str, TensorPlan] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt_neox": GPT_NEOX}
+
+def _phi3_parts(config: Any) -> dict[str, tuple[int, ...]]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    return {"self_attn.qkv_proj": (config.num_attention_heads * head_dim, kv, kv),
+            "mlp.gate_up_proj": (config.intermediate_size, config.intermediate_size)}
+
+
+# Phi-3 fuses q, k and v into one projection laid out part by part, and gate and up likewise; its
+# attention finds where k starts from config.num_attention_heads.
+PHI3 = TensorPlan(
+    blocks="layers", final_norm="norm", norms=("input_layernorm", "post_attention_layernorm"),
+    mixers={"self_attn": "hidden_states", "mlp": "0"},
+    fan_out=("self_attn.qkv_proj", "mlp.gate_up_proj"), fan_in=("self_attn.o_proj", "mlp.down_proj"),
+    fused=_phi3_parts, reads_head_counts=("self_attn",))
+
+# model_type -> plan
+PLANS: dict[str, TensorPlan] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt_neox": GPT_NEOX,
+                                "phi3": PHI3}
 
 
 def plan_for(config: Any, degree: int) -> TensorPlan:
@@ -66,7 +94,12 @@ def plan_for(config: Any, degree: int) -> TensorPlan:
                          f"(dtrain has plans for {', '.join(sorted(PLANS))}); set parallel.mesh.tensor=1 and "
                          "shard with FSDP only")
     check_heads_divide(config, "tensor", degree, "each tensor-parallel rank computes whole heads")
-    return PLANS[model_type]
+    plan = PLANS[model_type]
+    for layer, parts in (plan.fused(config) if plan.fused else {}).items():
+        if any(size % degree for size in parts):
+            raise ConfigError(f"parallel.mesh.tensor={degree} does not divide {layer}'s parts {list(parts)}: each "
+                              f"rank takes an equal share of every part; choose a degree that divides them")
+    return plan
 
 
 def split_dims(model: nn.Module) -> dict[int, int]:
@@ -90,17 +123,30 @@ def split_dims(model: nn.Module) -> dict[int, int]:
     return dims
 
 
-def apply_tp(model: nn.Module, tp_mesh: Any) -> nn.Module:
+def apply_tp(model: nn.Module, tp_mesh: Any) -> dict[str, torch.Tensor]:
     """Split `model`'s decoder blocks over `tp_mesh` (in place; before FSDP, after LoRA and
-    activation checkpointing are set up). Parameters keep their requires_grad."""
+    activation checkpointing are set up). Parameters keep their requires_grad.
+
+    Returns the parameters now held in another row order than the model's (fused projections),
+    by name: row i of the held one is row `order[i]` of the model's."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    plan = plan_for(hf.config, tp_mesh.size())
+    degree = tp_mesh.size()
+    plan = plan_for(hf.config, degree)
     decoder = getattr(hf, hf.base_model_prefix)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     blocks = decoder.get_submodule(plan.blocks)
+    reordered = _interleave_fused_parts(model, blocks, plan, degree) if plan.fused else {}
+    if plan.reads_head_counts:
+        local = copy.copy(hf.config)  # (the model's own config keeps the whole counts: it is what gets saved)
+        local.num_attention_heads = hf.config.num_attention_heads // degree
+        local.num_key_value_heads = hf.config.num_key_value_heads // degree
+        for block in blocks:
+            for name in plan.reads_head_counts:
+                attention = block.get_submodule(name)
+                attention.config, attention.num_key_value_heads = local, local.num_key_value_heads
     for block in blocks:
         parallelize_module(block, tp_mesh, block_plan(block, plan))
     # The residual stream enters the first block whole and is split along the sequence; it leaves
@@ -114,7 +160,60 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> nn.Module:
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
-    return model
+    return reordered
+
+
+def interleaved_rows(parts: tuple[int, ...], degree: int) -> torch.Tensor:
+    """The row order [part 0's share 0, part 1's share 0, ... | part 0's share 1, ...] of a fused
+    projection whose output concatenates `parts`: rank r's contiguous share of it holds its share of
+    every part."""
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    return torch.cat([torch.arange(start + rank * size // degree, start + (rank + 1) * size // degree)
+                      for rank in range(degree) for start, size in zip(starts, parts)])
+
+
+def _interleave_fused_parts(model: nn.Module, blocks: nn.Module, plan: TensorPlan,
+                            degree: int) -> dict[str, torch.Tensor]:
+    """Put the rows of every fused fan-out layer (weight, bias, LoRA B) in `interleaved_rows` order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    reordered: dict[str, torch.Tensor] = {}
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer_name, parts in plan.fused(hf.config).items():
+        order = interleaved_rows(parts, degree)
+        for block in blocks:
+            layer = block.get_submodule(layer_name)
+            base = getattr(layer, "base_layer", layer)
+            held = [base.weight, base.bias, *(b.weight for b in getattr(layer, "lora_B", {}).values())]
+            with torch.no_grad():
+                for p in held:
+                    if p is not None:
+                        p.copy_(p[order])
+                        reordered[names[id(p)]] = order
+    return reordered
+
+
+def file_order(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`t`, held with its rows in `order`, back in the model's own row order (a DTensor is gathered
+    and laid out again as it was: every rank calls this, in the same order)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(file_order(t.full_tensor(), order), t.device_mesh, t.placements, src_data_rank=None)
+    out = torch.empty_like(t)
+    out[order.to(t.device)] = t
+    return out
+
+
+def model_order(t: torch.Tensor, order: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t`, in the model's own row order, with its rows in `order` and laid out as `like`."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = t.full_tensor()[order.to(t.device)]
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return t[order.to(t.device)]
 
 
 def block_plan(block: nn.Module, plan: TensorPlan) -> dict[str, Any]:
