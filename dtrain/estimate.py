@@ -81,6 +81,8 @@ class ModelShape:
     notes: list[str] = field(default_factory=list)  # what the estimate had to assume about this model (dims' too)
     chunkable_head: bool = False  # a causal LM head dtrain.lm_head can chunk (model.logits)
     tensor_plan: bool = False  # dtrain has a tensor-parallel plan for the architecture
+    tensor_collectives: Any = None  # its dtrain.parallel.tensor.BlockCollectives
+    embeddings_train: bool = True  # (else the first block's input needs no gradient)
 
     @property
     def total(self) -> int:
@@ -220,7 +222,7 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
     from dtrain.finetune import freeze
     from dtrain.lm_head import chunkable
     from dtrain.model import load_model_config, transformer_blocks
-    from dtrain.parallel.tensor import split_dims
+    from dtrain.parallel.tensor import block_collectives, split_dims
     from dtrain.peft import apply_peft
 
     config = copy.deepcopy(model_config if model_config is not None else load_model_config(cfg.model))
@@ -251,6 +253,8 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
         freeze(model, cfg.freeze)
         chunkable_head = cfg.model.task == "causal_lm" and chunkable(model) is None  # (adapters on the head: no)
         split = split_dims(model)
+        collectives = block_collectives(model)
+        embeddings_train = model.get_input_embeddings().weight.requires_grad
     # After peft: its LoRA factors are new tensors inside the same block modules.
     block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
     params = [ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, block_of.get(id(p)), split.get(id(p)))
@@ -273,7 +277,7 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
         vocab = model.get_input_embeddings().weight.shape[0]
     return ModelShape(dims=dims, vocab=vocab, params=params, matmul_params=matmul,
                       trainable_matmul_params=trainable_matmul, notes=notes, chunkable_head=chunkable_head,
-                      tensor_plan=bool(split))
+                      tensor_plan=bool(split), tensor_collectives=collectives, embeddings_train=embeddings_train)
 
 
 # --------------------------------------------------------------------------------------
@@ -645,32 +649,51 @@ def sharded_communication(shape: ModelShape, run: RunShape, spec: StrategySpec, 
                           compute_bytes: int) -> int:
     """Bytes each device sends per optimizer step under FSDP2 over replicate x shard x tensor
     (ring collectives: an all-gather or reduce-scatter over n ranks sends (n-1)/n of the whole,
-    an all-reduce twice that):
+    an all-reduce twice that), as counted in real runs (benchmarks/mesh_comm.py):
 
       shard      every micro-batch all-gathers this rank's tensor-parallel slice of the parameters
                  (in the compute dtype) in forward, and again in backward when they are resharded
-                 after forward; once per step the gradients of what trains are reduce-scattered (fp32)
+                 after forward, all but the last block's (kept gathered); once per step the
+                 gradients of what trains are reduce-scattered (fp32)
       replicate  once per step, the gradient shards are all-reduced across the replicas (HSDP)
-      tensor     per layer and micro-batch, sequence parallel's two all-gathers and two
-                 reduce-scatters of the activations (micro-batch x seq x hidden) in forward, as many
-                 in backward, and a forward's again when a checkpointed layer is recomputed
+      tensor     per layer and micro-batch, sequence parallel's all-gather and reduce-scatter of the
+                 activations (micro-batch x seq x hidden) around the attention and the MLP in forward;
+                 in backward the two all-gathers and an all-reduce of the input's gradient per fan-out
+                 layer (BlockCollectives); the final norm's input gathered once, and the first block's
+                 input gradient (when the embeddings train or checkpointing makes the inputs require
+                 grad; else the first attention needs none either); adapters the same at their rank.
+                 Activation checkpointing recomputes a block up to the last output its backward
+                 needs: both gathers and the attention's reduce-scatter, the MLP's only if an adapter
+                 follows it
       sequence   per layer and micro-batch, Ulysses' all-to-alls of q, k, v and the attention
-                 output in forward (of this rank's tokens), as many in backward, again on recompute
+                 output in forward (of this rank's tokens: its slice and the next slice's first),
+                 as many in backward, again on recompute
     """
     S, R, T = shards, spec.replicate, spec.tensor
     local = sum(whole(p) for p in shape.params)
     trainable = sum(whole(p) for p in shape.params if p.trainable)
-    gathers = 2 if run.fsdp_reshard else 1
-    total = (S - 1) * (gathers * run.accum * local * compute_bytes + trainable * 4) // S
+    last_block = sum(whole(p) for p in shape.params if p.block == shape.dims.layers - 1)
+    gathered = local + (local - last_block if run.fsdp_reshard else 0)
+    total = (S - 1) * (run.accum * gathered * compute_bytes + trainable * 4) // S
     total += 2 * (R - 1) * (math.ceil(trainable / S) * 4) // R
-    if T > 1:
-        activation = run.micro_batch * run.seq * shape.dims.hidden * compute_bytes
-        per_layer = 8 + (4 if run.checkpointing else 0)
-        total += (T - 1) * per_layer * shape.dims.layers * run.accum * activation // T
+    blocks = shape.tensor_collectives
+    if T > 1 and blocks is not None:
+        layers, tokens = shape.dims.layers, run.micro_batch * run.seq
+        recompute = 1 if run.checkpointing else 0
+        recomputed = recompute * (3 + blocks.mlp_fan_in_adapted)
+        fan_out = blocks.attention_fan_out + blocks.mlp_fan_out
+        units = layers * (4 + recomputed + 2 + 2 * fan_out) + 1
+        # (dtrain.peft makes the inputs require grad under checkpointing)
+        units += 1 if shape.embeddings_train or run.checkpointing else -2 * blocks.attention_fan_out
+        adapter_units = layers * (2 * blocks.adapted_fan_out + (2 + recompute) * blocks.adapted_fan_in)
+        moved = (units * shape.dims.hidden + adapter_units * blocks.adapter_rank) * tokens
+        moved += 2 * layers * blocks.partial_gradients
+        total += (T - 1) * run.accum * moved * compute_bytes // T
     C = spec.sequence
     if C > 1:  # per layer and micro-batch: q, k, v and the output exchanged in forward, their gradients in backward
         d = shape.dims.head_dim
-        exchanged = run.micro_batch * (run.seq // C) * (2 * shape.dims.heads + 2 * shape.dims.kv_heads) * d
+        tokens = -(-run.seq // C) + 1  # a slice and the next one's first token (dtrain.parallel.sequence)
+        exchanged = run.micro_batch * tokens * (2 * shape.dims.heads + 2 * shape.dims.kv_heads) * d
         passes = 2 + (1 if run.checkpointing else 0)
         total += (C - 1) * passes * shape.dims.layers * run.accum * exchanged * compute_bytes // C
     return total

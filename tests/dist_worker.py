@@ -13,6 +13,10 @@ With "dump": true, every checkpoint save and every resume also writes the full (
 trainable parameters and Adam moments, as the strategy holds them at that moment, to
 <output_dir>/values_saved_<step>.pt and values_loaded_<step>.pt (rank 0): what the
 resharding tests compare.
+
+With "count": {"step": k, "runs": [names]}, those runs also report the bytes this rank's
+collectives send during optimizer step k, and the step's micro-batch shapes
+(benchmarks/mesh_comm.py's counter): what the communication estimate is checked against.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import Iterator
 import torch.distributed as dist
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from mesh_comm import counting_step  # noqa: E402
 
 import dtrain.data.pipeline as pipeline
 from dtrain import checkpoint as ckpt
@@ -135,10 +142,14 @@ def run_all(spec: dict, out: Path, results: dict) -> None:
         except ConfigError as exc:
             results[name] = {"config_error": str(exc)}
             continue
-        result = train(cfg)
+        count = spec.get("count", {})
+        counted: dict = {}
+        with counting_step(count["step"], counted) if name in count.get("runs", ()) else contextlib.nullcontext():
+            result = train(cfg)
         results[name] = {"losses": result.train_losses, "final": result.final_metrics,
                          "state_bytes": result.state_bytes, "data_builds": builds["n"] - before,
-                         "seconds": round(time.perf_counter() - started, 2)}  # (what each run costs the suite)
+                         "seconds": round(time.perf_counter() - started, 2),  # (what each run costs the suite)
+                         **({"collectives": counted} if counted else {})}
 
 
 if __name__ == "__main__":

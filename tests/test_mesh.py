@@ -9,11 +9,14 @@ evaluation with that process's run. Tensor parallel includes sequence parallel f
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import ALPACA, REPO
 from test_distributed import LORA, torchrun
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # (mesh_comm: the collectives' counter)
 
 from dtrain.config import ConfigError, load_config
 from dtrain.parallel.mesh import ParallelDims
@@ -30,6 +33,8 @@ MESHES = {  # name: (overrides, data-parallel size)
 
 
 PACKED = ["data.packing=true"]
+# The runs whose second step's collectives are counted (dist_worker "count"), for the estimate.
+COUNTED = [*MESHES, *(f"{name}_lora" for name in MESHES), "fsdp_tp_lora_ac", "sp_packed"]
 PREFERENCE_DATA = REPO / "examples" / "data" / "arithmetic_preference.jsonl"
 
 
@@ -102,7 +107,8 @@ def four_processes(tiny_model_dir, architecture_dirs, tmp_path_factory):
     runs["phi3_fsdp_tp_resumed"] = architecture_run(architecture_dirs["phi3"]) + [
         f"checkpoint.resume={phi3_step_5(out)}", f"output_dir={out / 'phi3-resumed'}"]
     runs.update(chain_runs(out / "chain", processes=4))
-    ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "dump": True, "runs": runs}, out, nproc=4)
+    ranks = torchrun({"base": base(tiny_model_dir, out / "cache"), "dump": True, "runs": runs,
+                      "count": {"step": 2, "runs": COUNTED}}, out, nproc=4)
     return out, ranks
 
 
@@ -185,6 +191,25 @@ def test_the_estimate_of_each_mesh_is_the_state_each_rank_holds(mesh_runs, tiny_
     adam_steps = 4 * sum(1 for p in shape.params if p.trainable)  # (0-dim "step" tensors: not in state_bytes)
     estimated = {"parameters": memory.weights - memory.gathered, "optimizer": memory.optimizer - adam_steps}
     assert estimated == mesh_runs[0][run]["state_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", COUNTED)
+def test_the_estimated_communication_of_each_mesh_is_what_its_collectives_send(four_processes, run):
+    """`dtrain estimate`'s bytes per device and step (estimate.sharded_communication) against the
+    bytes each rank's collectives sent in the run's second step (benchmarks/mesh_comm.py's count:
+    c10d's and DTensor's collectives, as ring algorithms send them), for that step's batch shape."""
+    import json
+
+    from mesh_comm import estimated
+
+    out, ranks = four_processes
+    spec = json.loads((out / "spec.json").read_text())
+    cfg = load_config(None, spec["base"] + spec["runs"][run])
+    for rank, results in enumerate(ranks):
+        counted = results[run]["collectives"]
+        assert sum(counted["sent"].values()) == pytest.approx(estimated(cfg, 4, counted["micro_batches"]),
+                                                              rel=0.01), (rank, counted)
 
 
 def test_the_mesh_is_laid_out_replicate_major_and_tensor_minor():

@@ -123,6 +123,46 @@ def split_dims(model: nn.Module) -> dict[int, int]:
     return dims
 
 
+@dataclass(frozen=True)
+class BlockCollectives:
+    """What one decoder block's split layers make tensor parallel communicate, beyond sequence
+    parallel's all-gather and reduce-scatter of the activations around each sub-layer (what
+    `dtrain estimate` counts): in backward, the gradient of every fan-out layer's input is
+    all-reduced (one per layer: q, k and v separately); an adapter on a fan-out layer does the same
+    with its (tokens x rank) activations, one on a fan-in layer reduce-scatters them in forward and
+    gathers them in backward; and the gradients of the weights every rank holds whole inside the
+    block (the norms, a fan-in adapter's B) are all-reduced."""
+
+    attention_fan_out: int
+    mlp_fan_out: int
+    adapted_fan_out: int
+    adapted_fan_in: int
+    adapter_rank: int
+    partial_gradients: int  # elements
+    mlp_fan_in_adapted: bool  # (then a recomputed block runs to its very end: the adapter's input is saved)
+
+
+def block_collectives(model: nn.Module) -> BlockCollectives | None:
+    """The first decoder block's BlockCollectives (None for an architecture without a plan)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plan = PLANS.get(getattr(hf.config, "model_type", None))
+    if plan is None:
+        return None
+    block = getattr(hf, hf.base_model_prefix).get_submodule(plan.blocks)[0]
+    attention = next(iter(plan.mixers))
+    adapted_out = [block.get_submodule(n) for n in plan.fan_out if hasattr(block.get_submodule(n), "lora_A")]
+    adapted_in = [block.get_submodule(n) for n in plan.fan_in if hasattr(block.get_submodule(n), "lora_A")]
+    rank = max((a.weight.shape[0] for layer in adapted_out + adapted_in for a in layer.lora_A.values()), default=0)
+    whole = [p for n in plan.norms for p in block.get_submodule(n).parameters()]
+    whole += [b.weight for layer in adapted_in for b in layer.lora_B.values()]
+    attention_fan_out = sum(name.split(".")[0] == attention for name in plan.fan_out)
+    mlp_fan_in_adapted = any(hasattr(block.get_submodule(name), "lora_A") for name in plan.fan_in
+                             if name.split(".")[0] != attention)
+    return BlockCollectives(attention_fan_out, len(plan.fan_out) - attention_fan_out, len(adapted_out),
+                            len(adapted_in), rank, sum(p.numel() for p in whole if p.requires_grad),
+                            mlp_fan_in_adapted)
+
+
 def apply_tp(model: nn.Module, tp_mesh: Any) -> dict[str, torch.Tensor]:
     """Split `model`'s decoder blocks over `tp_mesh` (in place; before FSDP, after LoRA and
     activation checkpointing are set up). Parameters keep their requires_grad.
