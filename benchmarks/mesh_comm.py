@@ -1,7 +1,7 @@
 """Communication per optimizer step, by device mesh: `dtrain estimate`'s figure against the bytes
 counted in a real run.
 
-    python benchmarks/mesh_comm.py [--nproc 4 --hidden 128 --layers 4 --seq 256 --micro-batch 2]
+    python benchmarks/mesh_comm.py [--strategies] [--nproc 4 --hidden 128 --layers 4 --seq 256 --micro-batch 2]
 
 Starts itself under torchrun (gloo on the CPU). For each mesh of 4 processes (FSDP, HSDP 2x2,
 FSDP x TP 2x2, TP 2 with 2 replicas, FSDP x sequence parallel 2x2), full fine-tuning and LoRA (and
@@ -10,7 +10,9 @@ assumes) for 2 steps and counts every collective each rank issues during the sec
 and the functional ones (DTensor's, tensor parallel), seen through a dispatch mode, as the bytes a
 ring algorithm makes one rank send: an all-gather, reduce-scatter or all-to-all over n ranks sends
 (n-1)/n of the whole, an all-reduce twice that. Prints per mesh the estimate, the count (the mean
-over the ranks) and their ratio. tests/test_mesh.py checks the same counts on its own runs.
+over the ranks) and their ratio. With --strategies: DDP and DeepSpeed ZeRO-1/2/3 (dtrain's
+ds_configs/) instead, full, LoRA and with 2 micro-batches. tests/test_mesh.py checks the same counts
+on its own runs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ RUNS = {**{f"{name} full": overrides for name, overrides in MESHES.items()},
         "hsdp 2x2 full, 2 micro-batches": MESHES["hsdp 2x2"] + ["train.grad_accum_steps=2"],
         "fsdp+tp 2x2 lora, checkpointing": MESHES["fsdp+tp 2x2"] + LORA + CHECKPOINTING,
         "fsdp+sp 2x2 full, checkpointing": MESHES["fsdp+sp 2x2"] + CHECKPOINTING}
+# --strategies: the one-dimensional ones too (DDP, DeepSpeed ZeRO with dtrain's ds_configs/)
+STRATEGIES = {"ddp": ["parallel.strategy=ddp"],
+              **{f"zero{stage}": ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={REPO}/ds_configs/zero{stage}.json"]
+                 for stage in (1, 2, 3)}}
+STRATEGY_RUNS = {**{f"{name} full": overrides for name, overrides in STRATEGIES.items()},
+                 **{f"{name} lora": overrides + LORA for name, overrides in STRATEGIES.items()},
+                 **{f"{name} full, 2 micro-batches": overrides + ["train.grad_accum_steps=2"]
+                    for name, overrides in STRATEGIES.items()}}
 
 # c10d op -> (kind, argument holding the whole, argument holding the process group)
 C10D = {
@@ -134,14 +144,24 @@ def counting_step(step: int, into: dict[str, Any]) -> Iterator[None]:
 
 
 def estimated(cfg: Any, world: int, micro_batches: list[list[int]]) -> int:
-    """`dtrain estimate`'s bytes per device and optimizer step for `cfg`'s mesh at `world`
-    processes, for the step's micro-batches (their input_ids shapes: packing fills rows up to
-    max_seq_len, not always to it; tensor and sequence parallel pad to a multiple of their degree)."""
-    from dtrain.estimate import StrategySpec, model_shape, run_shape, strategy_memory
+    """`dtrain estimate`'s bytes per device and optimizer step for `cfg`'s strategy (and mesh) at
+    `world` processes, for the step's micro-batches (their input_ids shapes: packing fills rows up
+    to max_seq_len, not always to it; tensor and sequence parallel pad to a multiple of their degree)."""
+    import json as _json
+
+    from dtrain.estimate import STRATEGIES, StrategySpec, model_shape, run_shape, strategy_memory
 
     mesh = cfg.parallel.mesh
-    spec = StrategySpec("counted", "fsdp", "sharded", replicate=mesh.replicate, tensor=mesh.tensor,
-                        sequence=mesh.sequence)
+    if cfg.parallel.strategy == "fsdp":
+        spec = StrategySpec("counted", "fsdp", "sharded", replicate=mesh.replicate, tensor=mesh.tensor,
+                            sequence=mesh.sequence)
+    else:
+        name = cfg.parallel.strategy
+        if name == "deepspeed":
+            path = Path(cfg.parallel.deepspeed_config)
+            path = path if path.is_absolute() or path.exists() else REPO / path
+            name = f"zero{_json.loads(path.read_text())['zero_optimization']['stage']}"
+        spec = next(s for s in STRATEGIES if s.name == name)
     (rows, length), multiple = micro_batches[0], mesh.tensor * mesh.sequence
     run = run_shape(cfg, world, micro_batch=rows, seq=-(-length // multiple) * multiple, accum=len(micro_batches))
     return strategy_memory(model_shape(cfg), run, spec).comm
@@ -157,7 +177,7 @@ def _worker(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
     results = {}
-    for name, overrides in RUNS.items():
+    for name, overrides in (STRATEGY_RUNS if args.strategies else RUNS).items():
         cfg = load_config(None, [
             f"model.path={out / 'model'}", f"data.train={REPO / 'examples/data/arithmetic_alpaca.jsonl'}",
             "data.format=alpaca", "data.packing=true", f"data.max_seq_len={args.seq}", f"data.cache_dir={out / 'cache'}",
@@ -183,6 +203,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--strategies", action="store_true",
+                        help="DDP and ZeRO-1/2/3 (full, LoRA, 2 micro-batches) instead of the FSDP2 meshes")
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # (the workers' directory)
     args = parser.parse_args()
     if "RANK" in os.environ:
@@ -207,7 +229,7 @@ def main() -> None:
     print(f"Llama hidden {args.hidden} x {args.layers} layers (4 heads, 2 KV heads, vocab 260), fp32, "
           f"{args.nproc} processes, packed rows of up to {args.micro_batch} x {args.seq} tokens; the second "
           "optimizer step; bytes each rank sends (ring collectives)")
-    print(f"{'mesh':<34}{'tokens':>8}{'estimate MiB':>14}{'counted MiB':>13}{'counted/estimate':>18}  counted by kind "
+    print(f"{'run':<34}{'tokens':>8}{'estimate MiB':>14}{'counted MiB':>13}{'counted/estimate':>18}  counted by kind "
           "(rank 0, MiB)")
     for name, r in results.items():
         counted = sum(r["counted"]) / len(r["counted"])

@@ -630,11 +630,17 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     else:
         weights = P * module_bytes
     opt, cpu = master + moments, act.offloaded
-    # Gradients reduce-scattered and the updated parameters all-gathered once per step; ZeRO-3 also
-    # gathers the parameters in every micro-batch's forward and backward.
-    comm = 2 * (N - 1) * Pt * module_bytes // N
-    if spec.stage == 3:
-        comm += 2 * run.accum * (N - 1) * P * module_bytes // N
+    # As DeepSpeed does it (counted: benchmarks/mesh_comm.py --strategies): ZeRO-1 all-reduces the
+    # gradients once per step, ZeRO-2 every micro-batch (its multi-rank bucket all-reduce), and both
+    # all-gather the updated partitions once per step; ZeRO-3 reduce-scatters every micro-batch's
+    # gradients and gathers the parameters in its forward, and in its backward those that
+    # stage3_max_reuse_distance did not keep gathered (none in a model under that many elements).
+    if spec.stage < 3:
+        reductions = 2 * (run.accum if spec.stage == 2 else 1)
+        comm = (N - 1) * (reductions + 1) * Pt * module_bytes // N
+    else:
+        regathered = max(0, P - ZERO3_MAX_REUSE_DISTANCE)
+        comm = (N - 1) * run.accum * (Pt + P + regathered) * module_bytes // N
     if spec.offload:
         cpu += master + moments + 4 * part
         opt, grads = 0, (bucket if spec.stage > 1 else Pt * module_bytes)
@@ -643,6 +649,11 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
             weights -= math.ceil(P / N) * module_bytes
     return Memory(spec.name, weights, grads, opt, act.saved, act.logits, cpu=cpu, gathered=gathered,
                   overlap=act.overlap, comm=comm)
+
+
+# stage3_max_reuse_distance of dtrain's ds_configs/zero3.json (DeepSpeed's default): parameters
+# used again within this many elements stay gathered from forward to backward.
+ZERO3_MAX_REUSE_DISTANCE = 10**9
 
 
 def sharded_communication(shape: ModelShape, run: RunShape, spec: StrategySpec, shards: int, whole: Any,

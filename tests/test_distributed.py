@@ -88,7 +88,8 @@ def distributed_runs(tiny_model_dir, tmp_path_factory):
                                                   extra=STRATEGIES["fsdp"] + ["preference.precompute_reference=true"])
     runs["dpo-fsdp_qlora"] = preference_run(tiny_model_dir, out / "preference-cache", "dpo", micro_batch=2,
                                             extra=STRATEGIES["fsdp"] + ["peft.method=qlora", "peft.dropout=0"])
-    return out, torchrun({"base": [], "runs": runs}, out)
+    counted = [*STRATEGIES, *(f"{name}_lora" for name in STRATEGIES)]  # (their second step's collectives)
+    return out, torchrun({"base": [], "runs": runs, "count": {"step": 2, "runs": counted}}, out)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,23 @@ def test_loss_curve_matches_single_process(strategy_runs, single_runs, strategy,
         assert b == pytest.approx(a, abs=1e-5, rel=0), f"{strategy}{suffix} step {step}: {b} vs single {a}"
     assert got["final"]["eval_loss"] == pytest.approx(reference.final_metrics["eval_loss"], abs=1e-5, rel=0)
     assert ranks[1][strategy + suffix]["losses"] == got["losses"]  # every rank logs the global loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [*STRATEGIES, *(f"{name}_lora" for name in STRATEGIES)])
+def test_the_estimated_communication_is_what_the_collectives_send(distributed_runs, run):
+    """`dtrain estimate`'s bytes per device and step for DDP, FSDP and ZeRO-1/2/3 against the bytes
+    each rank's collectives sent in the run's second step (benchmarks/mesh_comm.py's count)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mesh_comm import estimated
+
+    out, ranks = distributed_runs
+    spec = json.loads((out / "spec.json").read_text())
+    cfg = load_config(None, spec["base"] + spec["runs"][run])
+    for rank, results in enumerate(ranks):
+        counted = results[run]["collectives"]
+        assert sum(counted["sent"].values()) == pytest.approx(estimated(cfg, 2, counted["micro_batches"]),
+                                                              rel=0.01), (rank, counted)
 
 
 @pytest.mark.slow
