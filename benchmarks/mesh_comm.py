@@ -5,14 +5,15 @@ counted in a real run.
 
 Starts itself under torchrun (gloo on the CPU). For each mesh of 4 processes (FSDP, HSDP 2x2,
 FSDP x TP 2x2, TP 2 with 2 replicas, FSDP x sequence parallel 2x2), full fine-tuning and LoRA (and
-with 2 micro-batches per step, and with activation checkpointing), it trains a Llama built from config on packed rows (every row `--seq` tokens, the length the estimate
-assumes) for 2 steps and counts every collective each rank issues during the second: c10d's (FSDP)
-and the functional ones (DTensor's, tensor parallel), seen through a dispatch mode, as the bytes a
-ring algorithm makes one rank send: an all-gather, reduce-scatter or all-to-all over n ranks sends
-(n-1)/n of the whole, an all-reduce twice that. Prints per mesh the estimate, the count (the mean
-over the ranks) and their ratio. With --strategies: DDP and DeepSpeed ZeRO-1/2/3 (dtrain's
-ds_configs/) instead, full, LoRA and with 2 micro-batches. tests/test_mesh.py checks the same counts
-on its own runs.
+with 2 micro-batches per step, and with activation checkpointing), it trains a Llama built from
+config on packed rows for 2 steps and counts every collective each rank issues during the second:
+c10d's (FSDP2, DDP, DeepSpeed) and the functional ones (DTensor's: tensor and sequence parallel),
+seen through a dispatch mode, as the bytes a ring algorithm makes one rank send: an all-gather,
+reduce-scatter or all-to-all over n ranks sends (n-1)/n of the whole, an all-reduce twice that.
+Prints per run the estimate for that step's tokens, the count (the mean over the ranks) and their
+ratio. With --strategies: DDP and DeepSpeed ZeRO-1/2/3 (dtrain's ds_configs/) instead, full, LoRA
+and with 2 micro-batches. tests/test_mesh.py and tests/test_distributed.py check the same counts on
+their own runs (through `counting_step` and `estimated`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ RUNS = {**{f"{name} full": overrides for name, overrides in MESHES.items()},
         "fsdp+sp 2x2 full, checkpointing": MESHES["fsdp+sp 2x2"] + CHECKPOINTING}
 # --strategies: the one-dimensional ones too (DDP, DeepSpeed ZeRO with dtrain's ds_configs/)
 STRATEGIES = {"ddp": ["parallel.strategy=ddp"],
-              **{f"zero{stage}": ["parallel.strategy=deepspeed", f"parallel.deepspeed_config={REPO}/ds_configs/zero{stage}.json"]
-                 for stage in (1, 2, 3)}}
+              **{f"zero{stage}": ["parallel.strategy=deepspeed",
+                                  f"parallel.deepspeed_config={REPO}/ds_configs/zero{stage}.json"] for stage in (1, 2, 3)}}
 STRATEGY_RUNS = {**{f"{name} full": overrides for name, overrides in STRATEGIES.items()},
                  **{f"{name} lora": overrides + LORA for name, overrides in STRATEGIES.items()},
                  **{f"{name} full, 2 micro-batches": overrides + ["train.grad_accum_steps=2"]
