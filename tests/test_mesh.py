@@ -89,8 +89,9 @@ def architecture_run(model_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def four_processes(tiny_model_dir, architecture_dirs, tmp_path_factory):
     """The module's one 4-process job: each mesh, full and LoRA (and FSDP x TP with LoRA and
-    activation checkpointing; FSDP x TP of the other families), then the reshard chain's 4-process
-    shapes. Returns its directory and each rank's results by run."""
+    activation checkpointing; FSDP x TP of the other families, Phi-3's saved at step 5 and resumed
+    from it), then the reshard chain's 4-process shapes; the mesh runs count their second step's
+    collectives (COUNTED). Returns its directory and each rank's results by run."""
     out = tmp_path_factory.mktemp("mesh")
     runs = {}
     for name, (overrides, data_parallel) in MESHES.items():
