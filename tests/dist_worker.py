@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # (last: its scripts shadow nothing)
 from mesh_comm import counting_step  # noqa: E402
 
 import dtrain.data.pipeline as pipeline
