@@ -148,8 +148,6 @@ def estimated(cfg: Any, world: int, micro_batches: list[list[int]]) -> int:
     """`dtrain estimate`'s bytes per device and optimizer step for `cfg`'s strategy (and mesh) at
     `world` processes, for the step's micro-batches (their input_ids shapes: packing fills rows up
     to max_seq_len, not always to it; tensor and sequence parallel pad to a multiple of their degree)."""
-    import json as _json
-
     from dtrain.estimate import STRATEGIES, StrategySpec, model_shape, run_shape, strategy_memory
 
     mesh = cfg.parallel.mesh
@@ -161,7 +159,7 @@ def estimated(cfg: Any, world: int, micro_batches: list[list[int]]) -> int:
         if name == "deepspeed":
             path = Path(cfg.parallel.deepspeed_config)
             path = path if path.is_absolute() or path.exists() else REPO / path
-            name = f"zero{_json.loads(path.read_text())['zero_optimization']['stage']}"
+            name = f"zero{json.loads(path.read_text())['zero_optimization']['stage']}"
         spec = next(s for s in STRATEGIES if s.name == name)
     (rows, length), multiple = micro_batches[0], mesh.tensor * mesh.sequence
     run = run_shape(cfg, world, micro_batch=rows, seq=-(-length // multiple) * multiple, accum=len(micro_batches))

@@ -9,14 +9,11 @@ evaluation with that process's run. Tensor parallel includes sequence parallel f
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import ALPACA, REPO
-from test_distributed import LORA, torchrun
-
-sys.path.append(str(REPO / "benchmarks"))  # (mesh_comm: the collectives' counter; last: its scripts shadow nothing)
+from test_distributed import LORA, check_counted_communication, torchrun
 
 from dtrain.config import ConfigError, load_config
 from dtrain.parallel.mesh import ParallelDims
@@ -200,17 +197,7 @@ def test_the_estimated_communication_of_each_mesh_is_what_its_collectives_send(f
     """`dtrain estimate`'s bytes per device and step (estimate.sharded_communication) against the
     bytes each rank's collectives sent in the run's second step (benchmarks/mesh_comm.py's count:
     c10d's and DTensor's collectives, as ring algorithms send them), for that step's batch shape."""
-    import json
-
-    from mesh_comm import estimated
-
-    out, ranks = four_processes
-    spec = json.loads((out / "spec.json").read_text())
-    cfg = load_config(None, spec["base"] + spec["runs"][run])
-    for rank, results in enumerate(ranks):
-        counted = results[run]["collectives"]
-        assert sum(counted["sent"].values()) == pytest.approx(estimated(cfg, 4, counted["micro_batches"]),
-                                                              rel=0.01), (rank, counted)
+    check_counted_communication(*four_processes, run)
 
 
 def test_the_mesh_is_laid_out_replicate_major_and_tensor_minor():
