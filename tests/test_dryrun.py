@@ -25,7 +25,7 @@ EXAMPLE_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in EXAMPLES.rglob(
 
 # Examples that start from the model another example writes (its output_dir/final): on a clean
 # checkout that run is trained first, shortened, as a user would (the example's comment says so).
-STARTS_FROM = {"examples/tiny_dpo.yaml": "examples/tiny_alpaca.yaml", "examples/tiny_grpo.yaml": "examples/tiny_alpaca.yaml"}
+STARTS_FROM = {"examples/tiny_dpo.yaml": "examples/tiny_alpaca.yaml", "examples/tiny_grpo.yaml": "examples/tiny_sums.yaml"}
 
 
 def test_examples_exist():

@@ -76,6 +76,7 @@ def main() -> None:
             writer.writerow([f"{a} vs {b}", "first" if a > b else "second" if b > a else "equal"])
     preference_data()
     prompt_data()
+    sums_data()
 
 
 def preference_data() -> None:
@@ -108,6 +109,26 @@ def prompt_data() -> None:
         instruction, expr, answer = arithmetic(rng)
         rows.append({"prompt": ALPACA_PROMPT.format(instruction=instruction, input=expr), "answer": answer})
     write_jsonl(HERE / "arithmetic_prompt.jsonl", rows)
+
+
+
+def sums_data() -> None:
+    """The arithmetic of examples/tiny_sums.yaml (SFT) and examples/tiny_grpo.yaml (GRPO after it). Every
+    sum and difference of two numbers below 100 (15,050 problems) is dealt to one of two pools:
+    - arithmetic_sums.jsonl: nine tenths, each once, as text rows `a + b = c`, what the SFT learns from;
+    - the other tenth, never seen by the SFT, as prompts `a + b = ` with their answer: 905 in
+      arithmetic_sums_prompts.jsonl (GRPO trains on them), 600 in arithmetic_sums_test.jsonl (neither
+      run sees them: the held-out test of both models).
+    (Their own random stream: the files above stay as they were.)"""
+    rng = random.Random(3456)
+    problems = [(a, op, b) for a in range(100) for b in range(100) for op in "+-" if op == "+" or a >= b]
+    rng.shuffle(problems)
+    answer = lambda a, op, b: a + b if op == "+" else a - b  # noqa: E731
+    held, taught = problems[:len(problems) // 10], problems[len(problems) // 10:]
+    write_jsonl(HERE / "arithmetic_sums.jsonl", [{"text": f"{a} {op} {b} = {answer(a, op, b)}"} for a, op, b in taught])
+    prompts = [{"prompt": f"{a} {op} {b} = ", "answer": str(answer(a, op, b))} for a, op, b in held]
+    write_jsonl(HERE / "arithmetic_sums_test.jsonl", prompts[:600])
+    write_jsonl(HERE / "arithmetic_sums_prompts.jsonl", prompts[600:])
 
 
 if __name__ == "__main__":
