@@ -83,6 +83,8 @@ class ModelShape:
     tensor_plan: bool = False  # dtrain has a tensor-parallel plan for the architecture
     tensor_collectives: Any = None  # its dtrain.parallel.tensor.BlockCollectives
     embeddings_train: bool = True  # (else the first block's input needs no gradient)
+    head_params: int = 0  # elements of the output head's weight (the embeddings' when tied)
+    separate_embeddings: int = 0  # elements of the input embeddings when they are not the head's weight
 
     @property
     def total(self) -> int:
@@ -255,6 +257,11 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
         split = split_dims(model)
         collectives = block_collectives(model)
         embeddings_train = model.get_input_embeddings().weight.requires_grad
+        head = model.get_output_embeddings() if cfg.model.task == "causal_lm" else None
+        head_weight = getattr(head, "weight", None)
+        embed_weight = model.get_input_embeddings().weight
+        head_params = head_weight.numel() if head_weight is not None else 0
+        separate_embeddings = embed_weight.numel() if head_weight is not embed_weight else 0
     # After peft: its LoRA factors are new tensors inside the same block modules.
     block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
     params = [ParamInfo(tuple(p.shape), p.requires_grad, id(p) in quantized, block_of.get(id(p)), split.get(id(p)))
@@ -277,7 +284,8 @@ def model_shape(cfg: Config, num_labels: int | None = None, model_config: Any = 
         vocab = model.get_input_embeddings().weight.shape[0]
     return ModelShape(dims=dims, vocab=vocab, params=params, matmul_params=matmul,
                       trainable_matmul_params=trainable_matmul, notes=notes, chunkable_head=chunkable_head,
-                      tensor_plan=bool(split), tensor_collectives=collectives, embeddings_train=embeddings_train)
+                      tensor_plan=bool(split), tensor_collectives=collectives, embeddings_train=embeddings_train,
+                      head_params=head_params, separate_embeddings=separate_embeddings)
 
 
 # --------------------------------------------------------------------------------------
@@ -518,7 +526,9 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
                  2.5P at ZeRO-2 and 2P at ZeRO-3 for N=2, as measured), fp32 moments / N.
                  ZeRO-1 keeps full gradients, ZeRO-2/3 a partition (plus the fp32 copy the
                  step makes, and two reduce buckets of hidden^2). ZeRO-3 partitions the
-                 parameters and gathers about two blocks at a time. Offload moves the master,
+                 parameters; what it holds gathered from forward to backward (zero3_gathered)
+                 is its peak: a small model whole, a large one ~stage3_max_live_parameters
+                 elements (1e9 in dtrain's zero3.json). Offload moves the master,
                  moments and fp32 gradients (and at ZeRO-3 the parameters) to CPU.
     """
     N = run.world
@@ -623,9 +633,8 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
         grads = 4 * part + bucket
     gathered = 0
     if spec.stage == 3:
-        biggest_block = max((sum(p.numel for p in infos if p.block == i) for i in range(shape.dims.layers)), default=0)
         # (one rank without offload holds whole parameters: nothing to gather)
-        gathered = 2 * biggest_block * module_bytes if N > 1 or spec.offload else 0
+        gathered = zero3_gathered(shape) * module_bytes if N > 1 or spec.offload else 0
         weights = math.ceil(P / N) * module_bytes + gathered
     else:
         weights = P * module_bytes
@@ -633,13 +642,13 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
     # As DeepSpeed does it (counted: benchmarks/mesh_comm.py --strategies): ZeRO-1 all-reduces the
     # gradients once per step, ZeRO-2 every micro-batch (its multi-rank bucket all-reduce), and both
     # all-gather the updated partitions once per step; ZeRO-3 reduce-scatters every micro-batch's
-    # gradients and gathers the parameters in its forward, and in its backward those that
-    # stage3_max_reuse_distance did not keep gathered (none in a model under that many elements).
+    # gradients and gathers the parameters in its forward, and in its backward those it did not keep
+    # gathered from forward to backward (zero3_gathered).
     if spec.stage < 3:
         reductions = 2 * (run.accum if spec.stage == 2 else 1)
         comm = (N - 1) * (reductions + 1) * Pt * module_bytes // N
     else:
-        regathered = max(0, P - ZERO3_MAX_REUSE_DISTANCE)
+        regathered = P - zero3_gathered(shape)
         comm = (N - 1) * run.accum * (Pt + P + regathered) * module_bytes // N
     if spec.offload:
         cpu += master + moments + 4 * part
@@ -651,9 +660,38 @@ def strategy_memory(shape: ModelShape, run: RunShape, spec: StrategySpec) -> Mem
                   overlap=act.overlap, comm=comm)
 
 
-# stage3_max_reuse_distance of dtrain's ds_configs/zero3.json (DeepSpeed's default): parameters
-# used again within this many elements stay gathered from forward to backward.
+# stage3_max_reuse_distance and stage3_max_live_parameters of dtrain's ds_configs/zero3.json
+# (DeepSpeed's defaults): parameters used again within this many elements stay gathered; the
+# prefetcher stops fetching ahead while this many are gathered.
 ZERO3_MAX_REUSE_DISTANCE = 10**9
+ZERO3_MAX_LIVE_PARAMETERS = 10**9
+
+
+def zero3_gathered(shape: ModelShape, max_reuse_distance: int = ZERO3_MAX_REUSE_DISTANCE,
+                   max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS) -> int:
+    """Elements ZeRO-3 holds gathered at the end of forward, its peak (measured with DeepSpeed's
+    partitioned-parameter coordinator on tiny Llamas of 2, 4 and 8 layers: benchmarks/zero3_gathered.py).
+    They are kept until backward uses them again, for two reasons, whichever keeps more:
+    - stage3_max_reuse_distance: a parameter is not released when its next use comes within that
+      many fetched elements. From a parameter's forward use to its backward one come twice the
+      elements after it (forward, then backward), so the head stays (used again at once), then the
+      blocks from the last one back up to half the distance, and the embeddings when all of that
+      does: a model of under ~5e8 elements stays whole with dtrain's zero3.json.
+    - the prefetcher walks the parameter trace ahead of the computation (a few parameters per fetch)
+      and marks what it passes as needed later, so from about the middle of forward the blocks
+      are not released either: the head and the last L/2 + 3/4 of L blocks (a fit: 1.5, 2.8 and 4.8
+      blocks measured at 2, 4 and 8 layers), up to stage3_max_live_parameters gathered, where
+      prefetching stops."""
+    blocks = [0] * shape.dims.layers
+    for p in shape.params:
+        if p.block is not None and p.block < len(blocks):
+            blocks[p.block] += p.numel
+    head, half = shape.head_params, max_reuse_distance // 2
+    kept = head + min(sum(blocks), max(0, half - head)) if max_reuse_distance > 0 else 0
+    if half >= head + sum(blocks) + shape.separate_embeddings:
+        kept += shape.separate_embeddings
+    ahead = min(head + int((len(blocks) / 2 + 0.75) * max(blocks, default=0)), max_live_parameters)
+    return min(shape.total, max(kept, ahead))
 
 
 def sharded_communication(shape: ModelShape, run: RunShape, spec: StrategySpec, shards: int, whole: Any,

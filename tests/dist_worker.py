@@ -17,6 +17,8 @@ resharding tests compare.
 With "count": {"step": k, "runs": [names]}, those runs also report the bytes this rank's
 collectives send during optimizer step k, and the step's micro-batch shapes
 (benchmarks/mesh_comm.py's counter): what the communication estimate is checked against.
+With "gathered": {"step": k, "runs": [names]} (DeepSpeed ZeRO-3 runs), the most parameter
+elements held gathered at once during step k (benchmarks/zero3_gathered.py's measure).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # (last: its scripts shadow nothing)
 from mesh_comm import counting_step  # noqa: E402
+from zero3_gathered import measuring_gathered  # noqa: E402
 
 import dtrain.data.pipeline as pipeline
 from dtrain import checkpoint as ckpt
@@ -142,14 +145,19 @@ def run_all(spec: dict, out: Path, results: dict) -> None:
         except ConfigError as exc:
             results[name] = {"config_error": str(exc)}
             continue
-        count = spec.get("count", {})
+        count, gather = spec.get("count", {}), spec.get("gathered", {})
         counted: dict = {}
-        with counting_step(count["step"], counted) if name in count.get("runs", ()) else contextlib.nullcontext():
+        gathered: dict = {}
+        with contextlib.ExitStack() as measures:
+            if name in count.get("runs", ()):
+                measures.enter_context(counting_step(count["step"], counted))
+            if name in gather.get("runs", ()):
+                measures.enter_context(measuring_gathered(gather["step"], gathered))
             result = train(cfg)
         results[name] = {"losses": result.train_losses, "final": result.final_metrics,
                          "state_bytes": result.state_bytes, "data_builds": builds["n"] - before,
                          "seconds": round(time.perf_counter() - started, 2),  # (what each run costs the suite)
-                         **({"collectives": counted} if counted else {})}
+                         **({"collectives": counted} if counted else {}), **({"gathered": gathered} if gathered else {})}
 
 
 if __name__ == "__main__":

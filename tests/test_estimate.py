@@ -451,7 +451,9 @@ def test_cli_rejects_an_unknown_memory_unit():
 def test_per_rank_state_matches_the_running_strategies(tiny_model_dir, tmp_path):
     """The estimate's resident per-rank parameter + optimizer bytes against what DDP, FSDP2 and
     DeepSpeed ZeRO-2/3 really hold after training 2 steps with 2 processes (their
-    `state_bytes`: local shards, optimizer tensors of dim > 0, DeepSpeed's fp32 masters)."""
+    `state_bytes`: local shards, optimizer tensors of dim > 0, DeepSpeed's fp32 masters); and
+    what ZeRO-3 holds gathered at its peak in step 2 (this small model: all of it; other depths and
+    settings: benchmarks/zero3_gathered.py)."""
     from test_distributed import STRATEGIES as RUNS, common, torchrun
 
     from dtrain.config import load_config
@@ -459,7 +461,8 @@ def test_per_rank_state_matches_the_running_strategies(tiny_model_dir, tmp_path)
     names = ["ddp", "fsdp", "zero2", "zero3"]
     base = common(tiny_model_dir) + ["train.max_steps=2", "train.micro_batch_size=2", "eval.max_batches=1",
                                      f"data.cache_dir={tmp_path / 'cache'}"]
-    ranks = torchrun({"base": base, "runs": {n: RUNS[n] for n in names}}, tmp_path / "runs")
+    ranks = torchrun({"base": base, "runs": {n: RUNS[n] for n in names}, "gathered": {"step": 2, "runs": ["zero3"]}},
+                     tmp_path / "runs")
     shape = model_shape(load_config(None, base))
     for name in names:
         spec = next(s for s in STRATEGIES if s.name == name)
@@ -471,6 +474,11 @@ def test_per_rank_state_matches_the_running_strategies(tiny_model_dir, tmp_path)
         exact = name in ("ddp", "fsdp")  # DeepSpeed pads its flat partitions and keeps tiny params whole
         for key in ("parameters", "optimizer"):
             assert estimated[key] == (measured[key] if exact else pytest.approx(measured[key], rel=0.05)), (name, key)
+    gathered = ranks[0]["zero3"]["gathered"]  # parameter elements
+    estimated = strategy_memory(shape, RunShape(world=2), next(s for s in STRATEGIES if s.name == "zero3")).gathered
+    print(f"zero3 gathered: estimate {estimated} bytes, measured {gathered} elements (fp32)")
+    assert gathered["peak"] == gathered["total"]  # (dtrain's zero3.json keeps a model this small whole)
+    assert estimated == pytest.approx(4 * gathered["peak"], rel=0.01)
 
 
 @pytest.fixture(scope="module")
