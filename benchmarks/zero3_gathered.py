@@ -9,9 +9,9 @@ second, after every module's forward and before every module's backward, sums th
 parameters DeepSpeed holds gathered (ds_status AVAILABLE); it prints the largest sum (rank 0)
 beside the estimate. Settings: dtrain's ds_configs/zero3.json (stage3_max_reuse_distance and
 stage3_max_live_parameters 1e9), then that file with stage3_max_reuse_distance 0 (what the
-prefetcher keeps), with the distance at 1.5 times the model's elements (what it keeps), and with the distance 0 and
-stage3_max_live_parameters at 40% of them. tests/test_estimate.py checks the first on its own run
-(through `measuring_gathered`).
+prefetcher keeps), with the distance at 1.5 times the model's elements (what the distance keeps),
+and with the distance 0 and stage3_max_live_parameters at 40% of them. tests/test_estimate.py
+checks the first on its own run (through `measuring_gathered`).
 """
 
 from __future__ import annotations

@@ -688,7 +688,7 @@ def zero3_gathered(shape: ModelShape, max_reuse_distance: int = ZERO3_MAX_REUSE_
             blocks[p.block] += p.numel
     head, half = shape.head_params, max_reuse_distance // 2
     kept = head + min(sum(blocks), max(0, half - head)) if max_reuse_distance > 0 else 0
-    if half >= head + sum(blocks) + shape.separate_embeddings:
+    if half >= head + sum(blocks):  # (the embeddings: the first used in forward, the last in backward)
         kept += shape.separate_embeddings
     ahead = min(head + int((len(blocks) / 2 + 0.75) * max(blocks, default=0)), max_live_parameters)
     return min(shape.total, max(kept, ahead))
