@@ -33,3 +33,12 @@ def test_exactly_two_setup_commands_and_ci_uses_the_test_one():
 def test_every_example_config_named_in_readme_exists():
     for name in re.findall(r"`(examples/[\w/.-]+\.yaml)`", _readme()):
         assert (REPO / name).is_file(), name
+
+
+def test_every_link_within_the_readme_names_one_of_its_headings():
+    text = _readme()
+    # GitHub's anchors: lower case, punctuation but hyphens and underscores dropped, spaces to hyphens.
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M)}
+    links = set(re.findall(r"\]\(#([\w-]+)\)", text))
+    assert links and links <= anchors, sorted(links - anchors)
