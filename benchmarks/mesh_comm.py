@@ -121,9 +121,9 @@ class CollectiveBytes(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting_step(step: int, into: dict[str, Any]) -> Iterator[None]:
-    """Count the collectives of optimizer step `step` of every dtrain.train.train run in the block:
-    into["sent"] (bytes by kind), into["calls"], into["micro_batches"] (their input_ids shapes)."""
+def during_step(step: int, measure: Any) -> Iterator[None]:
+    """Optimizer step `step` of every dtrain.train.train run in the block runs inside
+    `measure(run, micro_batches)`, a context manager (what a benchmark measures of one step)."""
     import dtrain.train as loop
 
     real = loop.train_step
@@ -131,17 +131,70 @@ def counting_step(step: int, into: dict[str, Any]) -> Iterator[None]:
     def train_step(run: Any, micro_batches: list) -> Any:
         if run.state.step + 1 != step:
             return real(run, micro_batches)
-        with CollectiveBytes() as counter:
-            out = real(run, micro_batches)
-        into.update(sent=dict(counter.sent), calls=dict(counter.calls),
-                    micro_batches=[list(b["input_ids"].shape) for b in micro_batches])
-        return out
+        with measure(run, micro_batches):
+            return real(run, micro_batches)
 
     loop.train_step = train_step
     try:
         yield
     finally:
         loop.train_step = real
+
+
+def counting_step(step: int, into: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Count the collectives of optimizer step `step` of every dtrain.train.train run in the block:
+    into["sent"] (bytes by kind), into["calls"], into["micro_batches"] (their input_ids shapes)."""
+
+    @contextlib.contextmanager
+    def count(run: Any, micro_batches: list) -> Iterator[None]:
+        with CollectiveBytes() as counter:
+            yield
+        into.update(sent=dict(counter.sent), calls=dict(counter.calls),
+                    micro_batches=[list(b["input_ids"].shape) for b in micro_batches])
+
+    return during_step(step, count)
+
+
+def worker_overrides(model: Path, out: Path, seq: int, micro_batch: int, steps: int) -> list[str]:
+    """The benchmarks' training runs: `model` on the shipped alpaca rows, packed, without logs to
+    TensorBoard or a progress bar, one validation batch; data cached under `out`."""
+    return [f"model.path={model}", f"data.train={REPO / 'examples/data/arithmetic_alpaca.jsonl'}",
+            "data.format=alpaca", "data.packing=true", f"data.max_seq_len={seq}", f"data.cache_dir={out / 'cache'}",
+            f"train.micro_batch_size={micro_batch}", f"train.max_steps={steps}", "eval.max_batches=1",
+            "logging.tensorboard=false", "logging.progress_bar=false"]
+
+
+def save_llama(path: Path, hidden: int, layers: int, max_positions: int) -> int:
+    """A Llama built from config (seeded, untied head, byte tokenizer) saved to `path`; its elements."""
+    import transformers
+
+    from dtrain.presets import byte_tokenizer
+
+    config = transformers.LlamaConfig(vocab_size=260, hidden_size=hidden, intermediate_size=4 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_workers(script: str, nproc: int, out: Path) -> dict[str, Any]:
+    """`script` with this command's arguments under torchrun (`--out` names the workers' directory);
+    the results.json its rank 0 writes there. (`--nproc` stays here: torchrun would read it as an
+    abbreviation of its own --nproc-per-node.)"""
+    argv, forwarded = sys.argv[1:], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--nproc":
+            argv.pop(0)
+        elif not arg.startswith("--nproc="):
+            forwarded.append(arg)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    script, *forwarded, "--out", str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads((out / "results.json").read_text())
 
 
 def estimated(cfg: Any, world: int, micro_batches: list[list[int]]) -> int:
@@ -177,12 +230,8 @@ def _worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     results = {}
     for name, overrides in (STRATEGY_RUNS if args.strategies else RUNS).items():
-        cfg = load_config(None, [
-            f"model.path={out / 'model'}", f"data.train={REPO / 'examples/data/arithmetic_alpaca.jsonl'}",
-            "data.format=alpaca", "data.packing=true", f"data.max_seq_len={args.seq}", f"data.cache_dir={out / 'cache'}",
-            f"train.micro_batch_size={args.micro_batch}", "train.max_steps=2", "eval.max_batches=1",
-            "logging.tensorboard=false", "logging.progress_bar=false", "parallel.strategy=fsdp", *overrides,
-            f"output_dir={out / 'runs' / str(len(results))}"])
+        cfg = load_config(None, [*worker_overrides(out / "model", out, args.seq, args.micro_batch, steps=2),
+                                 "parallel.strategy=fsdp", *overrides, f"output_dir={out / 'runs' / str(len(results))}"])
         counted: dict[str, Any] = {}
         with counting_step(2, counted):
             train(cfg)
@@ -208,23 +257,10 @@ def main() -> None:
     args = parser.parse_args()
     if "RANK" in os.environ:
         return _worker(args)
-    import transformers
-
-    from dtrain.presets import byte_tokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        config = transformers.LlamaConfig(vocab_size=260, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=args.seq, pad_token_id=0, bos_token_id=1,
-                                          eos_token_id=2, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out / "model")
-        byte_tokenizer().save_pretrained(out / "model")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                        __file__, *sys.argv[1:], "--out", str(out)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-        results = json.loads((out / "results.json").read_text())
+        save_llama(out / "model", args.hidden, args.layers, max_positions=args.seq)
+        results = run_workers(__file__, args.nproc, out)
     print(f"Llama hidden {args.hidden} x {args.layers} layers (4 heads, 2 KV heads, vocab 260), fp32, "
           f"{args.nproc} processes, packed rows of up to {args.micro_batch} x {args.seq} tokens; the second "
           "optimizer step; bytes each rank sends (ring collectives)")

@@ -20,27 +20,22 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from mesh_comm import during_step, run_workers, save_llama, worker_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
-def measuring_gathered(step: int, into: dict[str, Any]) -> Iterator[None]:
+def measuring_gathered(step: int, into: dict[str, Any]) -> contextlib.AbstractContextManager:
     """During optimizer step `step` of every dtrain.train.train run in the block (DeepSpeed ZeRO-3):
     into["peak"], the most parameter elements held gathered at once on this rank (sampled after each
     module's forward and before each module's backward), and into["total"], the model's elements."""
-    import dtrain.train as loop
 
-    real = loop.train_step
-
-    def train_step(run: Any, micro_batches: list) -> Any:
-        if run.state.step + 1 != step:
-            return real(run, micro_batches)
+    @contextlib.contextmanager
+    def measure(run: Any, micro_batches: list) -> Iterator[None]:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         module = run.model.module  # (the engine's)
@@ -54,18 +49,13 @@ def measuring_gathered(step: int, into: dict[str, Any]) -> Iterator[None]:
         hooks = [h for m in module.modules()
                  for h in (m.register_forward_hook(sample), m.register_full_backward_pre_hook(sample))]
         try:
-            out = real(run, micro_batches)
+            yield
         finally:
             for h in hooks:
                 h.remove()
         into.update(peak=peak, total=sum(p.ds_numel for p in params))
-        return out
 
-    loop.train_step = train_step
-    try:
-        yield
-    finally:
-        loop.train_step = real
+    return during_step(step, measure)
 
 
 def settings(total: int) -> dict[str, dict[str, float]]:
@@ -96,12 +86,9 @@ def _worker(args: argparse.Namespace) -> None:
             if dist.get_rank() == 0:
                 ds_path.write_text(json.dumps(ds))
             dist.barrier()
-            cfg = load_config(None, [
-                f"model.path={model}", f"data.train={REPO / 'examples/data/arithmetic_alpaca.jsonl'}",
-                "data.format=alpaca", "data.packing=true", "data.max_seq_len=256", f"data.cache_dir={out / 'cache'}",
-                "train.micro_batch_size=2", "train.max_steps=3", "eval.max_batches=1", "logging.tensorboard=false",
-                "logging.progress_bar=false", "parallel.strategy=deepspeed", f"parallel.deepspeed_config={ds_path}",
-                f"output_dir={out / 'runs' / str(len(results))}"])
+            cfg = load_config(None, [*worker_overrides(model, out, seq=256, micro_batch=2, steps=3),
+                                     "parallel.strategy=deepspeed", f"parallel.deepspeed_config={ds_path}",
+                                     f"output_dir={out / 'runs' / str(len(results))}"])
             measured: dict[str, Any] = {}
             with measuring_gathered(2, measured):
                 train(cfg)
@@ -123,27 +110,12 @@ def main() -> None:
     args = parser.parse_args()
     if "RANK" in os.environ:
         return _worker(args)
-    import torch
-    import transformers
-
-    from dtrain.presets import byte_tokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for layers in args.layers.split(","):
-            config = transformers.LlamaConfig(vocab_size=260, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                              num_hidden_layers=int(layers), num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                              tie_word_embeddings=False)
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config)
-            model.save_pretrained(out / f"model{layers}")
-            byte_tokenizer().save_pretrained(out / f"model{layers}")
-            (out / f"model{layers}" / "elements.json").write_text(str(sum(p.numel() for p in model.parameters())))
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                        __file__, *sys.argv[1:], "--out", str(out)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-        results = json.loads((out / "results.json").read_text())
+            elements = save_llama(out / f"model{layers}", args.hidden, int(layers), max_positions=256)
+            (out / f"model{layers}" / "elements.json").write_text(str(elements))
+        results = run_workers(__file__, args.nproc, out)
     print(f"Llama hidden {args.hidden} (intermediate {4 * args.hidden}, 4 heads, 2 KV heads, vocab 260, untied head), "
           f"fp32, ZeRO-3 over {args.nproc} processes; parameter elements held gathered at the peak of step 2 (rank 0)")
     print(f"{'run':<36}{'model':>11}{'estimate':>11}{'measured':>11}{'measured/estimate':>19}")
